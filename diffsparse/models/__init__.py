@@ -1,0 +1,1 @@
+"""diffsparse/models"""
