@@ -1,0 +1,98 @@
+"""Built-in schedules: `dense` (every token, every step) and a ToCa-style hand schedule.
+
+The ToCa-style schedule (the paper's main baseline, after Zou et al. 2025) recomputes, at step t and
+layer l, the fraction
+
+    r(t, l) = base · f_step(j) · f_depth(l) · f_kind(l)       snapped to the candidate set S
+
+with a full step every `full_every` steps (and at step 0), where
+    j        = steps since the last full step; f_step grows from 0.75 to 1.25 across the cycle,
+               since the cache is freshest right after a full step,
+    f_depth  = 1.25 for the first block down to 0.75 for the last: errors in shallow layers
+               propagate through the whole network,
+    f_kind   = 1.1 for self-attention, 1.0 for cross-attention, 0.9 for MLP layers.
+`base` is searched so that the schedule's MACs ratio (from the model spec's MACs count) is as
+close as the candidate set allows to the target.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from diffsparse.models.base import ModelSpec
+from diffsparse.schedule import (DEFAULT_CANDIDATES, Schedule, ScheduleError, SelectorConfig,
+                                 provenance, snap_to_candidates)
+
+KIND_FACTOR = {"SA": 1.1, "CA": 1.0, "MLP": 0.9}
+BUILTIN_NAMES = ("dense", "toca")
+
+
+def dense_schedule(spec: ModelSpec, num_steps: int, selector: SelectorConfig | None = None) -> Schedule:
+    n = spec.num_tokens
+    sched = Schedule(family=spec.family, num_tokens=n, layers=spec.layers,
+                     keep=[[n] * len(spec.layers) for _ in range(num_steps)],
+                     selector=selector or spec.default_selector(), provenance=provenance("dense"))
+    sched.macs_ratio = {"target": 1.0, "achieved": spec.macs_ratio(sched)}
+    return sched
+
+
+def _toca_keep(spec: ModelSpec, num_steps: int, base: float, full_every: int,
+               candidates: tuple[float, ...]) -> list[list[int]]:
+    n = spec.num_tokens
+    blocks = max(l.block for l in spec.layers) + 1
+    keep = []
+    for t in range(num_steps):
+        j = t % full_every
+        if j == 0:
+            keep.append([n] * len(spec.layers))
+            continue
+        f_step = 0.75 + 0.5 * (j - 1) / max(1, full_every - 2)
+        row = []
+        for layer in spec.layers:
+            f_depth = 1.25 - 0.5 * layer.block / max(1, blocks - 1)
+            frac = min(1.0, base * f_step * f_depth * KIND_FACTOR[layer.kind])
+            row.append(int(round(snap_to_candidates(frac, candidates) * n)))
+        keep.append(row)
+    return keep
+
+
+def toca_schedule(spec: ModelSpec, num_steps: int, target_ratio: float = 0.5, full_every: int = 5,
+                  candidates: tuple[float, ...] = DEFAULT_CANDIDATES,
+                  selector: SelectorConfig | None = None) -> Schedule:
+    if not 0.0 < target_ratio <= 1.0:
+        raise ScheduleError(f"target MACs ratio must be in (0, 1], got {target_ratio}")
+    if full_every < 1:
+        raise ScheduleError(f"full_every must be >= 1, got {full_every}")
+    selector = selector or spec.default_selector()
+    best = None
+    dense = spec.dense_macs(num_steps)
+    for base in np.linspace(0.0, 2.0, 401):
+        keep = _toca_keep(spec, num_steps, float(base), full_every, candidates)
+        ratio = sum(spec.step_macs(row) for row in keep) / dense
+        if best is None or abs(ratio - target_ratio) < abs(best[0] - target_ratio) - 1e-12:
+            best = (ratio, keep, float(base))
+    ratio, keep, base = best
+    return Schedule(family=spec.family, num_tokens=spec.num_tokens, layers=spec.layers, keep=keep,
+                    candidates=tuple(candidates), selector=selector,
+                    macs_ratio={"target": target_ratio, "achieved": ratio},
+                    provenance=provenance("toca", base=round(base, 4), full_every=full_every))
+
+
+def resolve_schedule(name_or_path: str | Path, spec: ModelSpec, num_steps: int | None,
+                     target_ratio: float = 0.5, full_every: int = 5) -> Schedule:
+    """A built-in by name (needs num_steps) or a schedule file, checked against the model."""
+    name = str(name_or_path)
+    if name in BUILTIN_NAMES:
+        if num_steps is None:
+            raise ScheduleError(f"built-in schedule {name!r} needs a step count (--steps)")
+        if name == "dense":
+            return dense_schedule(spec, num_steps)
+        return toca_schedule(spec, num_steps, target_ratio, full_every)
+    path = Path(name)
+    if not path.exists():
+        raise ScheduleError(f"schedule {name!r} is neither a built-in ({', '.join(BUILTIN_NAMES)}) nor a file")
+    sched = Schedule.load(path)
+    spec.check_schedule(sched, num_steps)
+    return sched

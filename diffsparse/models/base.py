@@ -1,0 +1,184 @@
+"""The per-model *spec*: one object per model family that drives export, buffer allocation and the
+runtime (the way TensorRT's demo/Diffusion `base_model.py` does): input names and shapes, cache
+buffers, the cached step module, MACs, sample inputs and the sampler. Nothing outside a spec
+branches on the model family.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffsparse.sampler import SamplerPlan
+from diffsparse.schedule import LayerRef, Schedule, SelectorConfig
+
+DTYPES = {"float32": (np.float32, torch.float32), "int64": (np.int64, torch.int64),
+          "int32": (np.int32, torch.int32), "float16": (np.float16, torch.float16)}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named, statically shaped tensor of a step graph."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @property
+    def numpy_dtype(self):
+        return DTYPES[self.dtype][0]
+
+    @property
+    def torch_dtype(self):
+        return DTYPES[self.dtype][1]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.numpy_dtype).itemsize
+
+    def zeros(self) -> np.ndarray:
+        return np.zeros(self.shape, dtype=self.numpy_dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"])
+
+
+@dataclass(frozen=True)
+class StepCall:
+    """The per-call inputs of a step other than the latent and the cache."""
+
+    timestep: float
+    coefficients: np.ndarray
+
+
+class ModelSpec(abc.ABC):
+    """Everything export and runtime need to know about one model family at one fixed batch size.
+
+    A step graph maps (latent, step constants, conditioning, cache) -> (next latent, cache'), and
+    its signature is fixed per family: `inputs` then `cache` in, `outputs` then `cache` out.
+    """
+
+    family: ClassVar[str]
+
+    def __init__(self, model: nn.Module, batch_size: int = 1, guidance: bool = True) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.eval()
+        self.batch_size = batch_size
+        self.guidance = guidance
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def halves(self) -> int:
+        """Rows per sample: 2 with classifier-free guidance (conditional first), else 1."""
+        return 2 if self.guidance else 1
+
+    @property
+    def rows(self) -> int:
+        return self.batch_size * self.halves
+
+    @property
+    @abc.abstractmethod
+    def num_tokens(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def layers(self) -> list[LayerRef]: ...
+
+    @property
+    @abc.abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's latent, without the batch dimension."""
+
+    @abc.abstractmethod
+    def default_selector(self) -> SelectorConfig: ...
+
+    @abc.abstractmethod
+    def model_config(self) -> dict[str, Any]:
+        """The diffusers config that rebuilds the model (stored in the bundle manifest)."""
+
+    # ---- graph signature -------------------------------------------------------------------
+    @abc.abstractmethod
+    def step_inputs(self) -> list[TensorSpec]:
+        """Non-cache inputs, the latent first."""
+
+    def step_outputs(self) -> list[TensorSpec]:
+        return [TensorSpec("next_latent", (self.batch_size, *self.latent_shape))]
+
+    @abc.abstractmethod
+    def cache_buffers(self, selector: SelectorConfig) -> list[TensorSpec]:
+        """The token cache: every tensor carried from one step to the next."""
+
+    @abc.abstractmethod
+    def build_step(self, keep: Sequence[int], selector: SelectorConfig) -> nn.Module:
+        """The token-cached step for one sparsity pattern; forward(*inputs, *cache) -> (*outputs, *cache')."""
+
+    @abc.abstractmethod
+    def feeds(self, call: StepCall, conditioning: dict[str, np.ndarray],
+              guidance_scale: float) -> dict[str, np.ndarray]:
+        """Numpy inputs for one step call: everything in step_inputs but the latent, which the
+        backend keeps on its device from one step to the next."""
+
+    @abc.abstractmethod
+    def check_conditioning(self, conditioning: dict[str, np.ndarray]) -> None:
+        """Raise ValueError naming the problem if the conditioning does not fit the graphs."""
+
+    @abc.abstractmethod
+    def example_conditioning(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Random valid conditioning for one batch (export checks, tests, benchmarks)."""
+
+    @abc.abstractmethod
+    def sampler_plan(self, num_steps: int) -> SamplerPlan: ...
+
+    # ---- cost ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def layer_macs(self, layer: LayerRef, keep: int) -> int:
+        """MACs of one cacheable layer recomputing `keep` tokens, per row."""
+
+    @abc.abstractmethod
+    def fixed_macs(self) -> int:
+        """MACs per row and step outside the cacheable layers (embeddings, modulation, head)."""
+
+    def step_macs(self, keep: Sequence[int]) -> int:
+        """MACs of one step for all rows (both guidance halves of every sample)."""
+        per_row = self.fixed_macs() + sum(self.layer_macs(l, k) for l, k in zip(self.layers, keep))
+        return per_row * self.rows
+
+    def schedule_macs(self, schedule: Schedule) -> int:
+        return sum(self.step_macs(row) for row in schedule.keep)
+
+    def dense_macs(self, num_steps: int) -> int:
+        return self.step_macs([self.num_tokens] * len(self.layers)) * num_steps
+
+    def macs_ratio(self, schedule: Schedule) -> float:
+        return self.schedule_macs(schedule) / self.dense_macs(schedule.num_steps)
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def check_schedule(self, schedule: Schedule, num_steps: int | None = None) -> None:
+        schedule.check_fits(self.family, self.layers, self.num_tokens, num_steps)
+
+    def zero_cache(self, selector: SelectorConfig) -> list[torch.Tensor]:
+        return [torch.zeros(b.shape, dtype=b.torch_dtype) for b in self.cache_buffers(selector)]
+
+
+_REGISTRY: dict[str, type[ModelSpec]] = {}
+
+
+def register(cls: type[ModelSpec]) -> type[ModelSpec]:
+    _REGISTRY[cls.family] = cls
+    return cls
+
+
+def spec_class(family: str) -> type[ModelSpec]:
+    if family not in _REGISTRY:
+        raise KeyError(f"model family {family!r} is not supported; supported: {sorted(_REGISTRY)}")
+    return _REGISTRY[family]

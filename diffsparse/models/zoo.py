@@ -1,0 +1,118 @@
+"""Where models come from: a local diffusers folder, or a built-in config (random weights).
+
+Weights are always read from local disk; nothing is fetched from a hub at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffsparse.models.base import ModelSpec, spec_class
+from diffsparse.sampler import DDIMConfig
+
+log = logging.getLogger(__name__)
+
+# diffusers class name -> our family name
+FAMILIES = {"DiTTransformer2DModel": "dit"}
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A named model config shipped with diffsparse. `weights` None means seeded random weights."""
+
+    family: str
+    diffusers_class: str
+    config: dict[str, Any]
+    sampler: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    "dit-tiny": BuiltinModel(
+        "dit", "DiTTransformer2DModel",
+        dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=2,
+             sample_size=16, patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero"),
+        description="2-block DiT on a 16x16x4 latent (64 tokens), random weights: for tests"),
+    "dit-small": BuiltinModel(
+        "dit", "DiTTransformer2DModel",
+        dict(num_attention_heads=4, attention_head_dim=32, in_channels=4, num_layers=6,
+             sample_size=32, patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero"),
+        description="6-block, width-128 DiT on a 32x32x4 latent (256 tokens), random weights"),
+    "dit-xl-2": BuiltinModel(
+        "dit", "DiTTransformer2DModel",
+        dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+             sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero"),
+        description="DiT-XL/2 at 256x256 (32x32x4 latent, 256 tokens, 28 blocks), random weights: for benchmarks"),
+}
+
+
+class ModelSourceError(ValueError):
+    pass
+
+
+def _diffusers_class(name: str):
+    import diffusers
+
+    if name not in FAMILIES:
+        raise ModelSourceError(f"diffusers class {name!r} is not supported yet; supported: {sorted(FAMILIES)}")
+    return getattr(diffusers, name)
+
+
+def load_model(source: str | Path, seed: int = 0) -> tuple[str, torch.nn.Module, dict[str, Any]]:
+    """Return (family, model, scheduler config) for a built-in name or a local diffusers folder.
+
+    A folder may be a transformer folder (config.json + weights) or a pipeline folder with
+    `transformer/` and optionally `scheduler/scheduler_config.json`.
+    """
+    if str(source) in BUILTINS:
+        b = BUILTINS[str(source)]
+        cls = _diffusers_class(b.diffusers_class)
+        torch.manual_seed(seed)
+        model = cls(**b.config).eval()
+        log.info("built %s with random weights (seed %d)", source, seed)
+        return b.family, model, dict(b.sampler)
+    path = Path(source)
+    if not path.exists():
+        raise ModelSourceError(
+            f"model {source!r} is neither a built-in ({', '.join(sorted(BUILTINS))}) nor an existing folder")
+    sched_cfg: dict[str, Any] = {}
+    if (path / "transformer" / "config.json").is_file():
+        sched_file = path / "scheduler" / "scheduler_config.json"
+        if sched_file.is_file():
+            sched_cfg = json.loads(sched_file.read_text())
+        path = path / "transformer"
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelSourceError(f"{path} has no config.json: expected a diffusers model or pipeline folder")
+    try:
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+    except json.JSONDecodeError as e:
+        raise ModelSourceError(f"{config_file} is not valid JSON: {e}") from None
+    cls = _diffusers_class(class_name)
+    model = cls.from_pretrained(str(path), local_files_only=True).eval()
+    return FAMILIES[class_name], model, sched_cfg
+
+
+def make_spec(source: str | Path, batch_size: int = 1, guidance: bool = True, seed: int = 0,
+              sampler_overrides: dict[str, Any] | None = None) -> ModelSpec:
+    """Load a model and wrap it in its family's spec."""
+    family, model, sched_cfg = load_model(source, seed)
+    sampler = DDIMConfig.from_scheduler_config({**sched_cfg, **(sampler_overrides or {})})
+    return spec_class(family)(model, batch_size=batch_size, guidance=guidance, sampler=sampler)
+
+
+def spec_from_config(family: str, diffusers_class: str, config: dict[str, Any], batch_size: int,
+                     guidance: bool, sampler: dict[str, Any]) -> ModelSpec:
+    """Rebuild a spec from what a bundle manifest records. The model is built on the meta device
+    (no memory, no init time): the runtime needs its structure, not its weights."""
+    cls = _diffusers_class(diffusers_class)
+    with torch.device("meta"):
+        model = cls(**config).eval()
+    return spec_class(family)(model, batch_size=batch_size, guidance=guidance,
+                              sampler=DDIMConfig.from_scheduler_config(sampler))

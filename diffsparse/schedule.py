@@ -1,0 +1,272 @@
+"""The schedule file: which tokens each cacheable layer recomputes at each denoising step.
+
+One schema, versioned, shared by the trainer (writes it), `dsexport` (bakes it into per-step graphs)
+and the bundle manifest (embeds it). `Schedule.load` validates everything it reads and raises
+`ScheduleError` naming the problem and the fix.
+
+File layout (JSON)::
+
+    {
+      "format": "diffsparse-schedule", "version": 1,
+      "family": "dit",                      # model family the layers belong to
+      "num_tokens": 256,                    # N: tokens per layer
+      "layers": [{"block": 0, "kind": "SA"}, {"block": 0, "kind": "MLP"}, ...],   # L, in order
+      "num_steps": 20,                      # T denoising steps
+      "candidates": [0, 0.25, 0.5, 0.75, 1.0],   # S, fractions of N
+      "keep": [[256, 256, ...], ...],       # K(t, l): tokens recomputed, T rows of L ints
+      "full_steps": [true, false, ...],     # steps that recompute every token of every layer
+      "selector": {"score": "attention", "lambdas": [1, 0, 0.0833, 0.6], "window": 2},
+      "macs_ratio": {"target": 0.5, "achieved": 0.49},
+      "provenance": {"method": "toca", "created": "...", "tool": "diffsparse 0.1.0", ...}
+    }
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+FORMAT = "diffsparse-schedule"
+VERSION = 1
+LAYER_KINDS = ("SA", "CA", "MLP")
+SCORES = ("attention", "l2norm", "cosine")
+DEFAULT_CANDIDATES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+class ScheduleError(ValueError):
+    """A schedule that is malformed or does not fit the model it is used with."""
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """One cacheable layer: the transformer block it sits in and its kind (SA, CA or MLP)."""
+
+    block: int
+    kind: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind.lower()}{self.block}"
+
+
+@dataclass(frozen=True)
+class SelectorConfig:
+    """Token selector settings (paper eq. 10, A.5.1).
+
+    score: the main per-token signal s1: "attention" (attention received, the DiT default),
+        "l2norm" (norm of the layer input) or "cosine" (1 - cosine similarity of the layer input
+        to its value when the token was last computed; Table 5 of the paper).
+    lambdas: (λ1 main score, λ2 cross-attention entropy, λ3 reuse count, λ4 spatial bonus).
+        DiT defaults (1, 0, 0.25/3, 0.6) from the paper.
+    window: k of the k×k neighbourhood whose maximum gets the spatial bonus λ4.
+    """
+
+    score: str = "attention"
+    lambdas: tuple[float, float, float, float] = (1.0, 0.0, 0.25 / 3, 0.6)
+    window: int = 2
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ScheduleError(f"selector.score {self.score!r} is unknown; use one of {SCORES}")
+        if len(self.lambdas) != 4:
+            raise ScheduleError("selector.lambdas must hold 4 numbers (λ1 score, λ2 cross-attention, λ3 reuse, λ4 bonus)")
+        object.__setattr__(self, "lambdas", tuple(float(x) for x in self.lambdas))
+        if int(self.window) < 1:
+            raise ScheduleError(f"selector.window must be >= 1, got {self.window}")
+
+
+@dataclass
+class Schedule:
+    """K(t, l) for every step t and cacheable layer l, with what is needed to check it fits a model."""
+
+    family: str
+    num_tokens: int
+    layers: list[LayerRef]
+    keep: list[list[int]]
+    candidates: tuple[float, ...] = DEFAULT_CANDIDATES
+    full_steps: list[bool] | None = None
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    macs_ratio: dict[str, float | None] = field(default_factory=lambda: {"target": None, "achieved": None})
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.full_steps is None:
+            self.full_steps = [all(k == self.num_tokens for k in row) for row in self.keep]
+        self.validate()
+
+    # ---- derived ---------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return len(self.keep)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def allowed_keep(self) -> list[int]:
+        """Token counts allowed by the candidate set S."""
+        return sorted({int(round(s * self.num_tokens)) for s in self.candidates})
+
+    def step_signature(self, t: int) -> tuple[int, ...]:
+        """Steps with the same signature compile to the same graph (deduplicated on export)."""
+        return tuple(self.keep[t])
+
+    def distinct_signatures(self) -> list[tuple[int, ...]]:
+        seen: dict[tuple[int, ...], None] = {}
+        for t in range(self.num_steps):
+            seen.setdefault(self.step_signature(t), None)
+        return list(seen)
+
+    # ---- validation ------------------------------------------------------------------------
+    def validate(self) -> None:
+        n = self.num_tokens
+        if not isinstance(n, int) or n <= 0:
+            raise ScheduleError(f"num_tokens must be a positive integer, got {n!r}")
+        if not self.layers:
+            raise ScheduleError("schedule has no layers")
+        for layer in self.layers:
+            if layer.kind not in LAYER_KINDS:
+                raise ScheduleError(f"layer {layer} has kind {layer.kind!r}; kinds are {LAYER_KINDS}")
+        if not self.keep:
+            raise ScheduleError("schedule has no steps (keep is empty)")
+        if any(not (0.0 <= s <= 1.0) for s in self.candidates) or not self.candidates:
+            raise ScheduleError(f"candidates must be fractions in [0, 1], got {list(self.candidates)}")
+        allowed = set(self.allowed_keep())
+        for t, row in enumerate(self.keep):
+            if len(row) != self.num_layers:
+                raise ScheduleError(
+                    f"keep[{t}] has {len(row)} entries but the schedule lists {self.num_layers} layers")
+            for l, k in enumerate(row):
+                if not isinstance(k, int) or isinstance(k, bool):
+                    raise ScheduleError(f"K(t={t}, l={l}) = {k!r} is not an integer token count")
+                if not 0 <= k <= n:
+                    raise ScheduleError(f"K(t={t}, l={l}) = {k} is outside [0, N={n}]")
+                if k not in allowed:
+                    raise ScheduleError(
+                        f"K(t={t}, l={l}) = {k} is not in the candidate set S={list(self.candidates)} "
+                        f"(allowed token counts for N={n}: {sorted(allowed)})")
+        if len(self.full_steps) != self.num_steps:
+            raise ScheduleError(f"full_steps has {len(self.full_steps)} entries for {self.num_steps} steps")
+        for t, full in enumerate(self.full_steps):
+            if full and any(k != n for k in self.keep[t]):
+                raise ScheduleError(f"step {t} is marked full but does not keep all {n} tokens in every layer")
+        if any(k != n for k in self.keep[0]):
+            raise ScheduleError("step 0 must recompute every token of every layer: the token cache is empty before it")
+
+    def check_fits(self, family: str, layers: Sequence[LayerRef], num_tokens: int,
+                   num_steps: int | None = None) -> None:
+        """Raise ScheduleError unless this schedule was made for a model with these properties."""
+        if family != self.family:
+            raise ScheduleError(f"schedule is for model family {self.family!r}, the model is {family!r}")
+        if num_tokens != self.num_tokens:
+            raise ScheduleError(
+                f"schedule has N={self.num_tokens} tokens per layer but the model has {num_tokens}; "
+                "make a schedule for this model's resolution and patch size")
+        if list(layers) != list(self.layers):
+            raise ScheduleError(
+                f"schedule has L={self.num_layers} cacheable layers but the model has {len(layers)} "
+                f"({_describe_layers(layers)} vs schedule {_describe_layers(self.layers)}); "
+                "make or train a schedule for this model")
+        if num_steps is not None and num_steps != self.num_steps:
+            raise ScheduleError(
+                f"schedule has T={self.num_steps} steps but {num_steps} were asked for; "
+                "use the schedule's step count or make one with that many steps")
+
+    # ---- (de)serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "family": self.family,
+            "num_tokens": self.num_tokens,
+            "layers": [{"block": l.block, "kind": l.kind} for l in self.layers],
+            "num_steps": self.num_steps,
+            "candidates": list(self.candidates),
+            "keep": [list(r) for r in self.keep],
+            "full_steps": list(self.full_steps),
+            "selector": {**asdict(self.selector), "lambdas": list(self.selector.lambdas)},
+            "macs_ratio": dict(self.macs_ratio),
+            "provenance": dict(self.provenance),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "schedule") -> "Schedule":
+        if not isinstance(data, dict):
+            raise ScheduleError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise ScheduleError(f"{source}: 'format' must be {FORMAT!r}, got {data.get('format')!r}")
+        if data.get("version") != VERSION:
+            raise ScheduleError(
+                f"{source}: schedule version {data.get('version')!r} is not supported by this diffsparse "
+                f"(it reads version {VERSION}); upgrade diffsparse or re-create the schedule")
+        required = ("family", "num_tokens", "layers", "num_steps", "keep")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ScheduleError(f"{source}: missing field(s) {missing}")
+        try:
+            layers = [LayerRef(int(l["block"]), str(l["kind"])) for l in data["layers"]]
+            sel = data.get("selector", {})
+            selector = SelectorConfig(score=sel.get("score", "attention"),
+                                      lambdas=tuple(sel.get("lambdas", SelectorConfig.lambdas)),
+                                      window=int(sel.get("window", 2)))
+            sched = cls(
+                family=str(data["family"]), num_tokens=data["num_tokens"], layers=layers,
+                keep=[list(r) for r in data["keep"]],
+                candidates=tuple(float(s) for s in data.get("candidates", DEFAULT_CANDIDATES)),
+                full_steps=[bool(x) for x in data["full_steps"]] if "full_steps" in data else None,
+                selector=selector,
+                macs_ratio=dict(data.get("macs_ratio", {})),
+                provenance=dict(data.get("provenance", {})),
+            )
+        except ScheduleError as e:
+            raise ScheduleError(f"{source}: {e}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ScheduleError(f"{source}: malformed field ({type(e).__name__}: {e})") from None
+        if data["num_steps"] != sched.num_steps:
+            raise ScheduleError(f"{source}: num_steps={data['num_steps']} but keep has {sched.num_steps} rows")
+        return sched
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temporary file, then rename) so a crash never leaves half a schedule."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Schedule":
+        path = Path(path)
+        if not path.is_file():
+            raise ScheduleError(f"schedule file {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ScheduleError(f"schedule file {path} is not valid JSON ({e}); is it truncated or corrupted?") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def _describe_layers(layers: Sequence[LayerRef]) -> str:
+    kinds = sorted({l.kind for l in layers})
+    blocks = len({l.block for l in layers})
+    return f"{blocks} blocks x {'/'.join(kinds)}"
+
+
+def provenance(method: str, **extra: Any) -> dict[str, Any]:
+    from diffsparse import __version__
+
+    return {"method": method, "tool": f"diffsparse {__version__}",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}
+
+
+def snap_to_candidates(fraction: float, candidates: Sequence[float]) -> float:
+    """The candidate fraction nearest to `fraction` (ties go to the larger, i.e. safer, one)."""
+    return min(candidates, key=lambda s: (abs(s - fraction), -s))
+
+
+def is_close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)

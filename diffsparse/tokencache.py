@@ -1,0 +1,104 @@
+"""Token-cache building blocks shared by every model family (paper eq. 3-5, A.5.1).
+
+All functions are written with static shapes and ops that export to ONNX opset 18 and stay inside
+what TensorRT supports: TopK with a constant K, GatherElements/ScatterElements with int32 indices,
+ReduceMax over reshaped windows for the spatial bonus.
+
+Layout conventions:
+    rows R = batch B x (2 when classifier-free guidance is on); the conditional half comes first.
+    Token scores, reuse counts and indices are per *sample* (B, N): both guidance halves of a sample
+    select the same tokens, so the halves' scores are averaged before TopK.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffsparse.schedule import SelectorConfig
+
+# Tiny, index-proportional penalty so exact ties resolve to the lower token index the same way
+# in PyTorch and in ONNX Runtime/TensorRT TopK (whose tie order is not specified identically).
+TIE_BREAK = 1e-6
+
+
+def merge_halves(x: torch.Tensor, halves: int) -> torch.Tensor:
+    """(R, ...) -> (B, ...): mean over the guidance halves of each sample."""
+    if halves == 1:
+        return x
+    return x.reshape(halves, x.shape[0] // halves, *x.shape[1:]).mean(0)
+
+
+def rows_index(idx: torch.Tensor, halves: int) -> torch.Tensor:
+    """(B, K) per-sample indices -> (R, K): the same tokens for each guidance half."""
+    return idx if halves == 1 else torch.cat([idx] * halves, dim=0)
+
+
+def spatial_bonus(score: torch.Tensor, grid: tuple[int, int], window: int, bonus: float) -> torch.Tensor:
+    """Add `bonus` to each token that holds the maximum score of its window x window tile.
+
+    Tiles are non-overlapping, which keeps the op a reshape + ReduceMax (static shape)."""
+    if bonus == 0.0 or window <= 1:
+        return score
+    b, n = score.shape
+    h, w = grid
+    if h % window or w % window:
+        raise ValueError(f"token grid {h}x{w} is not divisible by the spatial-bonus window {window}")
+    tiles = score.reshape(b, h // window, window, w // window, window)
+    tile_max = tiles.amax(dim=(2, 4), keepdim=True)
+    is_max = (tiles >= tile_max).to(score.dtype)
+    return score + bonus * is_max.reshape(b, n)
+
+
+def composite_score(main: torch.Tensor, reuse: torch.Tensor, selector: SelectorConfig,
+                    grid: tuple[int, int], entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """S = B(λ1 s1 + λ2 s2 + λ3 s3) (paper eq. 10); all terms (B, N)."""
+    l1, l2, l3, l4 = selector.lambdas
+    score = l1 * main + l3 * reuse
+    if entropy is not None and l2 != 0.0:
+        score = score + l2 * entropy
+    score = spatial_bonus(score, grid, selector.window, l4)
+    n = score.shape[1]
+    ramp = torch.arange(n, dtype=score.dtype, device=score.device) * (TIE_BREAK / n)
+    return score - ramp
+
+
+def top_tokens(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (B, k) of the k highest-scoring tokens, int32 as TensorRT requires."""
+    return torch.topk(score, k, dim=1, largest=True, sorted=False).indices.to(torch.int32)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (R, N, D), idx (R, K) -> (R, K, D)."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(cache: torch.Tensor, idx: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    """Write fresh (R, K, D) into a copy of cache (R, N, D) at idx (R, K): paper eq. 4."""
+    return cache.scatter(1, idx.unsqueeze(-1).expand(-1, -1, cache.shape[-1]), fresh)
+
+
+def next_reuse(reuse: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Reuse counts n_i: reset to 0 where recomputed, +1 elsewhere. idx None means none recomputed."""
+    if idx is None:
+        return reuse + 1.0
+    computed = torch.zeros_like(reuse).scatter(1, idx, torch.ones(idx.shape, dtype=reuse.dtype, device=reuse.device))
+    return (reuse + 1.0) * (1.0 - computed)
+
+
+def attention_received(probs: torch.Tensor, halves: int) -> torch.Tensor:
+    """probs (R, heads, Q, N) -> (B, N): attention each key token receives, mean over heads and
+    queries, scaled by N so that a uniform map scores 1 per token (s1 of A.5.1)."""
+    n = probs.shape[-1]
+    return merge_halves(probs.mean(dim=(1, 2)), halves) * n
+
+
+def token_norm_score(x: torch.Tensor, halves: int) -> torch.Tensor:
+    """ℓ2 norm of each input token, normalised to mean 1 over tokens (Table 5 'norm')."""
+    norms = merge_halves(torch.linalg.vector_norm(x, dim=-1), halves)
+    return norms / norms.mean(dim=1, keepdim=True)
+
+
+def token_change_score(x: torch.Tensor, previous: torch.Tensor, halves: int) -> torch.Tensor:
+    """1 - cosine similarity of each input token to its value when last computed (Table 5 'similarity')."""
+    cos = torch.nn.functional.cosine_similarity(x, previous, dim=-1, eps=1e-6)
+    return merge_halves(1.0 - cos, halves)

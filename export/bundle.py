@@ -1,0 +1,134 @@
+"""Write a bundle: schedule + model -> per-step ONNX graphs, shared weights, manifest.
+
+Everything is written into a hidden temporary folder beside the target and renamed into place
+only when complete and verified, so an interrupted export never leaves a half bundle under the
+target name and never destroys an existing one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from diffsparse import __version__
+from diffsparse.export.onnx_export import export_step
+from diffsparse.export.trt_compat import operator_set, tensorrt_problems
+from diffsparse.export.weights import WeightStore
+from diffsparse.manifest import GraphEntry, Manifest, sha256_file
+from diffsparse.models.base import ModelSpec
+from diffsparse.schedule import Schedule
+
+log = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+@dataclass
+class ExportConfig:
+    """Options of `export_bundle`.
+
+    overwrite: replace an existing bundle at the target (only once the new one is complete).
+    verify: run every graph on ONNX Runtime against the PyTorch step on the same inputs and fail
+        if the max abs difference exceeds `tolerance` (recorded per graph in the manifest).
+    check_tensorrt: fail if a graph leaves TensorRT's supported subset.
+    """
+
+    overwrite: bool = False
+    verify: bool = True
+    tolerance: float = 1e-3
+    check_tensorrt: bool = True
+
+
+def export_bundle(spec: ModelSpec, schedule: Schedule, out: str | Path, source: dict[str, Any] | None = None,
+                  config: ExportConfig | None = None) -> Manifest:
+    config = config or ExportConfig()
+    out = Path(out)
+    if out.exists() and not config.overwrite:
+        raise ExportError(f"{out} already exists; pass overwrite (dsexport --overwrite) to replace it")
+    spec.check_schedule(schedule)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = _write(spec, schedule, tmp, source or {}, config)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, Any],
+           config: ExportConfig) -> Manifest:
+    selector = schedule.selector
+    plan = spec.sampler_plan(schedule.num_steps)
+    store = WeightStore(folder / "weights.bin")
+    graphs: list[GraphEntry] = []
+    signatures = schedule.distinct_signatures()
+    for i, sig in enumerate(signatures):
+        t0 = time.perf_counter()
+        model = export_step(spec, list(sig), selector)
+        if config.check_tensorrt:
+            problems = tensorrt_problems(model)
+            if problems:
+                raise ExportError(f"step graph {i} is outside TensorRT's supported subset: " + "; ".join(problems))
+        store.externalize(model)
+        rel = f"step_{i:03d}.onnx"
+        onnx.save(model, str(folder / rel))
+        graphs.append(GraphEntry(file=rel, sha256="", bytes=0, keep=list(sig),
+                                 macs=spec.step_macs(sig), ops=operator_set(model)))
+        log.info("exported graph %d/%d in %.1fs", i + 1, len(signatures), time.perf_counter() - t0)
+    weights = store.close()
+    weights["sha256"] = sha256_file(folder / weights["file"])
+    for g in graphs:
+        g.sha256 = sha256_file(folder / g.file)
+        g.bytes = (folder / g.file).stat().st_size
+    steps = [{"index": t, "timestep": float(plan.timesteps[t]), "graph": signatures.index(schedule.step_signature(t))}
+             for t in range(schedule.num_steps)]
+    dense = spec.dense_macs(schedule.num_steps)
+    total = spec.schedule_macs(schedule)
+    diffusers_class = type(spec.model).__name__
+    manifest = Manifest(
+        family=spec.family, diffusers_class=diffusers_class, model_config=spec.model_config(),
+        batch_size=spec.batch_size, guidance=spec.guidance, inputs=spec.step_inputs(),
+        outputs=spec.step_outputs(), cache=spec.cache_buffers(selector), schedule=schedule, sampler=plan,
+        graphs=graphs, steps=steps, weights=weights,
+        macs={"dense_total": dense, "total": total, "ratio": total / dense,
+              "per_step": [spec.step_macs(row) for row in schedule.keep]},
+        source=source, tool=f"diffsparse {__version__}",
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    manifest.save(folder)
+    if config.verify:
+        from diffsparse.export.verify import verify_graphs
+
+        errors = verify_graphs(folder, spec)
+        for g, err in zip(graphs, errors):
+            g.parity_max_abs_err = float(err)
+        worst = max(errors)
+        if not np.isfinite(worst) or worst > config.tolerance:
+            raise ExportError(f"exported graphs differ from the PyTorch step by up to {worst:.3g} "
+                              f"(tolerance {config.tolerance:g}); per graph: {errors}")
+        manifest.save(folder)
+    return manifest

@@ -1,0 +1,49 @@
+"""Export one token-cached step module to ONNX (static shapes, opset 18)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from diffsparse.models.base import ModelSpec, TensorSpec
+from diffsparse.schedule import SelectorConfig
+
+log = logging.getLogger(__name__)
+OPSET = 18
+
+
+def next_name(name: str) -> str:
+    """Graph output name for the updated cache buffer `name` (ONNX names must be unique)."""
+    return f"next.{name}"
+
+
+def sample_tensor(spec: TensorSpec, generator: torch.Generator) -> torch.Tensor:
+    if spec.dtype.startswith("int"):
+        return torch.zeros(spec.shape, dtype=spec.torch_dtype)
+    return torch.randn(spec.shape, generator=generator, dtype=spec.torch_dtype)
+
+
+def export_step(spec: ModelSpec, keep: list[int], selector: SelectorConfig) -> onnx.ModelProto:
+    """Trace the cached step for `keep` and return the ONNX model with its weights in memory."""
+    module = spec.build_step(keep, selector)
+    inputs = spec.step_inputs()
+    cache = spec.cache_buffers(selector)
+    g = torch.Generator().manual_seed(0)
+    args = tuple(sample_tensor(t, g) for t in inputs + cache)
+    input_names = [t.name for t in inputs + cache]
+    output_names = [t.name for t in spec.step_outputs()] + [next_name(t.name) for t in cache]
+    with tempfile.TemporaryDirectory(prefix="dsexport-") as tmp:
+        path = Path(tmp) / "step.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # The TorchScript exporter handles DiT and PixArt (DESIGN.md); the family's spec may
+            # pick another path when it needs one.
+            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                              opset_version=OPSET, do_constant_folding=True, dynamo=False)
+        model = onnx.load(str(path), load_external_data=True)
+    return model

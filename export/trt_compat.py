@@ -1,0 +1,69 @@
+"""Checks that a step graph stays inside what TensorRT's ONNX parser supports.
+
+The rules come from TensorRT's documented limits (see DESIGN.md): TopK needs a constant K <= 3840,
+Gather/Scatter indices must be int32, every shape must be static (CUDA-graph capture and one
+optimization profile per step), and only operators in TensorRT's ONNX support matrix may appear.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import numpy_helper
+
+TOPK_MAX = 3840
+
+# Operators of TensorRT's ONNX operator support matrix that our step graphs may use.
+TENSORRT_OPS = frozenset("""
+Abs Add And ArgMax ArgMin Cast Ceil Clip Concat Constant ConstantOfShape Conv Cos Div Einsum Equal Erf
+Exp Expand Flatten Floor Gather GatherElements GatherND Gelu Gemm Greater GreaterOrEqual Identity
+LayerNormalization Less LessOrEqual Log MatMul Max Mean Min Mod Mul Neg Not Or Pow Range Reciprocal
+ReduceL2 ReduceMax ReduceMean ReduceMin ReduceSum Relu Reshape Resize ScatterElements ScatterND Shape
+Sigmoid Sin Slice Softmax Split Sqrt Squeeze Sub Tanh Tile TopK Transpose Trilu Unsqueeze Where Xor
+""".split())
+
+INDEX_INPUT = {"GatherElements": 1, "ScatterElements": 1, "Gather": 1, "GatherND": 1, "ScatterND": 1}
+
+
+def _constant_values(graph: onnx.GraphProto) -> dict[str, object]:
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
+    """Every reason TensorRT would reject or mis-run this graph; empty when it is fine."""
+    problems: list[str] = []
+    graph = model.graph
+    for vi in list(graph.input) + list(graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            problems.append(f"tensor {vi.name} has a dynamic shape")
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    dtypes = {vi.name: vi.type.tensor_type.elem_type
+              for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    for init in graph.initializer:
+        dtypes[init.name] = init.data_type
+    constants = _constant_values(graph)
+    for node in graph.node:
+        if node.op_type not in TENSORRT_OPS:
+            problems.append(f"operator {node.op_type} ({node.name}) is not in TensorRT's ONNX support list")
+        if node.op_type == "TopK":
+            k = constants.get(node.input[1])
+            if k is None:
+                problems.append(f"TopK {node.name} has a non-constant K")
+            elif int(k.reshape(-1)[0]) > TOPK_MAX:
+                problems.append(f"TopK {node.name} has K={int(k.reshape(-1)[0])} > {TOPK_MAX}")
+        if node.op_type in INDEX_INPUT and node.op_type != "Gather":
+            idx = node.input[INDEX_INPUT[node.op_type]]
+            if dtypes.get(idx) != onnx.TensorProto.INT32:
+                problems.append(f"{node.op_type} {node.name} indices {idx} are "
+                                f"{onnx.TensorProto.DataType.Name(dtypes.get(idx, 0))}, not INT32")
+    return problems
+
+
+def operator_set(model: onnx.ModelProto) -> list[str]:
+    return sorted({n.op_type for n in model.graph.node})

@@ -1,0 +1,132 @@
+"""ONNX Runtime backend: one session per distinct step graph, one copy of the weights.
+
+Weights: every session gets the same OrtValues (views of one memory map of weights.bin) through
+`SessionOptions.add_initializer`, with pre-packing disabled so ORT does not make per-session
+packed copies: T sessions cost about one copy of the weights, not T.
+Cache: two preallocated sets of OrtValues bound with IO binding, swapped after every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import onnx
+
+from diffsparse.runtime.backends.base import Backend, BackendError, check_latent
+from diffsparse.runtime.bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+
+def import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:  # pragma: no cover - onnxruntime is a dependency
+        raise BackendError("onnxruntime is not installed: pip install onnxruntime "
+                           "(or onnxruntime-gpu for CUDA; never both)") from e
+    return ort
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None) -> None:
+        super().__init__()
+        ort = import_ort()
+        self.ort = ort
+        self.bundle = bundle
+        if device not in ("cpu", "cuda"):
+            raise BackendError(f"onnxruntime device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendError("onnxruntime's CUDA execution provider is not available: uninstall "
+                               "onnxruntime and pip install onnxruntime-gpu on a machine with CUDA")
+        self._device = device
+        self.threads = threads
+        self.sessions: list = []
+        m = bundle.manifest
+        self.inputs = {t.name: t for t in m.inputs}
+        self.latent_spec = m.inputs[0]
+        self.cache_specs = m.cache
+        self.output_latent = m.outputs[0].name
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    def _providers(self):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if self._device == "cuda" else ["CPUExecutionProvider"]
+
+    def _ortvalue(self, array: np.ndarray):
+        return self.ort.OrtValue.ortvalue_from_numpy(array, "cuda" if self._device == "cuda" else "cpu", 0)
+
+    def load(self) -> None:
+        ort = self.ort
+        shared = {name: self._ortvalue(array) for name, array in self.bundle.weights.items()}
+        self._shared = shared  # the sessions borrow these buffers: keep them alive
+        for i in range(len(self.bundle.manifest.graphs)):
+            path = self.bundle.graph_path(i)
+            graph = onnx.load(str(path), load_external_data=False).graph
+            opts = ort.SessionOptions()
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+            for init in graph.initializer:
+                if init.name in shared:
+                    opts.add_initializer(init.name, shared[init.name])
+            try:
+                self.sessions.append(ort.InferenceSession(str(path), opts, providers=self._providers()))
+            except Exception as e:
+                raise BackendError(f"onnxruntime could not load {path}: {e}") from e
+        log.info("loaded %d onnxruntime sessions on %s", len(self.sessions), self._device)
+
+    def allocate(self) -> None:
+        def buffers():
+            bufs = {s.name: self._ortvalue(s.zeros()) for s in self.cache_specs}
+            bufs["latent"] = self._ortvalue(self.latent_spec.zeros())
+            return bufs
+        self._sets = [buffers(), buffers()]
+        self._src = 0
+        self._bindings = [s.io_binding() for s in self.sessions]
+        # the exporter drops inputs a graph does not read (e.g. reuse counts of a full step)
+        self._declared = [{i.name for i in s.get_inputs()} for s in self.sessions]
+
+    def start(self, latent: np.ndarray) -> None:
+        latent = check_latent(latent, self.latent_spec)
+        for bufs in self._sets:
+            for spec in self.cache_specs:
+                bufs[spec.name].update_inplace(spec.zeros())
+        self._src = 0
+        self._sets[0]["latent"].update_inplace(latent)
+
+    def run_step(self, graph: int, feeds: dict[str, np.ndarray]) -> None:
+        src, dst = self._sets[self._src], self._sets[1 - self._src]
+        binding = self._bindings[graph]
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        declared = self._declared[graph]
+        for name, value in feeds.items():
+            if name in declared:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=self.inputs[name].numpy_dtype))
+        binding.bind_ortvalue_input(self.latent_spec.name, src["latent"])
+        binding.bind_ortvalue_output(self.output_latent, dst["latent"])
+        for spec in self.cache_specs:
+            if spec.name in declared:
+                binding.bind_ortvalue_input(spec.name, src[spec.name])
+            binding.bind_ortvalue_output(f"next.{spec.name}", dst[spec.name])
+        self.sessions[graph].run_with_iobinding(binding)
+        self._src = 1 - self._src
+
+    def latent(self) -> np.ndarray:
+        return self._sets[self._src]["latent"].numpy().copy()
+
+    def cache(self) -> dict[str, np.ndarray]:
+        """The current cache on the host (for tests and debugging)."""
+        return {s.name: self._sets[self._src][s.name].numpy().copy() for s in self.cache_specs}
+
+
+def default_threads() -> int | None:
+    value = os.environ.get("DIFFSPARSE_ORT_THREADS")
+    return int(value) if value else None

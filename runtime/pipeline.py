@@ -1,0 +1,131 @@
+"""The runtime API: load a bundle, generate samples, get timings.
+
+    from diffsparse.runtime import Pipeline
+    pipe = Pipeline.from_bundle("out/bundle")                 # ONNX Runtime on the CPU
+    result = pipe.generate(class_labels=[0, 1, 2], seed=0, guidance_scale=4.0)
+    result.grid().save("grid.png"); result.step_seconds       # per-step latency
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from diffsparse.models.base import ModelSpec, StepCall
+from diffsparse.runtime.backends.base import Backend, BackendError
+from diffsparse.runtime.bundle import Bundle
+from diffsparse.sampler import SamplerPlan, initial_noise
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "onnxruntime", "torch")
+
+
+@dataclass
+class GenerationResult:
+    samples: np.ndarray                 # (n, C, H, W) final latents / pixels, float32
+    class_labels: np.ndarray            # (n,)
+    step_seconds: list[float]           # wall-clock per denoising step, summed over batches
+    total_seconds: float
+    backend: str = ""
+    device: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def images(self) -> np.ndarray:
+        """uint8 images (n, H, W, C) from samples in [-1, 1]. Latent-space models need their VAE
+        to decode; this then shows the first (up to 3) latent channels as a preview."""
+        x = self.samples[:, :3] if self.samples.shape[1] >= 3 else self.samples[:, :1]
+        x = np.clip((x + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+        return x.transpose(0, 2, 3, 1)
+
+    def grid(self, columns: int | None = None, scale: int = 1):
+        from PIL import Image
+
+        imgs = self.images()
+        n, h, w, c = imgs.shape
+        columns = columns or n
+        rows = -(-n // columns)
+        canvas = np.zeros((rows * h, columns * w, c), np.uint8)
+        for i, img in enumerate(imgs):
+            r, col = divmod(i, columns)
+            canvas[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+        pic = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+        return pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST) if scale > 1 else pic
+
+
+class Pipeline:
+    """Sequences the steps of a schedule on a backend; the backend keeps latent and cache on device."""
+
+    def __init__(self, backend: Backend, spec: ModelSpec, plan: SamplerPlan, step_graphs: Sequence[int]) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.plan = plan
+        self.step_graphs = list(step_graphs)
+        if len(self.step_graphs) != len(plan.timesteps):
+            raise ValueError("one graph index per sampler step is needed")
+
+    @classmethod
+    def from_bundle(cls, folder: str | Path, backend: str = "auto", device: str = "cpu",
+                    threads: int | None = None, verify: bool = True) -> "Pipeline":
+        if backend not in BACKENDS:
+            raise BackendError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        bundle = Bundle(folder, verify=verify)
+        m = bundle.manifest
+        steps = [s["graph"] for s in m.steps]
+        if backend == "torch":
+            return cls.from_model(m.source.get("model"), m.schedule, batch_size=m.batch_size,
+                                  guidance=m.guidance, seed=m.source.get("seed", 0), device=device,
+                                  sampler=m.sampler.config)
+        from diffsparse.runtime.backends.ort import OrtBackend
+
+        return cls(OrtBackend(bundle, device=device, threads=threads), bundle.spec, m.sampler, steps)
+
+    @classmethod
+    def from_model(cls, model, schedule, batch_size: int = 1, guidance: bool = True, seed: int = 0,
+                   device: str = "cpu", sampler: dict | None = None) -> "Pipeline":
+        """The PyTorch reference pipeline: same schedule, same sampler, eager token-cached steps."""
+        from diffsparse.models.zoo import make_spec
+        from diffsparse.runtime.backends.torch_backend import TorchBackend
+
+        if model is None:
+            raise BackendError("the torch backend needs the model: this bundle records no source")
+        spec = make_spec(model, batch_size=batch_size, guidance=guidance, seed=seed, sampler_overrides=sampler)
+        sigs = schedule.distinct_signatures()
+        steps = [sigs.index(schedule.step_signature(t)) for t in range(schedule.num_steps)]
+        return cls(TorchBackend(spec, schedule, device=device), spec, spec.sampler_plan(schedule.num_steps), steps)
+
+    def generate(self, class_labels: Sequence[int], seed: int = 0, guidance_scale: float = 4.0) -> GenerationResult:
+        """Generate one sample per label. Labels are run in batches of the bundle's batch size
+        (the last batch padded); sample i always starts from the noise of (seed, i)."""
+        labels = np.asarray(class_labels, dtype=np.int64).reshape(-1)
+        if labels.size == 0:
+            raise ValueError("class_labels is empty: pass at least one label")
+        b = self.spec.batch_size
+        noise = initial_noise(seed, labels.size, self.spec.latent_shape)
+        backend = self.backend.prepare()
+        per_step = np.zeros(len(self.step_graphs))
+        outs = []
+        t_start = time.perf_counter()
+        for start in range(0, labels.size, b):
+            chunk = labels[start:start + b]
+            pad = b - chunk.size
+            batch_labels = np.concatenate([chunk, np.repeat(chunk[-1:], pad)])
+            batch_noise = np.concatenate([noise[start:start + b], np.repeat(noise[start + chunk.size - 1:start + chunk.size], pad, 0)])
+            conditioning = {"class_labels": batch_labels}
+            self.spec.check_conditioning(conditioning)
+            backend.start(batch_noise)
+            for i, graph in enumerate(self.step_graphs):
+                feeds = self.spec.feeds(StepCall(float(self.plan.timesteps[i]), self.plan.coefficients[i]),
+                                        conditioning, guidance_scale)
+                t0 = time.perf_counter()
+                backend.run_step(graph, feeds)
+                backend.synchronize()
+                per_step[i] += time.perf_counter() - t0
+            outs.append(backend.latent()[: chunk.size])
+        total = time.perf_counter() - t_start
+        return GenerationResult(np.concatenate(outs), labels, per_step.tolist(), total,
+                                backend=backend.name, device=backend.device)
