@@ -149,13 +149,13 @@ class Schedule:
                     raise ScheduleError(
                         f"K(t={t}, l={l}) = {k} is not in the candidate set S={list(self.candidates)} "
                         f"(allowed token counts for N={n}: {sorted(allowed)})")
+        if any(k != n for k in self.keep[0]):
+            raise ScheduleError("step 0 must recompute every token of every layer: the token cache is empty before it")
         if len(self.full_steps) != self.num_steps:
             raise ScheduleError(f"full_steps has {len(self.full_steps)} entries for {self.num_steps} steps")
         for t, full in enumerate(self.full_steps):
             if full and any(k != n for k in self.keep[t]):
                 raise ScheduleError(f"step {t} is marked full but does not keep all {n} tokens in every layer")
-        if any(k != n for k in self.keep[0]):
-            raise ScheduleError("step 0 must recompute every token of every layer: the token cache is empty before it")
 
     def check_fits(self, family: str, layers: Sequence[LayerRef], num_tokens: int,
                    num_steps: int | None = None) -> None:

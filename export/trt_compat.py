@@ -25,13 +25,30 @@ INDEX_INPUT = {"GatherElements": 1, "ScatterElements": 1, "Gather": 1, "GatherND
 
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, object]:
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer
+              if i.data_location != onnx.TensorProto.EXTERNAL}
     for node in graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
                     values[node.output[0]] = numpy_helper.to_array(attr.t)
     return values
+
+
+def _without_external_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose external (not loaded) initializers are declared as typed inputs instead, so
+    shape inference needs no weights file."""
+    external = [i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    names = {i.name for i in external}
+    kept = [i for i in copy.graph.initializer if i.name not in names]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept)
+    copy.graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in external)
+    return copy
 
 
 def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
@@ -42,7 +59,7 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
         dims = vi.type.tensor_type.shape.dim
         if any(not d.HasField("dim_value") for d in dims):
             problems.append(f"tensor {vi.name} has a dynamic shape")
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(_without_external_data(model), strict_mode=False, data_prop=True)
     dtypes = {vi.name: vi.type.tensor_type.elem_type
               for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
     for init in graph.initializer:

@@ -165,6 +165,12 @@ class DiTCachedStep(nn.Module):
         self.selector = selector
         self.cache_names = [b.name for b in spec.cache_buffers(selector)]
         self.halves = spec.halves
+        self.eval()
+
+    def train(self, mode: bool = True) -> "DiTCachedStep":
+        # Always eval: in training mode diffusers drops class labels at random (CFG training), and
+        # exporters restore the wrapper's mode recursively onto the shared diffusers model.
+        return super().train(False)
 
     # -- the whole step ------------------------------------------------------------------------
     def forward(self, latent, timestep, sampler_coef, class_labels, *rest):

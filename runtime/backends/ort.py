@@ -20,6 +20,19 @@ from diffsparse.runtime.bundle import Bundle
 log = logging.getLogger(__name__)
 
 
+_ENV_ALLOCATOR = False
+
+
+def share_cpu_allocator(ort) -> None:
+    """Register one CPU arena in ORT's environment, used by every session that opts in, so the
+    step sessions share activation memory instead of each keeping its own arena."""
+    global _ENV_ALLOCATOR
+    if not _ENV_ALLOCATOR:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _ENV_ALLOCATOR = True
+
+
 def import_ort():
     try:
         import onnxruntime as ort
@@ -65,11 +78,13 @@ class OrtBackend(Backend):
         ort = self.ort
         shared = {name: self._ortvalue(array) for name, array in self.bundle.weights.items()}
         self._shared = shared  # the sessions borrow these buffers: keep them alive
+        share_cpu_allocator(ort)
         for i in range(len(self.bundle.manifest.graphs)):
             path = self.bundle.graph_path(i)
             graph = onnx.load(str(path), load_external_data=False).graph
             opts = ort.SessionOptions()
             opts.add_session_config_entry("session.disable_prepacking", "1")
+            opts.add_session_config_entry("session.use_env_allocators", "1")
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if self.threads:
                 opts.intra_op_num_threads = self.threads

@@ -1,0 +1,204 @@
+"""Latency profiling: a bundle against a baseline bundle (usually dense), measured in one process,
+runs interleaved so that machine noise hits both alike. Writes JSON, a Markdown summary, and PNG
+plots (the K(t, l) heatmap as in the paper's Fig. 3, and per-step latency).
+
+Memory: `loaded_bytes` is the growth of the process's resident set from before a bundle is loaded
+to after its first generation (sessions, shared weights, arenas, cache buffers); the sparse bundle
+is loaded first so its figure does not include the baseline's.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffsparse.runtime.pipeline import Pipeline
+
+
+@dataclass
+class ProfileConfig:
+    """runs: timed generations per bundle (median reported); warmup: untimed ones first.
+    backend/device/threads: as for Pipeline.from_bundle. guidance_scale and seed: generation inputs."""
+
+    runs: int = 3
+    warmup: int = 1
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    threads: int | None = None
+    seed: int = 0
+    guidance_scale: float = 4.0
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def host_info() -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "platform": platform.platform()}
+
+
+class _Subject:
+    def __init__(self, folder: Path, cfg: ProfileConfig) -> None:
+        before = rss_bytes()
+        t0 = time.perf_counter()
+        self.pipe = Pipeline.from_bundle(folder, backend=cfg.backend, device=cfg.device, threads=cfg.threads)
+        self.pipe.backend.prepare()
+        self.load_seconds = time.perf_counter() - t0
+        self.folder = folder
+        self.labels = self.pipe.spec.example_conditioning(np.random.default_rng(cfg.seed))["class_labels"]
+        self.cfg = cfg
+        self.runs: list[list[float]] = []
+        self.totals: list[float] = []
+        self.generate(record=False)
+        self.loaded_bytes = rss_bytes() - before
+
+    def generate(self, record: bool = True) -> None:
+        r = self.pipe.generate(self.labels, seed=self.cfg.seed, guidance_scale=self.cfg.guidance_scale)
+        if record:
+            self.runs.append(r.step_seconds)
+            self.totals.append(float(sum(r.step_seconds)))
+
+    def summary(self) -> dict[str, Any]:
+        from diffsparse.runtime.bundle import Bundle
+
+        m = Bundle(self.folder, verify=False).manifest
+        per_step = np.median(np.asarray(self.runs), axis=0)
+        return {
+            "bundle": str(self.folder), "backend": self.pipe.backend.name, "device": self.pipe.backend.device,
+            "batch_size": m.batch_size, "guidance": m.guidance, "steps": m.schedule.num_steps,
+            "graphs": len(m.graphs), "schedule_method": m.schedule.provenance.get("method", ""),
+            "per_step_ms": [1000 * x for x in per_step.tolist()],
+            "total_ms": 1000 * statistics.median(self.totals), "total_ms_runs": [1000 * x for x in self.totals],
+            "macs_per_step": m.macs["per_step"], "macs_total": m.macs["total"], "dense_macs_total": m.macs["dense_total"],
+            "macs_ratio": m.macs["ratio"], "load_seconds": self.load_seconds, "loaded_bytes": self.loaded_bytes,
+            "weights_bytes": m.weights["bytes"],
+        }
+
+
+def profile(bundle: str | Path, baseline: str | Path, cfg: ProfileConfig | None = None) -> dict[str, Any]:
+    """Profile `bundle` against `baseline` on the same backend, interleaving timed runs."""
+    cfg = cfg or ProfileConfig()
+    if cfg.runs < 1:
+        raise ValueError("runs must be >= 1")
+    sparse = _Subject(Path(bundle), cfg)
+    base = _Subject(Path(baseline), cfg)
+    for _ in range(cfg.warmup):
+        sparse.generate(record=False)
+        base.generate(record=False)
+    for _ in range(cfg.runs):
+        sparse.generate()
+        base.generate()
+    s, b = sparse.summary(), base.summary()
+    speedup = b["total_ms"] / s["total_ms"]
+    macs_speedup = b["macs_total"] / s["macs_total"]
+    return {
+        "config": asdict(cfg), "host": host_info(),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "sparse": s, "baseline": b,
+        "speedup": speedup, "macs_speedup": macs_speedup, "macs_ratio": s["macs_total"] / b["macs_total"],
+        "efficiency": speedup / macs_speedup,
+    }
+
+
+def write_report(report: dict[str, Any], out: str | Path) -> dict[str, Path]:
+    """profile.json, profile.md, k_heatmap.png and step_latency.png in `out`."""
+    from diffsparse.runtime.bundle import Bundle
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "profile.json", "md": out / "profile.md",
+             "heatmap": out / "k_heatmap.png", "latency": out / "step_latency.png"}
+    paths["json"].write_text(json.dumps(report, indent=1))
+    schedule = Bundle(report["sparse"]["bundle"], verify=False).schedule
+    plot_k_heatmap(schedule, paths["heatmap"])
+    plot_step_latency(report, paths["latency"])
+    paths["md"].write_text(markdown_summary(report))
+    return paths
+
+
+def markdown_summary(report: dict[str, Any]) -> str:
+    s, b, h = report["sparse"], report["baseline"], report["host"]
+    mb = 1 / 2**20
+    lines = [
+        "# diffsparse latency profile", "",
+        f"Backend **{s['backend']}** on **{s['device']}** ({h['cpu']}, {h['cores']} cores); "
+        f"onnxruntime {h['onnxruntime']}, torch {h['torch']}. Median of {report['config']['runs']} interleaved runs.", "",
+        "| | sparse | baseline |", "|---|---:|---:|",
+        f"| schedule | {s['schedule_method']} | {b['schedule_method']} |",
+        f"| steps / distinct graphs | {s['steps']} / {s['graphs']} | {b['steps']} / {b['graphs']} |",
+        f"| batch (x2 with guidance) | {s['batch_size']} | {b['batch_size']} |",
+        f"| total latency (ms) | {s['total_ms']:.1f} | {b['total_ms']:.1f} |",
+        f"| GMACs | {s['macs_total'] / 1e9:.2f} | {b['macs_total'] / 1e9:.2f} |",
+        f"| MACs ratio vs dense | {s['macs_ratio']:.3f} | {b['macs_ratio']:.3f} |",
+        f"| weights on disk (MB) | {s['weights_bytes'] * mb:.1f} | {b['weights_bytes'] * mb:.1f} |",
+        f"| loaded memory (MB) | {s['loaded_bytes'] * mb:.1f} | {b['loaded_bytes'] * mb:.1f} |", "",
+        f"**Speed-up {report['speedup']:.2f}x** wall-clock for **{report['macs_speedup']:.2f}x** fewer MACs "
+        f"(efficiency {report['efficiency']:.2f} = speed-up / MACs speed-up). "
+        f"Process peak RSS {report['peak_rss_bytes'] * mb:.0f} MB.", "",
+        "![K(t,l)](k_heatmap.png) ![per-step latency](step_latency.png)", "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_k_heatmap(schedule, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keep = np.asarray(schedule.keep, dtype=float) / schedule.num_tokens
+    fig, ax = plt.subplots(figsize=(max(4, 0.18 * keep.shape[1] + 2), max(3, 0.22 * keep.shape[0] + 1.5)))
+    im = ax.imshow(keep, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xlabel("cacheable layer (block·kind)")
+    ax.set_ylabel("denoising step")
+    ticks = list(range(0, keep.shape[1], max(1, keep.shape[1] // 12)))
+    ax.set_xticks(ticks, [schedule.layers[i].name for i in ticks], rotation=90, fontsize=7)
+    ax.set_title(f"K(t,l)/N — {schedule.provenance.get('method', '')}, "
+                 f"MACs ratio {schedule.macs_ratio.get('achieved') or 0:.2f}")
+    fig.colorbar(im, ax=ax, label="fraction of tokens recomputed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_step_latency(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, b = np.asarray(report["sparse"]["per_step_ms"]), np.asarray(report["baseline"]["per_step_ms"])
+    x = np.arange(len(s))
+    fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(s) + 2), 3))
+    ax.bar(x - 0.2, b, 0.4, label="baseline")
+    ax.bar(x + 0.2, s, 0.4, label="sparse")
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"per-step latency, speed-up {report['speedup']:.2f}x (MACs {report['macs_speedup']:.2f}x)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,20 @@
+import json
+
+from diffsparse.runtime.profile import ProfileConfig, profile, write_report
+
+
+def test_profile_report_compares_in_one_run(tiny_bundles, tmp_path):
+    report = profile(tiny_bundles["toca"], tiny_bundles["dense"], ProfileConfig(runs=2, warmup=1))
+    s, b = report["sparse"], report["baseline"]
+    assert len(s["per_step_ms"]) == 6 and len(s["total_ms_runs"]) == 2
+    assert report["speedup"] == b["total_ms"] / s["total_ms"]
+    assert 0.3 < report["macs_ratio"] < 0.7 and b["macs_ratio"] == 1.0
+    assert report["macs_speedup"] == b["macs_total"] / s["macs_total"]
+    assert s["loaded_bytes"] > 0 and report["peak_rss_bytes"] > 0
+    assert report["host"]["onnxruntime"]
+    paths = write_report(report, tmp_path / "rep")
+    assert json.loads(paths["json"].read_text())["speedup"] == report["speedup"]
+    for key in ("heatmap", "latency"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = paths["md"].read_text()
+    assert "Speed-up" in md and "k_heatmap.png" in md

@@ -1,0 +1,41 @@
+"""The command-line tools end to end on the tiny built-in model."""
+
+import json
+
+from diffsparse.export.cli import main as dsexport
+from diffsparse.runtime.cli import profile_main as dsprofile
+from diffsparse.runtime.cli import run_main as dsrun
+
+
+def test_export_run_profile(tmp_path, capsys):
+    sparse, dense = tmp_path / "sparse", tmp_path / "dense"
+    assert dsexport(["--model", "dit-tiny", "--schedule", "toca", "--steps", "6", "--batch", "2",
+                     "--out", str(sparse), "--write-schedule", str(tmp_path / "s.json")]) == 0
+    assert "parity max err" in capsys.readouterr().out
+    assert dsexport(["--model", "dit-tiny", "--schedule", "dense", "--steps", "6", "--batch", "2",
+                     "--out", str(dense), "-q"]) == 0
+    # a saved schedule file exports to the same graphs
+    assert dsexport(["--model", "dit-tiny", "--schedule", str(tmp_path / "s.json"), "--batch", "2",
+                     "--out", str(tmp_path / "again"), "-q"]) == 0
+    a = json.loads((sparse / "manifest.json").read_text())
+    b = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert [g["keep"] for g in a["graphs"]] == [g["keep"] for g in b["graphs"]]
+
+    assert dsrun([str(sparse), "--labels", "1,2,3", "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    assert dsprofile([str(sparse), "--baseline", str(dense), "--out", str(tmp_path / "rep"), "--runs", "1"]) == 0
+    assert "Speed-up" in capsys.readouterr().out
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert dsexport(["--model", "no-such-model", "--out", str(tmp_path / "x")]) == 2
+    assert "neither a built-in" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert dsexport(["--model", "dit-tiny", "--schedule", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "'format' must be" in capsys.readouterr().err
+    assert dsexport(["--model", "dit-tiny", "--schedule", "toca", "--ratio", "1.5", "--out", str(tmp_path / "x")]) == 2
+    assert "target MACs ratio" in capsys.readouterr().err
+    assert dsrun([str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

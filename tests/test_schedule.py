@@ -1,0 +1,94 @@
+import json
+
+import pytest
+
+from diffsparse.builtin_schedules import dense_schedule, resolve_schedule, toca_schedule
+from diffsparse.schedule import LayerRef, Schedule, ScheduleError
+
+
+def test_roundtrip(tmp_path, tiny_schedules):
+    sched = tiny_schedules["toca"]
+    path = sched.save(tmp_path / "s.json")
+    loaded = Schedule.load(path)
+    assert loaded.to_dict() == sched.to_dict()
+    assert not (tmp_path / "s.json.tmp").exists()
+
+
+def _write(tmp_path, data):
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps(data))
+    return p
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(version=99), "version 99 is not supported"),
+    (lambda d: d.update(format="other"), "'format' must be"),
+    (lambda d: d["keep"][2].__setitem__(0, 999), "outside [0, N=64]"),
+    (lambda d: d["keep"][2].__setitem__(0, 33), "not in the candidate set"),
+    (lambda d: d["keep"][2].pop(), "keep[2] has 3 entries"),
+    (lambda d: d["keep"][0].__setitem__(1, 32), "step 0 must recompute every token"),
+    (lambda d: d["full_steps"].__setitem__(1, True), "step 1 is marked full"),
+    (lambda d: d.pop("layers"), "missing field(s) ['layers']"),
+    (lambda d: d["layers"][0].update(kind="XX"), "kind 'XX'"),
+    (lambda d: d["selector"].update(score="magic"), "selector.score 'magic'"),
+    (lambda d: d.update(num_steps=3), "num_steps=3 but keep has 6 rows"),
+])
+def test_bad_files_name_the_problem(tmp_path, tiny_schedules, mutate, message):
+    data = tiny_schedules["toca"].to_dict()
+    mutate(data)
+    with pytest.raises(ScheduleError, match=None) as err:
+        Schedule.load(_write(tmp_path, data))
+    assert message in str(err.value)
+
+
+def test_malformed_and_missing_files(tmp_path):
+    p = tmp_path / "s.json"
+    p.write_text('{"format": "diffsparse-schedule", "vers')
+    with pytest.raises(ScheduleError, match="not valid JSON"):
+        Schedule.load(p)
+    with pytest.raises(ScheduleError, match="does not exist"):
+        Schedule.load(tmp_path / "nope.json")
+
+
+def test_schedule_must_fit_the_model(tmp_path, tiny_spec, tiny_schedules):
+    sched = tiny_schedules["toca"]
+    path = sched.save(tmp_path / "s.json")
+    with pytest.raises(ScheduleError, match="T=6 steps but 10 were asked for"):
+        resolve_schedule(path, tiny_spec, 10)
+    data = sched.to_dict()
+    data["layers"] = data["layers"][:2]
+    data["keep"] = [row[:2] for row in data["keep"]]
+    with pytest.raises(ScheduleError, match="L=2 cacheable layers but the model has 4"):
+        resolve_schedule(_write(tmp_path, data), tiny_spec, None)
+    data = sched.to_dict()
+    data["num_tokens"] = 256
+    data["keep"] = [[4 * k for k in row] for row in data["keep"]]
+    with pytest.raises(ScheduleError, match="N=256 tokens per layer but the model has 64"):
+        resolve_schedule(_write(tmp_path, data), tiny_spec, None)
+    data = sched.to_dict()
+    data["family"] = "pixart"
+    with pytest.raises(ScheduleError, match="model family 'pixart'"):
+        resolve_schedule(_write(tmp_path, data), tiny_spec, None)
+
+
+def test_dense_schedule(tiny_spec):
+    sched = dense_schedule(tiny_spec, 5)
+    assert all(sched.full_steps)
+    assert sched.macs_ratio["achieved"] == pytest.approx(1.0)
+    assert len(sched.distinct_signatures()) == 1
+
+
+@pytest.mark.parametrize("target", [0.4, 0.5, 0.7])
+def test_toca_schedule_hits_its_target(tiny_spec, target):
+    sched = toca_schedule(tiny_spec, 20, target, full_every=5)
+    assert abs(sched.macs_ratio["achieved"] - target) < 0.05
+    assert sched.macs_ratio["achieved"] == pytest.approx(tiny_spec.macs_ratio(sched))
+    assert [t for t, full in enumerate(sched.full_steps) if full] == [0, 5, 10, 15]
+    allowed = set(sched.allowed_keep())
+    assert all(k in allowed for row in sched.keep for k in row)
+    # shaped by depth and kind: the first block's SA recomputes at least as much as the last block's MLP
+    assert all(row[0] >= row[-1] for row in sched.keep)
+
+
+def test_layer_names():
+    assert LayerRef(3, "MLP").name == "mlp3"
