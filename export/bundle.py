@@ -90,11 +90,11 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
     for i, sig in enumerate(signatures):
         t0 = time.perf_counter()
         model = export_step(spec, list(sig), selector)
+        store.externalize(model)  # first: a >2 GB model cannot be serialised for shape inference
         if config.check_tensorrt:
             problems = tensorrt_problems(model)
             if problems:
                 raise ExportError(f"step graph {i} is outside TensorRT's supported subset: " + "; ".join(problems))
-        store.externalize(model)
         rel = f"step_{i:03d}.onnx"
         onnx.save(model, str(folder / rel))
         graphs.append(GraphEntry(file=rel, sha256="", bytes=0, keep=list(sig),

@@ -1,7 +1,8 @@
 """Checks that a step graph stays inside what TensorRT's ONNX parser supports.
 
 The rules come from TensorRT's documented limits (see DESIGN.md): TopK needs a constant K <= 3840,
-Gather/Scatter indices must be int32, every shape must be static (CUDA-graph capture and one
+computed Gather/GatherElements/ScatterElements indices must be int32 (ScatterND/GatherND indices
+are int64 by the ONNX spec; TensorRT's parser takes them), every shape must be static (CUDA-graph capture and one
 optimization profile per step), and only operators in TensorRT's ONNX support matrix may appear.
 """
 
@@ -21,7 +22,7 @@ ReduceL2 ReduceMax ReduceMean ReduceMin ReduceSum Relu Reshape Resize ScatterEle
 Sigmoid Sin Slice Softmax Split Sqrt Squeeze Sub Tanh Tile TopK Transpose Trilu Unsqueeze Where Xor
 """.split())
 
-INDEX_INPUT = {"GatherElements": 1, "ScatterElements": 1, "Gather": 1, "GatherND": 1, "ScatterND": 1}
+INT32_INDEX_OPS = ("GatherElements", "ScatterElements", "Gather")
 
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, object]:
@@ -74,8 +75,8 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
                 problems.append(f"TopK {node.name} has a non-constant K")
             elif int(k.reshape(-1)[0]) > TOPK_MAX:
                 problems.append(f"TopK {node.name} has K={int(k.reshape(-1)[0])} > {TOPK_MAX}")
-        if node.op_type in INDEX_INPUT and node.op_type != "Gather":
-            idx = node.input[INDEX_INPUT[node.op_type]]
+        if node.op_type in INT32_INDEX_OPS and node.input[1] not in constants:
+            idx = node.input[1]
             if dtypes.get(idx) != onnx.TensorProto.INT32:
                 problems.append(f"{node.op_type} {node.name} indices {idx} are "
                                 f"{onnx.TensorProto.DataType.Name(dtypes.get(idx, 0))}, not INT32")

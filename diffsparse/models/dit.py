@@ -86,7 +86,7 @@ class DiTSpec(ModelSpec):
         inputs = [TensorSpec("latent", (b, *self.latent_shape)),
                   TensorSpec("timestep", (1,)),
                   TensorSpec("sampler_coef", (4,)),
-                  TensorSpec("class_labels", (b,), "int64")]
+                  TensorSpec("class_labels", (b,), "int32")]
         if self.guidance:
             inputs.append(TensorSpec("guidance_scale", (1,)))
         return inputs
@@ -115,7 +115,7 @@ class DiTSpec(ModelSpec):
               guidance_scale: float) -> dict[str, np.ndarray]:
         out = {"timestep": np.asarray([call.timestep], dtype=np.float32),
                "sampler_coef": np.asarray(call.coefficients, dtype=np.float32),
-               "class_labels": np.asarray(conditioning["class_labels"], dtype=np.int64)}
+               "class_labels": np.asarray(conditioning["class_labels"], dtype=np.int32)}
         if self.guidance:
             out["guidance_scale"] = np.asarray([guidance_scale], dtype=np.float32)
         return out
