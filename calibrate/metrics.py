@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 CLASSIFIER_DIST = "digit-recognizer-py"
 CLASSIFIER_WEIGHTS = "digit_recognizer/models/handwriting_model.pth"
-INSTALL_HINT = "/work/venv/bin/pip install --no-deps digit-recognizer-py"  # torchvision not needed
+INSTALL_HINT = "pip install --no-deps digit-recognizer-py"  # --no-deps: it requires torchvision, unused here
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 PSNR_CAP_DB = 100.0
 
