@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -267,6 +266,3 @@ def snap_to_candidates(fraction: float, candidates: Sequence[float]) -> float:
     """The candidate fraction nearest to `fraction` (ties go to the larger, i.e. safer, one)."""
     return min(candidates, key=lambda s: (abs(s - fraction), -s))
 
-
-def is_close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -33,7 +33,6 @@ class GenerationResult:
     total_seconds: float
     backend: str = ""
     device: str = ""
-    extra: dict = field(default_factory=dict)
 
     def images(self) -> np.ndarray:
         """uint8 images (n, H, W, C) from samples in [-1, 1]. Latent-space models need their VAE

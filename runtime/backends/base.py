@@ -10,8 +10,6 @@ coefficients, guidance scale, labels) go in, and the latent comes out once at th
 from __future__ import annotations
 
 import abc
-from typing import Sequence
-
 import numpy as np
 
 from diffsparse.models.base import TensorSpec
@@ -71,6 +69,3 @@ def check_latent(latent: np.ndarray, spec: TensorSpec) -> np.ndarray:
         raise BackendError(f"latent has shape {latent.shape}, the graphs were exported for {spec.shape}")
     return latent
 
-
-def names(specs: Sequence[TensorSpec]) -> list[str]:
-    return [s.name for s in specs]

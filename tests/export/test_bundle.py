@@ -1,7 +1,6 @@
 """dsexport's bundle: parity of every graph, TensorRT subset, weights once, atomic writes."""
 
 import json
-import shutil
 
 import numpy as np
 import onnx
