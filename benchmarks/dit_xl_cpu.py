@@ -13,10 +13,11 @@ import logging
 import time
 from pathlib import Path
 
-from diffsparse.builtin_schedules import dense_schedule, toca_schedule
 from diffsparse.export.bundle import ExportConfig, export_bundle
-from diffsparse.models.zoo import make_spec
 from diffsparse.runtime.profile import ProfileConfig, profile, write_report
+
+from diffsparse.builtin_schedules import dense_schedule, toca_schedule
+from diffsparse.models.zoo import make_spec
 
 
 def main() -> None:

@@ -6,7 +6,6 @@
 import time
 
 import numpy as np
-
 from diffsparse.train.dp_solver import solve
 
 

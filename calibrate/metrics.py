@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,11 @@ def _as_nchw(images) -> torch.Tensor:
 
 def preprocess_for_classifier(images) -> torch.Tensor:
     """[-1, 1] images, 32x32 (2-px border cropped) or 28x28 -> normalised 28x28 classifier input."""
-    x = _as_nchw(images)
+    return classifier_input(_as_nchw(images))
+
+
+def classifier_input(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable part of preprocess_for_classifier, on an (N, 1, H, W) tensor."""
     if x.shape[-2:] == (32, 32):
         x = x[..., 2:30, 2:30]
     elif x.shape[-2:] != (28, 28):
@@ -209,16 +213,22 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 def ssim(a, b, data_range: float = 2.0, win_size: int = 11, sigma: float = 1.5) -> float:
     """Mean SSIM (Gaussian 11x11, sigma 1.5, valid filtering) over images."""
     x, y = _pair(a, b)
+    return float(ssim_per_image(x, y, data_range, win_size, sigma).mean())
+
+
+def ssim_per_image(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, win_size: int = 11,
+                   sigma: float = 1.5) -> torch.Tensor:
+    """Differentiable SSIM per (image, channel) of two (N, C, H, W) tensors -> (N*C,)."""
     n, c = x.shape[:2]
     x, y = x.reshape(n * c, 1, *x.shape[2:]), y.reshape(n * c, 1, *y.shape[2:])
-    w = _gaussian_window(win_size, sigma)
+    w = _gaussian_window(win_size, sigma).to(x)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mx, my = F.conv2d(x, w), F.conv2d(y, w)
     sxx = F.conv2d(x * x, w) - mx**2
     syy = F.conv2d(y * y, w) - my**2
     sxy = F.conv2d(x * y, w) - mx * my
     smap = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
-    return float(smap.flatten(1).mean(1).mean())
+    return smap.flatten(1).mean(1)
 
 
 def evaluate_images(images, labels=None, reference_images=None, real_images=None) -> dict:

@@ -22,11 +22,23 @@ from pathlib import Path
 import numpy as np
 
 from diffsparse.models.base import ModelSpec
-from diffsparse.schedule import (DEFAULT_CANDIDATES, Schedule, ScheduleError, SelectorConfig,
-                                 provenance, snap_to_candidates)
+from diffsparse.schedule import (
+    DEFAULT_CANDIDATES,
+    Schedule,
+    ScheduleError,
+    SelectorConfig,
+    provenance,
+    snap_to_candidates,
+)
 
 KIND_FACTOR = {"SA": 1.1, "CA": 1.0, "MLP": 0.9}
 BUILTIN_NAMES = ("dense", "toca")
+# learned schedules shipped for the built-in models (written by dstrain), by file stem
+SHIPPED_DIR = Path(__file__).resolve().parent / "schedules"
+
+
+def shipped_schedules() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.json"))
 
 
 def dense_schedule(spec: ModelSpec, num_steps: int, selector: SelectorConfig | None = None) -> Schedule:
@@ -90,9 +102,10 @@ def resolve_schedule(name_or_path: str | Path, spec: ModelSpec, num_steps: int |
         if name == "dense":
             return dense_schedule(spec, num_steps)
         return toca_schedule(spec, num_steps, target_ratio, full_every)
-    path = Path(name)
+    path = SHIPPED_DIR / f"{name}.json" if name in shipped_schedules() else Path(name)
     if not path.exists():
-        raise ScheduleError(f"schedule {name!r} is neither a built-in ({', '.join(BUILTIN_NAMES)}) nor a file")
+        known = ", ".join((*BUILTIN_NAMES, *shipped_schedules()))
+        raise ScheduleError(f"schedule {name!r} is neither a built-in ({known}) nor a file")
     sched = Schedule.load(path)
     spec.check_schedule(sched, num_steps)
     return sched

@@ -95,7 +95,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, d: Any, source: str) -> "Manifest":
+    def from_dict(cls, d: Any, source: str) -> Manifest:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise BundleError(f"{source} is not a diffsparse bundle manifest (format must be {FORMAT!r})")
         if d.get("version") != VERSION:
@@ -136,7 +136,7 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, folder: str | Path, verify: bool = True) -> "Manifest":
+    def load(cls, folder: str | Path, verify: bool = True) -> Manifest:
         """Read and validate a bundle's manifest; with verify, check every file's size and checksum."""
         folder = Path(folder)
         if not folder.is_dir():

@@ -44,7 +44,7 @@ class DDIMConfig:
     timestep_spacing: str = "leading"
 
     @classmethod
-    def from_scheduler_config(cls, config: dict[str, Any]) -> "DDIMConfig":
+    def from_scheduler_config(cls, config: dict[str, Any]) -> DDIMConfig:
         if config.get("prediction_type", "epsilon") != "epsilon":
             raise SamplerError(f"prediction_type {config['prediction_type']!r} is not yet supported (epsilon only)")
         if config.get("thresholding", False):
@@ -76,7 +76,7 @@ class SamplerPlan:
                 "clip_sample_range": self.clip_sample_range, "config": dict(self.config)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SamplerPlan":
+    def from_dict(cls, data: dict[str, Any]) -> SamplerPlan:
         return cls(kind=data["kind"], timesteps=np.asarray(data["timesteps"], dtype=np.float32),
                    coefficients=np.asarray(data["coefficients"], dtype=np.float32),
                    clip_sample_range=data.get("clip_sample_range"), config=dict(data.get("config", {})))

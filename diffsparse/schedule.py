@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 FORMAT = "diffsparse-schedule"
 VERSION = 1
@@ -193,7 +194,7 @@ class Schedule:
         }
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "schedule") -> "Schedule":
+    def from_dict(cls, data: Any, source: str = "schedule") -> Schedule:
         if not isinstance(data, dict):
             raise ScheduleError(f"{source}: expected a JSON object, got {type(data).__name__}")
         if data.get("format") != FORMAT:
@@ -238,7 +239,7 @@ class Schedule:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Schedule":
+    def load(cls, path: str | Path) -> Schedule:
         path = Path(path)
         if not path.is_file():
             raise ScheduleError(f"schedule file {path} does not exist")

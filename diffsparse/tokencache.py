@@ -84,11 +84,11 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def scatter_tokens(cache: torch.Tensor, idx: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
     """Write fresh (R, K, D) into a copy of cache (R, N, D) at idx (R, K): paper eq. 4.
 
-    Exported as ScatterND over rows (7x faster than ScatterElements on ONNX Runtime CPU); ONNX
-    defines ScatterND indices as int64, hence the cast."""
-    r, n, d = cache.shape
-    flat = _flat_rows(idx, n).to(torch.int64)
-    return cache.reshape(r * n, d).index_put((flat,), fresh.reshape(-1, d)).reshape(r, n, d)
+    Exported as one ScatterND over (row, token) pairs on the 3-D cache: whole D-vectors are copied
+    (7x faster than ScatterElements on ONNX Runtime CPU) and the cache input is not reshaped (a
+    reshape of a graph input costs ORT a copy). ONNX defines ScatterND indices as int64."""
+    rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand(idx.shape)
+    return cache.index_put((rows, idx.to(torch.int64)), fresh)
 
 
 def next_reuse(reuse: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-
-from diffsparse import __version__
 from diffsparse.export.onnx_export import export_step
 from diffsparse.export.trt_compat import operator_set, tensorrt_problems
 from diffsparse.export.weights import WeightStore
+
+from diffsparse import __version__
 from diffsparse.manifest import GraphEntry, Manifest, sha256_file
 from diffsparse.models.base import ModelSpec
 from diffsparse.schedule import Schedule

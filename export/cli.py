@@ -7,8 +7,9 @@ import logging
 import sys
 import time
 
-from diffsparse.builtin_schedules import BUILTIN_NAMES, resolve_schedule
 from diffsparse.export.bundle import ExportConfig, ExportError, export_bundle
+
+from diffsparse.builtin_schedules import BUILTIN_NAMES, resolve_schedule
 from diffsparse.manifest import BundleError
 from diffsparse.models.zoo import BUILTINS, ModelSourceError, make_spec
 from diffsparse.sampler import SamplerError
@@ -19,7 +20,7 @@ USER_ERRORS = (ScheduleError, BundleError, ExportError, ModelSourceError, Sample
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsexport", description=__doc__)
-    p.add_argument("--model", default="dit-small",
+    p.add_argument("--model", default="mnist-dit",
                    help=f"built-in model ({', '.join(sorted(BUILTINS))}) or a local diffusers folder")
     p.add_argument("--schedule", default="toca",
                    help=f"built-in schedule ({', '.join(BUILTIN_NAMES)}) or a schedule JSON file")

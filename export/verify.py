@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from diffsparse.export.onnx_export import next_name
+
 from diffsparse.manifest import Manifest
 from diffsparse.models.base import ModelSpec, StepCall
 from diffsparse.sampler import initial_noise

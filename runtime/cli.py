@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
-from diffsparse.manifest import BundleError
 from diffsparse.runtime.backends.base import BackendError
+
+from diffsparse.manifest import BundleError
 from diffsparse.schedule import ScheduleError
 
 USER_ERRORS = (BundleError, BackendError, ScheduleError, ValueError, FileNotFoundError)

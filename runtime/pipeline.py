@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-
-from diffsparse.models.base import ModelSpec, StepCall
 from diffsparse.runtime.backends.base import Backend, BackendError
 from diffsparse.runtime.bundle import Bundle
+
+from diffsparse.models.base import ModelSpec, StepCall
 from diffsparse.sampler import SamplerPlan, initial_noise
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, folder: str | Path, backend: str = "auto", device: str = "cpu",
-                    threads: int | None = None, verify: bool = True) -> "Pipeline":
+                    threads: int | None = None, verify: bool = True) -> Pipeline:
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         bundle = Bundle(folder, verify=verify)
@@ -85,10 +85,11 @@ class Pipeline:
 
     @classmethod
     def from_model(cls, model, schedule, batch_size: int = 1, guidance: bool = True, seed: int = 0,
-                   device: str = "cpu", sampler: dict | None = None) -> "Pipeline":
+                   device: str = "cpu", sampler: dict | None = None) -> Pipeline:
         """The PyTorch reference pipeline: same schedule, same sampler, eager token-cached steps."""
-        from diffsparse.models.zoo import make_spec
         from diffsparse.runtime.backends.torch_backend import TorchBackend
+
+        from diffsparse.models.zoo import make_spec
 
         if model is None:
             raise BackendError("the torch backend needs the model: this bundle records no source")

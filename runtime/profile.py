@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from diffsparse.runtime.pipeline import Pipeline
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffsparse.export.bundle import ExportConfig, export_bundle
 
 from diffsparse.builtin_schedules import dense_schedule, toca_schedule
-from diffsparse.export.bundle import ExportConfig, export_bundle
 from diffsparse.models.zoo import make_spec
 
 TINY = "dit-tiny"

@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffsparse.sampler import DDIMConfig, SamplerError, ddim_plan, ddim_update, initial_noise
+from diffsparse.sampler import (
+    DDIMConfig,
+    SamplerError,
+    ddim_plan,
+    ddim_update,
+    initial_noise,
+)
 
 
 @pytest.mark.parametrize("clip", [False, True])

@@ -92,3 +92,18 @@ def test_toca_schedule_hits_its_target(tiny_spec, target):
 
 def test_layer_names():
     assert LayerRef(3, "MLP").name == "mlp3"
+
+
+def test_shipped_schedules_fit_their_model():
+    """Every learned schedule shipped in diffsparse/schedules loads, validates and fits mnist-dit."""
+    from diffsparse.builtin_schedules import resolve_schedule, shipped_schedules
+    from diffsparse.models.zoo import make_spec
+
+    names = shipped_schedules()
+    if not names:
+        pytest.skip("no learned schedules shipped")
+    spec = make_spec("mnist-dit", batch_size=1)
+    for name in names:
+        sched = resolve_schedule(name, spec, None)
+        assert sched.provenance["method"] == "diffsparse"
+        assert abs(spec.macs_ratio(sched) - sched.macs_ratio["achieved"]) < 1e-9

@@ -375,13 +375,49 @@ def evaluate(model_dir, n_per_class: int = 50, steps: int = 30, guidance: float 
     return res
 
 
+def sampling_scheduler():
+    """The DDIM settings the demo model samples with (also shipped as its scheduler config)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
+                         set_alpha_to_one=False, timestep_spacing="trailing")
+
+
+def package_model(model_dir: str | os.PathLike, dest: str | os.PathLike,
+                  train_log: str | os.PathLike | None = None) -> Path:
+    """Write the trained model as a diffusers pipeline folder (the layout of the built-in
+    `mnist-dit`): transformer/ (config + safetensors), scheduler/ (DDIM config), SHA256SUMS and a
+    copy of the training log. Written to a temporary folder and renamed when complete."""
+    import hashlib
+    import shutil
+
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    load_model(model_dir).save_pretrained(tmp / "transformer", safe_serialization=True)
+    sampling_scheduler().save_config(tmp / "scheduler")
+    if train_log is not None:
+        shutil.copy(train_log, tmp / "train_log.jsonl")
+    sums = []
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            sums.append(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(tmp).as_posix()}")
+    (tmp / "SHA256SUMS.txt").write_text("\n".join(sums) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
 def main(argv: list[str] | None = None) -> None:
     defaults = MnistDiTConfig()
     p = argparse.ArgumentParser(prog="python -m diffsparse.train.mnist_dit", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
     p.add_argument("--eval", action="store_true", help="sample OUT/model (or --model-dir) and score it")
-    p.add_argument("--model-dir", default=None, help="model to evaluate (default OUT/model)")
+    p.add_argument("--model-dir", default=None, help="model to evaluate or package (default OUT/model)")
+    p.add_argument("--package", default=None, metavar="DEST",
+                   help="write OUT/model as a pipeline folder to DEST (e.g. diffsparse/weights/mnist-dit)")
     p.add_argument("--n-per-class", type=int, default=50)
     p.add_argument("--sample-steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=3.0)
@@ -394,6 +430,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(a.threads)
     out = Path(a.out)
+    if a.package:
+        log = out / "train_log.jsonl"
+        print(package_model(a.model_dir or out / "model", a.package, log if log.is_file() else None))
+        return
     if a.eval:
         out.mkdir(parents=True, exist_ok=True)
         res = evaluate(a.model_dir or out / "model", a.n_per_class, a.sample_steps, a.guidance, a.seed,

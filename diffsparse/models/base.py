@@ -7,8 +7,9 @@ branches on the model family.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
         return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"])
 
 
@@ -121,6 +122,12 @@ class ModelSpec(abc.ABC):
     @abc.abstractmethod
     def build_step(self, keep: Sequence[int], selector: SelectorConfig) -> nn.Module:
         """The token-cached step for one sparsity pattern; forward(*inputs, *cache) -> (*outputs, *cache')."""
+
+    def build_masked_step(self, token_counts: Sequence[int], selector: SelectorConfig) -> nn.Module:
+        """The differentiable step the schedule trainer uses: every layer computed in full and mixed
+        with its cache through a token mask built from per-layer candidate weights (train/).
+        forward(*inputs, *cache, weights=(L, len(token_counts))) -> (*outputs, *cache')."""
+        raise NotImplementedError(f"learning a schedule is not yet supported for the {self.family!r} family")
 
     @abc.abstractmethod
     def feeds(self, call: StepCall, conditioning: dict[str, np.ndarray],

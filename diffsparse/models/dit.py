@@ -21,7 +21,8 @@ reused tokens still follow the current timestep's modulation.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,6 +112,11 @@ class DiTSpec(ModelSpec):
             raise ValueError(f"keep has {len(keep)} entries for {len(self.layers)} layers")
         return DiTCachedStep(self, list(keep), selector)
 
+    def build_masked_step(self, token_counts: Sequence[int], selector: SelectorConfig) -> nn.Module:
+        from diffsparse.models.dit_masked import DiTMaskedStep
+
+        return DiTMaskedStep(self, list(token_counts), selector)
+
     def feeds(self, call: StepCall, conditioning: dict[str, np.ndarray],
               guidance_scale: float) -> dict[str, np.ndarray]:
         out = {"timestep": np.asarray([call.timestep], dtype=np.float32),
@@ -167,7 +173,7 @@ class DiTCachedStep(nn.Module):
         self.halves = spec.halves
         self.eval()
 
-    def train(self, mode: bool = True) -> "DiTCachedStep":
+    def train(self, mode: bool = True) -> DiTCachedStep:
         # Always eval: in training mode diffusers drops class labels at random (CFG training), and
         # exporters restore the wrapper's mode recursively onto the shared diffusers model.
         return super().train(False)
@@ -226,6 +232,11 @@ class DiTCachedStep(nn.Module):
     # -- token selection ---------------------------------------------------------------------
     def _select(self, index: int, layer: LayerRef, sa: LayerRef, h: torch.Tensor,
                 state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
+        return tc.top_tokens(self._score(layer, sa, h, state, new), self.keep[index])
+
+    def _score(self, layer: LayerRef, sa: LayerRef, h: torch.Tensor,
+               state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The selector's score (B, N) of every token for this layer (higher = recompute first)."""
         sel = self.selector
         if sel.score == "attention":
             key = f"recv.{sa.name}"
@@ -234,8 +245,7 @@ class DiTCachedStep(nn.Module):
             main = tc.token_norm_score(h, self.halves)
         else:
             main = tc.token_change_score(h, state[f"inp.{layer.name}"], self.halves)
-        score = tc.composite_score(main, state[f"reuse.{layer.name}"], sel, self.spec.grid)
-        return tc.top_tokens(score, self.keep[index])
+        return tc.composite_score(main, state[f"reuse.{layer.name}"], sel, self.spec.grid)
 
     def _bookkeep(self, layer: LayerRef, h: torch.Tensor, idx: torch.Tensor | None, full: bool,
                   state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:

@@ -24,16 +24,25 @@ FAMILIES = {"DiTTransformer2DModel": "dit"}
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A named model config shipped with diffsparse. `weights` None means seeded random weights."""
+    """A named model shipped with diffsparse: trained weights in a package folder (`folder`, a
+    diffusers pipeline layout with transformer/ and scheduler/), or a config built with seeded
+    random weights (`folder` None)."""
 
     family: str
     diffusers_class: str
-    config: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
     sampler: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    folder: str | None = None
 
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 BUILTINS: dict[str, BuiltinModel] = {
+    "mnist-dit": BuiltinModel(
+        "dit", "DiTTransformer2DModel", folder="mnist-dit",
+        description="class-conditional pixel-space DiT trained on MNIST (32x32, patch 2 = 256 tokens, "
+                    "6 blocks, width 96); trained by diffsparse.train.mnist_dit"),
     "dit-tiny": BuiltinModel(
         "dit", "DiTTransformer2DModel",
         dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=2,
@@ -70,6 +79,12 @@ def load_model(source: str | Path, seed: int = 0) -> tuple[str, torch.nn.Module,
     A folder may be a transformer folder (config.json + weights) or a pipeline folder with
     `transformer/` and optionally `scheduler/scheduler_config.json`.
     """
+    if str(source) in BUILTINS and BUILTINS[str(source)].folder:
+        path = WEIGHTS_DIR / BUILTINS[str(source)].folder
+        if not (path / "transformer" / "config.json").is_file():
+            raise ModelSourceError(f"the weights of built-in model {source!r} are missing from {path}; "
+                                   "reinstall diffsparse from a complete checkout")
+        return load_model(path, seed)
     if str(source) in BUILTINS:
         b = BUILTINS[str(source)]
         cls = _diffusers_class(b.diffusers_class)
@@ -95,7 +110,8 @@ def load_model(source: str | Path, seed: int = 0) -> tuple[str, torch.nn.Module,
     except json.JSONDecodeError as e:
         raise ModelSourceError(f"{config_file} is not valid JSON: {e}") from None
     cls = _diffusers_class(class_name)
-    model = cls.from_pretrained(str(path), local_files_only=True).eval()
+    # low_cpu_mem_usage=False: works without `accelerate`
+    model = cls.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False).eval()
     return FAMILIES[class_name], model, sched_cfg
 
 

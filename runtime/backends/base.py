@@ -10,6 +10,7 @@ coefficients, guidance scale, labels) go in, and the latent comes out once at th
 from __future__ import annotations
 
 import abc
+
 import numpy as np
 
 from diffsparse.models.base import TensorSpec
@@ -53,7 +54,7 @@ class Backend(abc.ABC):
     def device(self) -> str:
         return "cpu"
 
-    def prepare(self) -> "Backend":
+    def prepare(self) -> Backend:
         if not self.loaded:
             self.load()
             self.loaded = True

@@ -13,7 +13,6 @@ import os
 
 import numpy as np
 import onnx
-
 from diffsparse.runtime.backends.base import Backend, BackendError, check_latent
 from diffsparse.runtime.bundle import Bundle
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from diffsparse.runtime.backends.base import Backend, BackendError, check_latent
 
 from diffsparse.models.base import ModelSpec
-from diffsparse.runtime.backends.base import Backend, BackendError, check_latent
 from diffsparse.schedule import Schedule
 
 

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from diffsparse.calibrate import metrics as M
 from diffsparse.train.mnist_data import load_mnist_test
 

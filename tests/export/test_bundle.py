@@ -5,11 +5,11 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
-
 from diffsparse.export.bundle import ExportConfig, ExportError, export_bundle
 from diffsparse.export.trt_compat import TOPK_MAX, tensorrt_problems
 from diffsparse.export.verify import verify_graphs
+from onnx import TensorProto, helper
+
 from diffsparse.manifest import Manifest
 
 

@@ -8,9 +8,9 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from diffsparse.runtime import BackendError, Pipeline
 
 from diffsparse.manifest import BundleError
-from diffsparse.runtime import BackendError, Pipeline
 from diffsparse.sampler import initial_noise
 
 
@@ -135,8 +135,9 @@ MEMORY_PROBE = textwrap.dedent("""
 
 def test_step_sessions_share_one_copy_of_the_weights(tmp_path):
     """Loaded memory of a bundle with several distinct step graphs <= 1.3x its dense bundle's."""
-    from diffsparse.builtin_schedules import dense_schedule, toca_schedule
     from diffsparse.export.bundle import ExportConfig, export_bundle
+
+    from diffsparse.builtin_schedules import dense_schedule, toca_schedule
     from diffsparse.models.zoo import make_spec
 
     spec = make_spec("dit-small", batch_size=2)

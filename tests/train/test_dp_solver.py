@@ -2,7 +2,6 @@ import itertools
 
 import numpy as np
 import pytest
-
 from diffsparse.train.dp_solver import InfeasibleBudget, solve
 
 

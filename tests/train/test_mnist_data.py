@@ -4,9 +4,14 @@ import shutil
 
 import numpy as np
 import pytest
-
 from diffsparse.train import mnist_data
-from diffsparse.train.mnist_data import IMAGES_FILE, LABELS_FILE, MnistDataError, default_data_dir, load_mnist_test
+from diffsparse.train.mnist_data import (
+    IMAGES_FILE,
+    LABELS_FILE,
+    MnistDataError,
+    default_data_dir,
+    load_mnist_test,
+)
 
 # Class counts of the official MNIST test set (also in the data README).
 CLASS_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -1,0 +1,105 @@
+"""The differentiable DiT step the schedule trainer learns through (paper §3.2, STE).
+
+Where the exported step gathers K tokens, computes them and scatters them into the cache, this step
+computes every token and mixes fresh and cached values through a token mask:
+
+    m = sum_s w[l, s] · m_s,        out = m ⊙ fresh + (1 - m) ⊙ cache,
+
+where m_s marks the top-K_s tokens of the selector's score (the same score and tie-break as the
+exported graph, so the sets are nested) and w[l] is the layer's row of candidate weights, one-hot
+in the forward pass. The output is linear in each m and the gradient with respect to w is exact;
+the straight-through estimator then carries it to the learned costs (train/costs.py). For a
+one-hot w the result equals the exported step with K = K_s (tested), since a layer's fresh value
+at a token depends only on that token's input (MLP; SA queries, keys and values) and the
+self-attention keys/values are mixed the same way before attention.
+
+Everything that decides *which* tokens (scores, reuse counts, attention received) is computed from
+the hard mask, without gradient, as at inference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffsparse import tokencache as tc
+from diffsparse.models.dit import DiTCachedStep
+from diffsparse.schedule import LayerRef
+
+
+class DiTMaskedStep(DiTCachedStep):
+    """forward(latent, timestep, sampler_coef, class_labels[, guidance_scale], *cache, weights)."""
+
+    def __init__(self, spec, token_counts: list[int], selector) -> None:
+        super().__init__(spec, [spec.num_tokens] * len(spec.layers), selector)
+        self.token_counts = token_counts
+        self.weights: torch.Tensor | None = None
+
+    def forward(self, *args, weights: torch.Tensor):
+        if weights.shape != (len(self.spec.layers), len(self.token_counts)):
+            raise ValueError(f"weights must have shape (L={len(self.spec.layers)}, |S|={len(self.token_counts)}), "
+                             f"got {tuple(weights.shape)}")
+        self.weights = weights
+        try:
+            return super().forward(*args)
+        finally:
+            self.weights = None
+
+    # -- masks ---------------------------------------------------------------------------------
+    def _mask(self, index: int, layer: LayerRef, sa: LayerRef, h, state, new) -> torch.Tensor:
+        """Soft token mask (B, N) = sum_s w_s · [rank < K_s]."""
+        w = self.weights[index]
+        with torch.no_grad():
+            score = self._score(layer, sa, h, state, new)
+            rank = torch.argsort(torch.argsort(score, dim=1, descending=True), dim=1)
+            nested = torch.stack([(rank < k).to(h.dtype) for k in self.token_counts])
+        return torch.einsum("s,sbn->bn", w.to(h.dtype), nested)
+
+    def _rows(self, m: torch.Tensor) -> torch.Tensor:
+        return tc.rows_index(m, self.halves).unsqueeze(-1)
+
+    def _bookkeep_mask(self, layer: LayerRef, h, hard, state, new) -> None:
+        reuse = state[f"reuse.{layer.name}"]
+        new[f"reuse.{layer.name}"] = (reuse + 1.0) * (1.0 - hard)
+        if self.selector.score == "cosine":
+            key = f"inp.{layer.name}"
+            hr = self._rows(hard)
+            new[key] = hr * h.detach() + (1.0 - hr) * state[key]
+
+    # -- layers --------------------------------------------------------------------------------
+    def _self_attention(self, index, layer, attn, attn_in, h, state, new) -> torch.Tensor:
+        name = layer.name
+        m = self._mask(index, layer, layer, h, state, new)
+        hard = (m.detach() > 0.5).to(h.dtype)
+        mr = self._rows(m)
+        x = attn_in(h)
+        keys = mr * attn.to_k(x) + (1.0 - mr) * state[f"key.{name}"]
+        values = mr * attn.to_v(x) + (1.0 - mr) * state[f"value.{name}"]
+        fresh, probs = self._attend(attn, attn.to_q(x), keys, values)
+        out = mr * fresh + (1.0 - mr) * state[f"out.{name}"]
+        new[f"key.{name}"], new[f"value.{name}"], new[f"out.{name}"] = keys, values, out
+        if self.selector.score == "attention":
+            new[f"recv.{name}"] = self._received(probs.detach(), hard, state[f"recv.{name}"])
+        self._bookkeep_mask(layer, h, hard, state, new)
+        return out
+
+    def _received(self, probs, hard, previous) -> torch.Tensor:
+        """Attention received from the recomputed queries only (as the exported step computes it
+        from its K queries); unchanged where a sample recomputed none."""
+        n = probs.shape[-1]
+        q = tc.rows_index(hard, self.halves)                         # (R, N) query weights
+        per_query = probs.mean(dim=1)                                # (R, Nq, Nk)
+        count = q.sum(dim=1, keepdim=True)
+        recv = torch.einsum("rq,rqk->rk", q, per_query) / count.clamp_min(1.0)
+        recv = tc.merge_halves(recv, self.halves) * n
+        some = tc.merge_halves(count, self.halves) > 0
+        return torch.where(some, recv, previous)
+
+    def _mlp(self, index, layer, sa, ff, mlp_in, h, state, new) -> torch.Tensor:
+        key = f"out.{layer.name}"
+        m = self._mask(index, layer, sa, h, state, new)
+        hard = (m.detach() > 0.5).to(h.dtype)
+        mr = self._rows(m)
+        out = mr * ff(mlp_in(h)) + (1.0 - mr) * state[key]
+        new[key] = out
+        self._bookkeep_mask(layer, h, hard, state, new)
+        return out

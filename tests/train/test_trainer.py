@@ -1,0 +1,105 @@
+"""The schedule trainer: budget, resume, DDP equivalence, and the dstrain command."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffsparse.train.costs import Budget
+from diffsparse.train.losses import DistillLossConfig
+from diffsparse.train.trainer import ScheduleTrainer, TrainConfig
+
+from diffsparse.models.zoo import make_spec
+from diffsparse.schedule import Schedule
+
+L2 = DistillLossConfig(features=0.0, l2=1.0)
+
+
+def config(**kw):
+    base = dict(ratio=0.5, num_steps=6, batch_size=2, samples=4, stage1_epochs=1, stage2_epochs=1, loss=L2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_learned_schedule_costs_exactly_what_the_toca_schedule_costs(tiny_spec):
+    trainer = ScheduleTrainer(tiny_spec, config())
+    sched = trainer.run()
+    assert sched.provenance["method"] == "diffsparse"
+    assert len(trainer.state.history) == 4 and {h["stage"] for h in trainer.state.history} == {1, 2}
+    assert tiny_spec.schedule_macs(sched) == tiny_spec.schedule_macs(trainer.init_schedule)
+    assert sched.keep[0] == [tiny_spec.num_tokens] * len(tiny_spec.layers)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.history)
+
+
+def test_costs_move_and_the_loss_is_differentiated(tiny_spec):
+    trainer = ScheduleTrainer(tiny_spec, config())
+    before = trainer.costs.layer_cost.detach().clone()
+    trainer.train_step()
+    assert trainer.costs.layer_cost.grad is not None and trainer.costs.layer_cost.grad.abs().sum() > 0
+    assert not torch.equal(before, trainer.costs.layer_cost.detach())
+
+
+def test_resume_continues_exactly(tiny_spec, tmp_path):
+    whole = ScheduleTrainer(tiny_spec, config(), tmp_path / "a").run()
+    first = ScheduleTrainer(tiny_spec, config(), tmp_path / "b")
+    first.train_step()
+    first.save_checkpoint()
+    second = ScheduleTrainer(tiny_spec, config(), tmp_path / "b")
+    assert second.resume() and second.state.iteration == 1
+    assert second.run().keep == whole.keep
+    with pytest.raises(ValueError, match="another configuration"):
+        ScheduleTrainer(tiny_spec, config(ratio=0.4), tmp_path / "b").resume()
+
+
+def test_batch_size_must_match_the_spec(tiny_spec):
+    with pytest.raises(ValueError, match="batch size"):
+        ScheduleTrainer(tiny_spec, config(batch_size=3))
+
+
+def _dstrain(args, tmp_path, nproc=1):
+    runner = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+              "--master-port", "29531"] if nproc > 1 else [sys.executable]
+    cmd = [*runner, "-m", "diffsparse.train.cli", "--model", "dit-tiny", "--steps", "6", "--samples", "4",
+           "--loss-features", "0", "--threads", "1", "--no-progress", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    """DDP: 2 ranks x batch 1 == 1 process x batch 2 (gradients averaged with all_reduce)."""
+    _dstrain(["--batch-size", "2", "--out", "one.json"], tmp_path)
+    _dstrain(["--batch-size", "1", "--out", "two.json"], tmp_path, nproc=2)
+    one, two = Schedule.load(tmp_path / "one.json"), Schedule.load(tmp_path / "two.json")
+    assert one.keep == two.keep
+    ca = torch.load(tmp_path / "one.work" / "checkpoint.pt", weights_only=False)
+    cb = torch.load(tmp_path / "two.work" / "checkpoint.pt", weights_only=False)
+    assert torch.allclose(ca["unified"], cb["unified"], atol=1e-4)
+    la = [h["loss"] for h in json.loads((tmp_path / "one.work" / "history.json").read_text())]
+    lb = [h["loss"] for h in json.loads((tmp_path / "two.work" / "history.json").read_text())]
+    assert len(la) == len(lb)
+
+
+@pytest.mark.parametrize("method", ["toca", "fora", "fewer-steps", "random", "genetic"])
+def test_dstrain_baselines_write_valid_schedules(tmp_path, method):
+    _dstrain(["--method", method, "--batch-size", "2", "--out", "s.json", "--population", "4",
+              "--generations", "1", "--search-iterations", "3"], tmp_path)
+    sched = Schedule.load(tmp_path / "s.json")
+    assert sched.provenance["method"] == method
+    spec = make_spec("dit-tiny", batch_size=2)
+    if method == "fewer-steps":
+        assert sched.num_steps == 3
+    else:
+        spec.check_schedule(sched, 6)
+    if method in ("random", "genetic"):
+        budget = Budget.for_spec(spec, sched.allowed_keep())
+        from diffsparse.builtin_schedules import toca_schedule
+
+        assert budget.units_of(sched.keep) == budget.units_of(toca_schedule(spec, 6, 0.5).keep)
+
+
+def test_dstrain_reports_bad_input(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "diffsparse.train.cli", "--model", "dit-tiny", "--steps", "6",
+                           "--out", "s.json", "--no-progress"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "feature loss" in proc.stderr

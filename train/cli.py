@@ -1,0 +1,160 @@
+"""`dstrain`: learn a sparsity schedule (or build a baseline) for a model and write the schedule file.
+
+    dstrain --model mnist-dit --ratio 0.5 --out schedules/learned-50.json
+    torchrun --nproc-per-node 2 -m diffsparse.train.cli --model mnist-dit --ratio 0.5 --out s.json
+
+Methods: diffsparse (two-stage training, the default), random and genetic (search, scored by the
+distillation loss on a fixed batch), fora, fewer-steps and toca (hand schedules, no training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from diffsparse.train.losses import DistillLossConfig
+from diffsparse.train.trainer import TrainConfig
+
+log = logging.getLogger("dstrain")
+METHODS = ("diffsparse", "random", "genetic", "fora", "fewer-steps", "toca")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dstrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TrainConfig()
+    p.add_argument("--model", default="mnist-dit", help="built-in name or local diffusers folder (default mnist-dit)")
+    p.add_argument("--out", required=True, help="schedule JSON to write")
+    p.add_argument("--method", default="diffsparse", choices=METHODS)
+    p.add_argument("--ratio", type=float, default=d.ratio, help="target MACs ratio R (default %(default)s)")
+    p.add_argument("--steps", type=int, default=d.num_steps, help="sampling steps T (default %(default)s)")
+    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per process per iteration")
+    p.add_argument("--samples", type=int, default=d.samples, help="training samples per epoch")
+    p.add_argument("--stage1-epochs", type=int, default=d.stage1_epochs)
+    p.add_argument("--stage2-epochs", type=int, default=d.stage2_epochs)
+    p.add_argument("--lr-layer", type=float, default=d.lr_layer)
+    p.add_argument("--lr-step", type=float, default=d.lr_step)
+    p.add_argument("--lr-unified", type=float, default=d.lr_unified)
+    p.add_argument("--delta", type=float, default=d.delta)
+    p.add_argument("--full-steps", type=int, default=None, help="|T_f| (default: as in the ToCa schedule)")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--init", default=d.init, choices=["toca", "dense"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    dl = DistillLossConfig()
+    for name in ("features", "l2", "ssim", "lpips"):
+        p.add_argument(f"--loss-{name}", type=float, default=getattr(dl, name), help="weight (default %(default)s)")
+    p.add_argument("--lpips-weights", default=None, help="local LPIPS checkpoint (needed for --loss-lpips)")
+    p.add_argument("--population", type=int, default=50, help="GA population (paper: 50)")
+    p.add_argument("--generations", type=int, default=10, help="GA generations")
+    p.add_argument("--search-iterations", type=int, default=50, help="random-search candidates")
+    p.add_argument("--work-dir", default=None, help="checkpoints and history (default: OUT without .json + '.work')")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work-dir")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def config_from_args(args) -> TrainConfig:
+    loss = DistillLossConfig(features=args.loss_features, l2=args.loss_l2, ssim=args.loss_ssim,
+                             lpips=args.loss_lpips, lpips_weights=args.lpips_weights)
+    return TrainConfig(ratio=args.ratio, num_steps=args.steps, guidance_scale=args.guidance_scale,
+                       batch_size=args.batch_size, samples=args.samples, stage1_epochs=args.stage1_epochs,
+                       stage2_epochs=args.stage2_epochs, lr_layer=args.lr_layer, lr_step=args.lr_step,
+                       lr_unified=args.lr_unified, delta=args.delta, num_full_steps=args.full_steps,
+                       temperature=args.temperature, init=args.init, seed=args.seed, loss=loss)
+
+
+def _world() -> tuple[int, int]:
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def run(args) -> Path:
+    from diffsparse.builtin_schedules import toca_schedule
+    from diffsparse.models.zoo import make_spec
+
+    cfg = config_from_args(args)
+    rank, world = _world()
+    device = args.device
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    spec = make_spec(args.model, batch_size=cfg.batch_size)
+    out = Path(args.out)
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.stem + ".work")
+    if args.method == "toca":
+        sched = toca_schedule(spec, cfg.num_steps, cfg.ratio)
+    elif args.method in ("fora", "fewer-steps"):
+        from diffsparse.train.search import fewer_steps_schedule, fora_schedule
+
+        make = fora_schedule if args.method == "fora" else fewer_steps_schedule
+        sched = make(spec, cfg.num_steps, cfg.ratio)
+    elif args.method == "diffsparse":
+        from diffsparse.train.trainer import ScheduleTrainer
+
+        trainer = ScheduleTrainer(spec, cfg, work, world=(rank, world), device=device)
+        if args.resume and trainer.resume():
+            log.info("resumed from %s: stage %d, iteration %d", trainer.checkpoint_path(), trainer.state.stage,
+                     trainer.state.iteration)
+        sched = trainer.run(progress=not args.no_progress and sys.stderr.isatty())
+    else:
+        sched = _search(spec, cfg, args, device)
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sched.save(out)
+        log.info("wrote %s (%s, MACs ratio %.4f)", out, args.method, sched.macs_ratio["achieved"])
+    return out
+
+
+def _search(spec, cfg: TrainConfig, args, device: str):
+    from diffsparse.train.search import genetic_search, loss_fitness, random_search
+    from diffsparse.train.trainer import ScheduleTrainer
+
+    from diffsparse.schedule import provenance
+
+    trainer = ScheduleTrainer(spec, cfg, None, device=device)
+    noise, cond = trainer._batch(0)
+    fitness = loss_fitness(trainer.sampler, trainer.loss_fn, noise, cond, cfg.guidance_scale)
+    shape = tuple(trainer.costs.layer_cost.shape)
+    if args.method == "random":
+        keep, best, trace = random_search(trainer.budget, trainer.units, shape, fitness, args.search_iterations, cfg.seed)
+    else:
+        keep, best, trace = genetic_search(trainer.budget, trainer.units, shape, fitness, args.population,
+                                           args.generations, seed=cfg.seed, initial=[trainer.init_schedule.keep])
+    from diffsparse.schedule import Schedule
+
+    sched = Schedule(family=spec.family, num_tokens=spec.num_tokens, layers=spec.layers, keep=keep,
+                     candidates=trainer.candidates, selector=trainer.selector,
+                     provenance=provenance(args.method, fitness="distillation loss on one batch",
+                                           best_fitness=best, trace=trace, train_config=cfg.to_dict()))
+    sched.macs_ratio = {"target": cfg.ratio, "achieved": spec.macs_ratio(sched)}
+    return sched
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from diffsparse.schedule import ScheduleError
+
+    try:
+        run(args)
+    except (ScheduleError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"dstrain: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
