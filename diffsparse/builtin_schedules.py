@@ -10,7 +10,7 @@ with a full step every `full_every` steps (and at step 0), where
                since the cache is freshest right after a full step,
     f_depth  = 1.25 for the first block down to 0.75 for the last: errors in shallow layers
                propagate through the whole network,
-    f_kind   = 1.1 for self-attention, 1.0 for cross-attention, 0.9 for MLP layers.
+    f_kind   = 1.1 for self-attention, 1.0 for cross-attention, 0.9 for MLP layers (image or text).
 `base` is searched so that the schedule's MACs ratio (from the model spec's MACs count) is as
 close as the candidate set allows to the target.
 """
@@ -31,7 +31,7 @@ from diffsparse.schedule import (
     snap_to_candidates,
 )
 
-KIND_FACTOR = {"SA": 1.1, "CA": 1.0, "MLP": 0.9}
+KIND_FACTOR = {"SA": 1.1, "CA": 1.0, "MLP": 0.9, "TMLP": 0.9}
 BUILTIN_NAMES = ("dense", "toca")
 # learned schedules shipped for the built-in models (written by dstrain), by file stem
 SHIPPED_DIR = Path(__file__).resolve().parent / "schedules"
@@ -42,9 +42,8 @@ def shipped_schedules() -> list[str]:
 
 
 def dense_schedule(spec: ModelSpec, num_steps: int, selector: SelectorConfig | None = None) -> Schedule:
-    n = spec.num_tokens
-    sched = Schedule(family=spec.family, num_tokens=n, layers=spec.layers,
-                     keep=[[n] * len(spec.layers) for _ in range(num_steps)],
+    sched = Schedule(family=spec.family, num_tokens=spec.num_tokens, layers=spec.layers,
+                     layer_tokens=spec.dense_keep(), keep=[spec.dense_keep() for _ in range(num_steps)],
                      selector=selector or spec.default_selector(), provenance=provenance("dense"))
     sched.macs_ratio = {"target": 1.0, "achieved": spec.macs_ratio(sched)}
     return sched
@@ -52,20 +51,19 @@ def dense_schedule(spec: ModelSpec, num_steps: int, selector: SelectorConfig | N
 
 def _toca_keep(spec: ModelSpec, num_steps: int, base: float, full_every: int,
                candidates: tuple[float, ...]) -> list[list[int]]:
-    n = spec.num_tokens
     blocks = max(l.block for l in spec.layers) + 1
     keep = []
     for t in range(num_steps):
         j = t % full_every
         if j == 0:
-            keep.append([n] * len(spec.layers))
+            keep.append(spec.dense_keep())
             continue
         f_step = 0.75 + 0.5 * (j - 1) / max(1, full_every - 2)
         row = []
         for layer in spec.layers:
             f_depth = 1.25 - 0.5 * layer.block / max(1, blocks - 1)
             frac = min(1.0, base * f_step * f_depth * KIND_FACTOR[layer.kind])
-            row.append(int(round(snap_to_candidates(frac, candidates) * n)))
+            row.append(int(round(snap_to_candidates(frac, candidates) * spec.layer_tokens(layer))))
         keep.append(row)
     return keep
 
@@ -87,7 +85,7 @@ def toca_schedule(spec: ModelSpec, num_steps: int, target_ratio: float = 0.5, fu
             best = (ratio, keep, float(base))
     ratio, keep, base = best
     return Schedule(family=spec.family, num_tokens=spec.num_tokens, layers=spec.layers, keep=keep,
-                    candidates=tuple(candidates), selector=selector,
+                    layer_tokens=spec.dense_keep(), candidates=tuple(candidates), selector=selector,
                     macs_ratio={"target": target_ratio, "achieved": ratio},
                     provenance=provenance("toca", base=round(base, 4), full_every=full_every))
 

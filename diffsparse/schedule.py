@@ -9,7 +9,9 @@ File layout (JSON)::
     {
       "format": "diffsparse-schedule", "version": 1,
       "family": "dit",                      # model family the layers belong to
-      "num_tokens": 256,                    # N: tokens per layer
+      "num_tokens": 256,                    # N: tokens per layer (image/video tokens)
+      "layer_tokens": [256, 256, ...],      # optional: N_l per layer where layers differ (FLUX's
+                                            # text MLP runs over text tokens); default N for all
       "layers": [{"block": 0, "kind": "SA"}, {"block": 0, "kind": "MLP"}, ...],   # L, in order
       "num_steps": 20,                      # T denoising steps
       "candidates": [0, 0.25, 0.5, 0.75, 1.0],   # S, fractions of N
@@ -32,8 +34,10 @@ from typing import Any
 
 FORMAT = "diffsparse-schedule"
 VERSION = 1
-LAYER_KINDS = ("SA", "CA", "MLP")
-SCORES = ("attention", "l2norm", "cosine")
+# SA self-attention, CA cross-attention, MLP feed-forward (image tokens), TMLP feed-forward of a
+# separate text stream (FLUX's double-stream blocks)
+LAYER_KINDS = ("SA", "CA", "MLP", "TMLP")
+SCORES = ("attention", "l2norm", "cosine", "value_norm")
 DEFAULT_CANDIDATES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -58,10 +62,12 @@ class SelectorConfig:
     """Token selector settings (paper eq. 10, A.5.1).
 
     score: the main per-token signal s1: "attention" (attention received, the DiT default),
-        "l2norm" (norm of the layer input) or "cosine" (1 - cosine similarity of the layer input
-        to its value when the token was last computed; Table 5 of the paper).
+        "l2norm" (norm of the layer input), "cosine" (1 - cosine similarity of the layer input
+        to its value when the token was last computed; Table 5 of the paper) or "value_norm"
+        (tokens with *smaller* self-attention value norms score higher, the DuCa choice the paper
+        uses for Wan2.1: it needs no attention map, so fused attention stays usable).
     lambdas: (λ1 main score, λ2 cross-attention entropy, λ3 reuse count, λ4 spatial bonus).
-        DiT defaults (1, 0, 0.25/3, 0.6) from the paper.
+        DiT defaults (1, 0, 0.25/3, 0.6) from the paper; PixArt-α and FLUX (0, 1, 0.25/3, 0.4).
     window: k of the k×k neighbourhood whose maximum gets the spatial bonus λ4.
     """
 
@@ -92,10 +98,13 @@ class Schedule:
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     macs_ratio: dict[str, float | None] = field(default_factory=lambda: {"target": None, "achieved": None})
     provenance: dict[str, Any] = field(default_factory=dict)
+    layer_tokens: list[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.layer_tokens is not None and all(n == self.num_tokens for n in self.layer_tokens):
+            self.layer_tokens = None  # uniform: stored as num_tokens alone
         if self.full_steps is None:
-            self.full_steps = [all(k == self.num_tokens for k in row) for row in self.keep]
+            self.full_steps = [row == self.dense_keep() for row in self.keep]
         self.validate()
 
     # ---- derived ---------------------------------------------------------------------------
@@ -107,9 +116,17 @@ class Schedule:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def allowed_keep(self) -> list[int]:
-        """Token counts allowed by the candidate set S."""
-        return sorted({int(round(s * self.num_tokens)) for s in self.candidates})
+    def tokens_of(self, l: int) -> int:
+        """N_l: the tokens layer l runs over."""
+        return self.num_tokens if self.layer_tokens is None else self.layer_tokens[l]
+
+    def dense_keep(self) -> list[int]:
+        return [self.tokens_of(l) for l in range(len(self.layers))]
+
+    def allowed_keep(self, n: int | None = None) -> list[int]:
+        """Token counts allowed by the candidate set S for a layer of n tokens (default N)."""
+        n = self.num_tokens if n is None else n
+        return sorted({int(round(s * n)) for s in self.candidates})
 
     def step_signature(self, t: int) -> tuple[int, ...]:
         """Steps with the same signature compile to the same graph (deduplicated on export)."""
@@ -128,6 +145,11 @@ class Schedule:
             raise ScheduleError(f"num_tokens must be a positive integer, got {n!r}")
         if not self.layers:
             raise ScheduleError("schedule has no layers")
+        if self.layer_tokens is not None and (
+                len(self.layer_tokens) != len(self.layers)
+                or any(not isinstance(x, int) or x <= 0 for x in self.layer_tokens)):
+            raise ScheduleError(f"layer_tokens must hold one positive integer per layer ({len(self.layers)}), "
+                                f"got {self.layer_tokens!r}")
         for layer in self.layers:
             if layer.kind not in LAYER_KINDS:
                 raise ScheduleError(f"layer {layer} has kind {layer.kind!r}; kinds are {LAYER_KINDS}")
@@ -135,30 +157,32 @@ class Schedule:
             raise ScheduleError("schedule has no steps (keep is empty)")
         if any(not (0.0 <= s <= 1.0) for s in self.candidates) or not self.candidates:
             raise ScheduleError(f"candidates must be fractions in [0, 1], got {list(self.candidates)}")
-        allowed = set(self.allowed_keep())
+        allowed_by_n = {nl: set(self.allowed_keep(nl)) for nl in set(self.dense_keep())}
+        dense = self.dense_keep()
         for t, row in enumerate(self.keep):
             if len(row) != self.num_layers:
                 raise ScheduleError(
                     f"keep[{t}] has {len(row)} entries but the schedule lists {self.num_layers} layers")
             for l, k in enumerate(row):
+                nl = dense[l]
                 if not isinstance(k, int) or isinstance(k, bool):
                     raise ScheduleError(f"K(t={t}, l={l}) = {k!r} is not an integer token count")
-                if not 0 <= k <= n:
-                    raise ScheduleError(f"K(t={t}, l={l}) = {k} is outside [0, N={n}]")
-                if k not in allowed:
+                if not 0 <= k <= nl:
+                    raise ScheduleError(f"K(t={t}, l={l}) = {k} is outside [0, N={nl}]")
+                if k not in allowed_by_n[nl]:
                     raise ScheduleError(
                         f"K(t={t}, l={l}) = {k} is not in the candidate set S={list(self.candidates)} "
-                        f"(allowed token counts for N={n}: {sorted(allowed)})")
-        if any(k != n for k in self.keep[0]):
+                        f"(allowed token counts for N={nl}: {sorted(allowed_by_n[nl])})")
+        if self.keep[0] != dense:
             raise ScheduleError("step 0 must recompute every token of every layer: the token cache is empty before it")
         if len(self.full_steps) != self.num_steps:
             raise ScheduleError(f"full_steps has {len(self.full_steps)} entries for {self.num_steps} steps")
         for t, full in enumerate(self.full_steps):
-            if full and any(k != n for k in self.keep[t]):
-                raise ScheduleError(f"step {t} is marked full but does not keep all {n} tokens in every layer")
+            if full and self.keep[t] != dense:
+                raise ScheduleError(f"step {t} is marked full but does not keep every token of every layer")
 
     def check_fits(self, family: str, layers: Sequence[LayerRef], num_tokens: int,
-                   num_steps: int | None = None) -> None:
+                   num_steps: int | None = None, layer_tokens: Sequence[int] | None = None) -> None:
         """Raise ScheduleError unless this schedule was made for a model with these properties."""
         if family != self.family:
             raise ScheduleError(f"schedule is for model family {self.family!r}, the model is {family!r}")
@@ -171,6 +195,10 @@ class Schedule:
                 f"schedule has L={self.num_layers} cacheable layers but the model has {len(layers)} "
                 f"({_describe_layers(layers)} vs schedule {_describe_layers(self.layers)}); "
                 "make or train a schedule for this model")
+        if layer_tokens is not None and list(layer_tokens) != self.dense_keep():
+            raise ScheduleError(
+                f"schedule has per-layer token counts {self.dense_keep()} but the model's layers run over "
+                f"{list(layer_tokens)} tokens (text length or resolution differs); make a schedule for this model")
         if num_steps is not None and num_steps != self.num_steps:
             raise ScheduleError(
                 f"schedule has T={self.num_steps} steps but {num_steps} were asked for; "
@@ -183,6 +211,7 @@ class Schedule:
             "version": VERSION,
             "family": self.family,
             "num_tokens": self.num_tokens,
+            **({"layer_tokens": list(self.layer_tokens)} if self.layer_tokens is not None else {}),
             "layers": [{"block": l.block, "kind": l.kind} for l in self.layers],
             "num_steps": self.num_steps,
             "candidates": list(self.candidates),
@@ -221,6 +250,7 @@ class Schedule:
                 selector=selector,
                 macs_ratio=dict(data.get("macs_ratio", {})),
                 provenance=dict(data.get("provenance", {})),
+                layer_tokens=list(data["layer_tokens"]) if data.get("layer_tokens") is not None else None,
             )
         except ScheduleError as e:
             raise ScheduleError(f"{source}: {e}") from None

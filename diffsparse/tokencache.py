@@ -50,21 +50,50 @@ def spatial_bonus(score: torch.Tensor, grid: tuple[int, int], window: int, bonus
 
 
 def composite_score(main: torch.Tensor, reuse: torch.Tensor, selector: SelectorConfig,
-                    grid: tuple[int, int], entropy: torch.Tensor | None = None) -> torch.Tensor:
-    """S = B(λ1 s1 + λ2 s2 + λ3 s3) (paper eq. 10); all terms (B, N)."""
+                    grid: tuple[int, int] | None, entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """S = B(λ1 s1 + λ2 s2 + λ3 s3) (paper eq. 10); all terms (B, N). grid None: tokens without a
+    spatial layout (text), no spatial bonus."""
     l1, l2, l3, l4 = selector.lambdas
     score = l1 * main + l3 * reuse
     if entropy is not None and l2 != 0.0:
         score = score + l2 * entropy
-    score = spatial_bonus(score, grid, selector.window, l4)
+    if grid is not None:
+        score = spatial_bonus(score, grid, selector.window, l4)
     n = score.shape[1]
     ramp = torch.arange(n, dtype=score.dtype, device=score.device) * (TIE_BREAK / n)
     return score - ramp
 
 
-def top_tokens(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (B, k) of the k highest-scoring tokens, int32 as TensorRT requires."""
-    return torch.topk(score, k, dim=1, largest=True, sorted=False).indices.to(torch.int32)
+# TensorRT's TopK takes K <= 3840 (ITopKLayer). Larger selections are split (top_tokens).
+TOPK_LIMIT = 3840
+
+
+def topk_chunks(n: int, k: int, limit: int = TOPK_LIMIT) -> int:
+    """How many equal contiguous chunks a K-of-N selection is split into so each TopK stays
+    within `limit`: 1 when k <= limit, else the smallest c >= ceil(k / limit) dividing both N and K."""
+    if k <= limit:
+        return 1
+    for c in range(-(-k // limit), n + 1):
+        if n % c == 0 and k % c == 0:
+            return c
+    raise ValueError(f"cannot split a TopK of K={k} over N={n} tokens into chunks of at most {limit}")
+
+
+def top_tokens(score: torch.Tensor, k: int, limit: int = TOPK_LIMIT) -> torch.Tensor:
+    """Indices (B, k) of the k highest-scoring tokens, int32 as TensorRT requires.
+
+    Where K exceeds TensorRT's TopK limit (FLUX at 1024² with 4096 tokens and K > 3840, video
+    models), the tokens are split into c contiguous chunks (raster order: bands of rows or frames)
+    and each chunk selects its K/c best: a stratified top-K, computed the same way in PyTorch and
+    in every exported graph, so parity holds; it differs from a global top-K only in forcing an
+    even spread over the chunks, which the spatial bonus already encourages."""
+    b, n = score.shape
+    c = topk_chunks(n, k, limit)
+    if c == 1:
+        return torch.topk(score, k, dim=1, largest=True, sorted=False).indices.to(torch.int32)
+    local = torch.topk(score.reshape(b, c, n // c), k // c, dim=2, largest=True, sorted=False).indices
+    offsets = torch.arange(c, dtype=local.dtype, device=local.device).reshape(1, c, 1) * (n // c)
+    return (local + offsets).reshape(b, k).to(torch.int32)
 
 
 def _flat_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -110,6 +139,21 @@ def token_norm_score(x: torch.Tensor, halves: int) -> torch.Tensor:
     """ℓ2 norm of each input token, normalised to mean 1 over tokens (Table 5 'norm')."""
     norms = merge_halves(torch.linalg.vector_norm(x, dim=-1), halves)
     return norms / norms.mean(dim=1, keepdim=True)
+
+
+def value_norm_score(values: torch.Tensor, halves: int) -> torch.Tensor:
+    """DuCa's value-norm score for Wan2.1 (A.5.1): tokens whose self-attention values have
+    *smaller* norms score higher. 2 - |v| / mean|v|, so the mean is 1 like the other scores."""
+    norms = merge_halves(torch.linalg.vector_norm(values, dim=-1), halves)
+    return 2.0 - norms / norms.mean(dim=1, keepdim=True)
+
+
+def attention_entropy(probs: torch.Tensor, halves: int) -> torch.Tensor:
+    """probs (R, heads, Q, M) -> (B, Q): entropy of each query's attention over the M keys
+    (s2 of A.5.1 for cross-attention), mean over heads, normalised by log M to [0, 1]."""
+    m = probs.shape[-1]
+    ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean(1)
+    return merge_halves(ent, halves) / max(1.0, float(torch.log(torch.tensor(float(m)))))
 
 
 def token_change_score(x: torch.Tensor, previous: torch.Tensor, halves: int) -> torch.Tensor:

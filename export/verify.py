@@ -24,7 +24,7 @@ def reference_inputs(spec: ModelSpec, manifest: Manifest, seed: int = 0) -> dict
     rng = np.random.default_rng(seed)
     conditioning = spec.example_conditioning(rng)
     latent = initial_noise(seed, spec.batch_size, spec.latent_shape)
-    dense = spec.build_step([spec.num_tokens] * len(spec.layers), selector)
+    dense = spec.build_step(spec.dense_keep(), selector)
     feeds0 = spec.feeds(StepCall(float(plan.timesteps[0]), plan.coefficients[0]), conditioning, 4.0)
     specs = spec.step_inputs()
     with torch.inference_mode():

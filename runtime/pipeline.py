@@ -28,7 +28,7 @@ BACKENDS = ("auto", "onnxruntime", "torch")
 @dataclass
 class GenerationResult:
     samples: np.ndarray                 # (n, C, H, W) final latents / pixels, float32
-    class_labels: np.ndarray            # (n,)
+    class_labels: np.ndarray | None     # (n,) for class-conditional models
     step_seconds: list[float]           # wall-clock per denoising step, summed over batches
     total_seconds: float
     backend: str = ""
@@ -98,34 +98,48 @@ class Pipeline:
         steps = [sigs.index(schedule.step_signature(t)) for t in range(schedule.num_steps)]
         return cls(TorchBackend(spec, schedule, device=device), spec, spec.sampler_plan(schedule.num_steps), steps)
 
-    def generate(self, class_labels: Sequence[int], seed: int = 0, guidance_scale: float = 4.0) -> GenerationResult:
-        """Generate one sample per label. Labels are run in batches of the bundle's batch size
-        (the last batch padded); sample i always starts from the noise of (seed, i)."""
-        labels = np.asarray(class_labels, dtype=np.int64).reshape(-1)
-        if labels.size == 0:
-            raise ValueError("class_labels is empty: pass at least one label")
+    def generate(self, class_labels: Sequence[int] | None = None, seed: int = 0, guidance_scale: float = 4.0,
+                 conditioning: dict[str, np.ndarray] | None = None) -> GenerationResult:
+        """Generate one sample per conditioning row: `class_labels` for class-conditional models,
+        or `conditioning` (name -> array whose first axis is the sample, e.g. prompt_embeds of
+        shape (n, L, D); `spec.conditioning_inputs()` lists the names). Samples run in batches of
+        the bundle's batch size (the last batch padded); sample i always starts from the noise of (seed, i)."""
+        if class_labels is not None:
+            conditioning = {**(conditioning or {}), "class_labels": np.asarray(class_labels, dtype=np.int64).reshape(-1)}
+        if not conditioning:
+            raise ValueError("no conditioning given: pass class_labels or conditioning="
+                             f"{{{', '.join(repr(t.name) for t in self.spec.conditioning_inputs())}: ...}}")
+        conditioning = {k: np.asarray(v) for k, v in conditioning.items()}
+        counts = {k: (v.shape[0] if v.ndim else 0) for k, v in conditioning.items()}
+        n = next(iter(counts.values()))
+        if n == 0 or any(c != n for c in counts.values()):
+            raise ValueError(f"conditioning is empty or ragged: every array needs the same, non-zero number of samples on its "
+                             f"first axis; got {counts}")
         b = self.spec.batch_size
-        noise = initial_noise(seed, labels.size, self.spec.latent_shape)
+        noise = initial_noise(seed, n, self.spec.latent_shape)
         backend = self.backend.prepare()
         per_step = np.zeros(len(self.step_graphs))
         outs = []
         t_start = time.perf_counter()
-        for start in range(0, labels.size, b):
-            chunk = labels[start:start + b]
-            pad = b - chunk.size
-            batch_labels = np.concatenate([chunk, np.repeat(chunk[-1:], pad)])
-            batch_noise = np.concatenate([noise[start:start + b], np.repeat(noise[start + chunk.size - 1:start + chunk.size], pad, 0)])
-            conditioning = {"class_labels": batch_labels}
-            self.spec.check_conditioning(conditioning)
-            backend.start(batch_noise)
+        for start in range(0, n, b):
+            size = min(b, n - start)
+            batch = {k: _pad_rows(v[start:start + size], b) for k, v in conditioning.items()}
+            self.spec.check_conditioning(batch)
+            backend.start(_pad_rows(noise[start:start + size], b))
             for i, graph in enumerate(self.step_graphs):
                 feeds = self.spec.feeds(StepCall(float(self.plan.timesteps[i]), self.plan.coefficients[i]),
-                                        conditioning, guidance_scale)
+                                        batch, guidance_scale)
                 t0 = time.perf_counter()
                 backend.run_step(graph, feeds)
                 backend.synchronize()
                 per_step[i] += time.perf_counter() - t0
-            outs.append(backend.latent()[: chunk.size])
+            outs.append(backend.latent()[:size])
         total = time.perf_counter() - t_start
+        labels = conditioning.get("class_labels")
         return GenerationResult(np.concatenate(outs), labels, per_step.tolist(), total,
                                 backend=backend.name, device=backend.device)
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """Pad the first axis to `rows` by repeating the last row (a partial last batch)."""
+    return x if x.shape[0] == rows else np.concatenate([x, np.repeat(x[-1:], rows - x.shape[0], 0)])

@@ -67,7 +67,7 @@ class _Subject:
         self.pipe.backend.prepare()
         self.load_seconds = time.perf_counter() - t0
         self.folder = folder
-        self.labels = self.pipe.spec.example_conditioning(np.random.default_rng(cfg.seed))["class_labels"]
+        self.conditioning = self.pipe.spec.example_conditioning(np.random.default_rng(cfg.seed))
         self.cfg = cfg
         self.runs: list[list[float]] = []
         self.totals: list[float] = []
@@ -75,7 +75,8 @@ class _Subject:
         self.loaded_bytes = rss_bytes() - before
 
     def generate(self, record: bool = True) -> None:
-        r = self.pipe.generate(self.labels, seed=self.cfg.seed, guidance_scale=self.cfg.guidance_scale)
+        r = self.pipe.generate(conditioning=self.conditioning, seed=self.cfg.seed,
+                               guidance_scale=self.cfg.guidance_scale)
         if record:
             self.runs.append(r.step_seconds)
             self.totals.append(float(sum(r.step_seconds)))

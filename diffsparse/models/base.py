@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffsparse.sampler import SamplerPlan
+from diffsparse.sampler import SamplerPlan, sampler_config
 from diffsparse.schedule import LayerRef, Schedule, SelectorConfig
 
 DTYPES = {"float32": (np.float32, torch.float32), "int64": (np.int64, torch.int64),
@@ -69,13 +69,29 @@ class ModelSpec(abc.ABC):
     """
 
     family: ClassVar[str]
+    diffusers_class: ClassVar[str]
+    #: the sampler kind (diffsparse.sampler.SAMPLERS) this family's pipeline uses
+    sampler_kind: ClassVar[str] = "ddim"
+    #: which torch.onnx exporter traces this family's step graphs: "torchscript" (dynamo=False)
+    #: or "dynamo" (DESIGN.md: TorchScript fails on aten::rms_norm, dynamo's PixArt graph is
+    #: rejected by ONNX Runtime)
+    onnx_exporter: ClassVar[str] = "torchscript"
 
-    def __init__(self, model: nn.Module, batch_size: int = 1, guidance: bool = True) -> None:
+    def __init__(self, model: nn.Module, batch_size: int = 1, guidance: bool = True, sampler=None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model.eval()
         self.batch_size = batch_size
         self.guidance = guidance
+        self.sampler = sampler if sampler is not None else self.make_sampler({})
+        if self.sampler.kind != self.sampler_kind:
+            raise ValueError(f"the {self.family} family samples with {self.sampler_kind!r}, not {self.sampler.kind!r}")
+
+    @classmethod
+    def make_sampler(cls, scheduler_config: dict[str, Any]):
+        """This family's sampler config from a diffusers scheduler config (unsupported settings
+        raise SamplerError). Keys of other schedulers are ignored."""
+        return sampler_config(cls.sampler_kind, scheduler_config)
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -108,16 +124,43 @@ class ModelSpec(abc.ABC):
         """The diffusers config that rebuilds the model (stored in the bundle manifest)."""
 
     # ---- graph signature -------------------------------------------------------------------
-    @abc.abstractmethod
     def step_inputs(self) -> list[TensorSpec]:
-        """Non-cache inputs, the latent first."""
+        """Non-cache inputs, the latent first: latent, model timestep, the sampler's per-step
+        coefficients, the conditioning, and the guidance scale when guidance is on."""
+        inputs = [TensorSpec("latent", (self.batch_size, *self.latent_shape)),
+                  TensorSpec("timestep", (1,)),
+                  TensorSpec("sampler_coef", (self.sampler.num_coefficients,)),
+                  *self.conditioning_inputs()]
+        if self.guidance:
+            inputs.append(TensorSpec("guidance_scale", (1,)))
+        return inputs
 
     def step_outputs(self) -> list[TensorSpec]:
         return [TensorSpec("next_latent", (self.batch_size, *self.latent_shape))]
 
+    def score_grid(self, layer: LayerRef) -> tuple[int, int] | None:
+        """The (rows, columns) layout of the layer's tokens for the spatial bonus; None for tokens
+        without one (text). Video: (frames x rows, columns), so k x k tiles stay inside a frame."""
+        return self.grid
+
+    def layer_tokens(self, layer: LayerRef) -> int:
+        """Tokens the layer runs over (its K is out of these); most families: num_tokens."""
+        return self.num_tokens
+
     @abc.abstractmethod
+    def layer_cache_buffers(self, selector: SelectorConfig) -> list[TensorSpec]:
+        """The token cache of the cacheable layers."""
+
     def cache_buffers(self, selector: SelectorConfig) -> list[TensorSpec]:
-        """The token cache: every tensor carried from one step to the next."""
+        """Every tensor carried from one step to the next: the layers' token cache, then the
+        sampler's state (multistep solvers)."""
+        shape = (self.batch_size, *self.latent_shape)
+        return self.layer_cache_buffers(selector) + [TensorSpec(f"sampler.{n}", shape) for n in self.sampler.state]
+
+    @abc.abstractmethod
+    def conditioning_inputs(self) -> list[TensorSpec]:
+        """The conditioning the caller supplies per batch (leading dim = batch), e.g. class labels
+        or text embeddings; these are also step inputs under the same names."""
 
     @abc.abstractmethod
     def build_step(self, keep: Sequence[int], selector: SelectorConfig) -> nn.Module:
@@ -129,22 +172,34 @@ class ModelSpec(abc.ABC):
         forward(*inputs, *cache, weights=(L, len(token_counts))) -> (*outputs, *cache')."""
         raise NotImplementedError(f"learning a schedule is not yet supported for the {self.family!r} family")
 
-    @abc.abstractmethod
     def feeds(self, call: StepCall, conditioning: dict[str, np.ndarray],
               guidance_scale: float) -> dict[str, np.ndarray]:
         """Numpy inputs for one step call: everything in step_inputs but the latent, which the
         backend keeps on its device from one step to the next."""
+        out = {"timestep": np.asarray([call.timestep], dtype=np.float32),
+               "sampler_coef": np.asarray(call.coefficients, dtype=np.float32)}
+        for t in self.conditioning_inputs():
+            out[t.name] = np.asarray(conditioning[t.name], dtype=t.numpy_dtype)
+        if self.guidance:
+            out["guidance_scale"] = np.asarray([guidance_scale], dtype=np.float32)
+        return out
 
-    @abc.abstractmethod
     def check_conditioning(self, conditioning: dict[str, np.ndarray]) -> None:
         """Raise ValueError naming the problem if the conditioning does not fit the graphs."""
+        for t in self.conditioning_inputs():
+            if t.name not in conditioning:
+                raise ValueError(f"conditioning {t.name!r} is missing; this model needs "
+                                 f"{[c.name for c in self.conditioning_inputs()]}")
+            shape = np.shape(conditioning[t.name])
+            if tuple(shape) != t.shape:
+                raise ValueError(f"conditioning {t.name!r} must have shape {t.shape}, got {tuple(shape)}")
 
-    @abc.abstractmethod
     def example_conditioning(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Random valid conditioning for one batch (export checks, tests, benchmarks)."""
+        return {t.name: rng.standard_normal(t.shape).astype(t.numpy_dtype) for t in self.conditioning_inputs()}
 
-    @abc.abstractmethod
-    def sampler_plan(self, num_steps: int) -> SamplerPlan: ...
+    def sampler_plan(self, num_steps: int) -> SamplerPlan:
+        return self.sampler.plan(num_steps, image_seq_len=self.num_tokens)
 
     # ---- cost ------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -163,15 +218,18 @@ class ModelSpec(abc.ABC):
     def schedule_macs(self, schedule: Schedule) -> int:
         return sum(self.step_macs(row) for row in schedule.keep)
 
+    def dense_keep(self) -> list[int]:
+        return [self.layer_tokens(l) for l in self.layers]
+
     def dense_macs(self, num_steps: int) -> int:
-        return self.step_macs([self.num_tokens] * len(self.layers)) * num_steps
+        return self.step_macs(self.dense_keep()) * num_steps
 
     def macs_ratio(self, schedule: Schedule) -> float:
         return self.schedule_macs(schedule) / self.dense_macs(schedule.num_steps)
 
     # ---- helpers ---------------------------------------------------------------------------
     def check_schedule(self, schedule: Schedule, num_steps: int | None = None) -> None:
-        schedule.check_fits(self.family, self.layers, self.num_tokens, num_steps)
+        schedule.check_fits(self.family, self.layers, self.num_tokens, num_steps, self.dense_keep())
 
     def zero_cache(self, selector: SelectorConfig) -> list[torch.Tensor]:
         return [torch.zeros(b.shape, dtype=b.torch_dtype) for b in self.cache_buffers(selector)]
@@ -185,7 +243,14 @@ def register(cls: type[ModelSpec]) -> type[ModelSpec]:
     return cls
 
 
+def registered_families() -> dict[str, type[ModelSpec]]:
+    import diffsparse.models  # noqa: F401  (imports every family module, which registers it)
+
+    return dict(_REGISTRY)
+
+
 def spec_class(family: str) -> type[ModelSpec]:
+    registered_families()
     if family not in _REGISTRY:
         raise KeyError(f"model family {family!r} is not supported; supported: {sorted(_REGISTRY)}")
     return _REGISTRY[family]

@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from diffsparse.models.base import ModelSpec, spec_class
-from diffsparse.sampler import DDIMConfig
+from diffsparse.models.base import ModelSpec, registered_families, spec_class
 
 log = logging.getLogger(__name__)
 
-# diffusers class name -> our family name
-FAMILIES = {"DiTTransformer2DModel": "dit"}
+def families() -> dict[str, str]:
+    """diffusers class name -> our family name, from the registered specs."""
+    return {cls.diffusers_class: family for family, cls in registered_families().items()}
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,8 @@ class ModelSourceError(ValueError):
 def _diffusers_class(name: str):
     import diffusers
 
-    if name not in FAMILIES:
-        raise ModelSourceError(f"diffusers class {name!r} is not supported yet; supported: {sorted(FAMILIES)}")
+    if name not in families():
+        raise ModelSourceError(f"diffusers class {name!r} is not supported yet; supported: {sorted(families())}")
     return getattr(diffusers, name)
 
 
@@ -112,15 +112,16 @@ def load_model(source: str | Path, seed: int = 0) -> tuple[str, torch.nn.Module,
     cls = _diffusers_class(class_name)
     # low_cpu_mem_usage=False: works without `accelerate`
     model = cls.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False).eval()
-    return FAMILIES[class_name], model, sched_cfg
+    return families()[class_name], model, sched_cfg
 
 
 def make_spec(source: str | Path, batch_size: int = 1, guidance: bool = True, seed: int = 0,
               sampler_overrides: dict[str, Any] | None = None) -> ModelSpec:
     """Load a model and wrap it in its family's spec."""
     family, model, sched_cfg = load_model(source, seed)
-    sampler = DDIMConfig.from_scheduler_config({**sched_cfg, **(sampler_overrides or {})})
-    return spec_class(family)(model, batch_size=batch_size, guidance=guidance, sampler=sampler)
+    cls = spec_class(family)
+    sampler = cls.make_sampler({**sched_cfg, **(sampler_overrides or {})})
+    return cls(model, batch_size=batch_size, guidance=guidance, sampler=sampler)
 
 
 def spec_from_config(family: str, diffusers_class: str, config: dict[str, Any], batch_size: int,
@@ -130,5 +131,5 @@ def spec_from_config(family: str, diffusers_class: str, config: dict[str, Any], 
     cls = _diffusers_class(diffusers_class)
     with torch.device("meta"):
         model = cls(**config).eval()
-    return spec_class(family)(model, batch_size=batch_size, guidance=guidance,
-                              sampler=DDIMConfig.from_scheduler_config(sampler))
+    spec_cls = spec_class(family)
+    return spec_cls(model, batch_size=batch_size, guidance=guidance, sampler=spec_cls.make_sampler(sampler))

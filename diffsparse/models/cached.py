@@ -1,0 +1,228 @@
+"""The token-cached step shared by every family: input plumbing, guidance, sampler update, token
+selection and the two kinds of cached layer.
+
+A family's step subclasses `CachedStep` and implements `predict(inputs, state, new)`: the
+transformer on the guidance rows, calling
+  * `_self_attention` for a self-attention layer (fresh queries for the K selected tokens attend
+    over all N keys/values: the selected tokens' keys/values are recomputed and scattered into the
+    layer's key/value cache, the others come from when each was last computed), and
+  * `_token_layer` for any layer whose output at a token depends only on that token (MLP; and
+    cross-attention, whose keys are the fixed text tokens): gather K, compute, scatter.
+Both return the layer's *ungated* output for every token (fresh or cached); the family applies the
+current step's gate, so reused tokens still follow the current timestep's modulation.
+
+MACs: a self-attention layer costs 4·K·D² + 2·K·N·D per row; a token layer its per-token cost × K.
+K = N runs the plain dense computation; K = 0 reuses the whole cached output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from diffsparse import tokencache as tc
+from diffsparse.schedule import LayerRef, SelectorConfig
+
+
+class CachedStep(nn.Module):
+    """One denoising step with a static sparsity pattern `keep` (K per cacheable layer).
+
+    forward(*step_inputs, *cache) -> (next_latent, *cache'), in the order the spec lists them.
+    """
+
+    def __init__(self, spec, keep: list[int], selector: SelectorConfig) -> None:
+        super().__init__()
+        if len(keep) != len(spec.layers):
+            raise ValueError(f"keep has {len(keep)} entries for {len(spec.layers)} layers")
+        self.spec = spec
+        self.model = spec.model
+        self.keep = list(keep)
+        self.selector = selector
+        self.input_names = [t.name for t in spec.step_inputs()]
+        self.cache_names = [b.name for b in spec.cache_buffers(selector)]
+        self.sampler_names = [f"sampler.{n}" for n in spec.sampler.state]
+        self.halves = spec.halves
+        self.layer_index = {layer: i for i, layer in enumerate(spec.layers)}
+        self.eval()
+
+    def train(self, mode: bool = True) -> CachedStep:
+        # Always eval: in training mode diffusers drops class labels at random (CFG training), and
+        # exporters restore the wrapper's mode recursively onto the shared diffusers model.
+        return super().train(False)
+
+    # -- the whole step ------------------------------------------------------------------------
+    def forward(self, *args):
+        n_in = len(self.input_names)
+        if len(args) != n_in + len(self.cache_names):
+            raise TypeError(f"step takes {n_in} inputs and {len(self.cache_names)} cache tensors, got {len(args)}")
+        inputs = dict(zip(self.input_names, args[:n_in]))
+        state = dict(zip(self.cache_names, args[n_in:]))
+        new: dict[str, torch.Tensor] = {}
+        latent = inputs["latent"]
+        out = self.predict(inputs, state, new)
+        if self.halves == 2:
+            cond, uncond = out.chunk(2)
+            out = uncond + inputs["guidance_scale"] * (cond - uncond)
+        next_latent, sampler_state = self.spec.sampler.update(
+            latent, out, inputs["sampler_coef"], [state[n] for n in self.sampler_names])
+        new.update(zip(self.sampler_names, sampler_state))
+        return (next_latent, *[new[n] for n in self.cache_names])
+
+    def predict(self, inputs: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                new: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The transformer on the guidance rows -> model output (R, *latent_shape), conditional
+        rows first; writes every layer's new cache entries into `new`."""
+        raise NotImplementedError
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, ...) -> (R, ...): the same tensor for each guidance half."""
+        return torch.cat([x] * self.halves, dim=0) if self.halves == 2 else x
+
+    # -- token selection ---------------------------------------------------------------------
+    def _select(self, index: int, layer: LayerRef, sa: LayerRef, h: torch.Tensor,
+                state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
+        return tc.top_tokens(self._score(layer, sa, h, state, new), self.keep[index])
+
+    def _latest(self, key: str, state, new) -> torch.Tensor:
+        return new.get(key, state[key])
+
+    def _score(self, layer: LayerRef, sa: LayerRef, h: torch.Tensor,
+               state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The selector's score (B, N) of every token for this layer (higher = recompute first).
+        `sa` is the self-attention layer whose signals (attention received, values) score it."""
+        sel = self.selector
+        if sel.lambdas[0] == 0.0:
+            main = torch.zeros_like(state[f"reuse.{layer.name}"])
+        elif sel.score == "attention":
+            main = self._latest(f"recv.{sa.name}", state, new)
+        elif sel.score == "value_norm":
+            main = tc.value_norm_score(self._latest(f"value.{sa.name}", state, new), self.halves)
+        elif sel.score == "l2norm":
+            main = tc.token_norm_score(h, self.halves)
+        else:
+            main = tc.token_change_score(h, state[f"inp.{layer.name}"], self.halves)
+        entropy = None
+        ent_key = f"ent.{LayerRef(layer.block, 'CA').name}"
+        if sel.lambdas[1] != 0.0 and ent_key in state:
+            entropy = self._latest(ent_key, state, new)
+        return tc.composite_score(main, state[f"reuse.{layer.name}"], sel, self.spec.score_grid(layer),
+                                  entropy=entropy)
+
+    def _bookkeep(self, layer: LayerRef, h: torch.Tensor, idx: torch.Tensor | None, full: bool,
+                  state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+        """Reuse counts and (for the cosine score) the cached layer input."""
+        reuse = state[f"reuse.{layer.name}"]
+        new[f"reuse.{layer.name}"] = torch.zeros_like(reuse) if full else tc.next_reuse(reuse, idx)
+        if self.selector.score == "cosine":
+            key = f"inp.{layer.name}"
+            if full:
+                new[key] = h
+            elif idx is None:
+                new[key] = state[key]
+            else:
+                ridx = tc.rows_index(idx, self.halves)
+                new[key] = tc.scatter_tokens(state[key], ridx, tc.gather_tokens(h, ridx))
+
+    def _reuse_all(self, layer: LayerRef, h, state, new, keys=("out", "key", "value", "recv", "ent")) -> torch.Tensor:
+        """K = 0: every cached entry of the layer carries over unchanged."""
+        for key in keys:
+            if f"{key}.{layer.name}" in state:
+                new[f"{key}.{layer.name}"] = state[f"{key}.{layer.name}"]
+        self._bookkeep(layer, h, None, False, state, new)
+        return state[f"out.{layer.name}"]
+
+    # -- layers ------------------------------------------------------------------------------
+    def _qkv(self, attn, x: torch.Tensor, ridx: torch.Tensor | None):
+        """Queries, keys and values of the tokens in x (R, K, D); ridx: their token indices (R, K)
+        or None for all tokens (families with rotary embeddings need the positions)."""
+        return attn.to_q(x), attn.to_k(x), attn.to_v(x)
+
+    def _self_attention(self, index, layer, attn, attn_in: Callable, h, state, new) -> torch.Tensor:
+        k, n = self.keep[index], h.shape[1]
+        name = layer.name
+        if k == 0:
+            return self._reuse_all(layer, h, state, new)
+        if k == n:
+            q, keys, values = self._qkv(attn, attn_in(h), None)
+            idx = ridx = None
+        else:
+            idx = self._select(index, layer, layer, h, state, new)
+            ridx = tc.rows_index(idx, self.halves)
+            q, fresh_k, fresh_v = self._qkv(attn, attn_in(tc.gather_tokens(h, ridx)), ridx)
+            keys = tc.scatter_tokens(state[f"key.{name}"], ridx, fresh_k)
+            values = tc.scatter_tokens(state[f"value.{name}"], ridx, fresh_v)
+        fresh, probs = self._attend(attn, q, keys, values)
+        new[f"key.{name}"], new[f"value.{name}"] = keys, values
+        if f"recv.{name}" in state:
+            new[f"recv.{name}"] = tc.attention_received(probs, self.halves)
+        out = fresh if idx is None else tc.scatter_tokens(state[f"out.{name}"], ridx, fresh)
+        new[f"out.{name}"] = out
+        self._bookkeep(layer, h, idx, idx is None, state, new)
+        return out
+
+    def _attend(self, attn, q, keys, values, need_probs: bool = True, bias: torch.Tensor | None = None):
+        """Multi-head attention of q (R, Q, D) over keys/values (R, M, D) -> (output projected,
+        probs (R, heads, Q, M) or None). Explicit softmax when the map feeds a score; otherwise
+        scaled_dot_product_attention (fusable). bias: additive mask broadcast to (R, heads, Q, M)."""
+        r, kq, d = q.shape
+        heads = attn.heads
+        hd = d // heads
+        q = q.reshape(r, kq, heads, hd).transpose(1, 2)
+        keys = keys.reshape(r, -1, heads, hd).transpose(1, 2)
+        values = values.reshape(r, -1, heads, hd).transpose(1, 2)
+        if need_probs:
+            logits = (q @ keys.transpose(-1, -2)) * (hd ** -0.5)
+            probs = torch.softmax(logits if bias is None else logits + bias, dim=-1)
+            o = probs @ values
+        else:
+            probs = None
+            o = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
+        o = o.transpose(1, 2).reshape(r, kq, d)
+        return attn.to_out[0](o), probs
+
+    def _token_layer(self, index, layer, sa, fn: Callable, fn_in: Callable, h, state, new) -> torch.Tensor:
+        """A layer computed per token: out = fn(fn_in(h)) at the selected tokens, cache elsewhere."""
+        k, n = self.keep[index], h.shape[1]
+        key = f"out.{layer.name}"
+        if k == 0:
+            return self._reuse_all(layer, h, state, new)
+        if k == n:
+            out = fn(fn_in(h), None)
+            idx = None
+        else:
+            idx = self._select(index, layer, sa, h, state, new)
+            ridx = tc.rows_index(idx, self.halves)
+            out = tc.scatter_tokens(state[key], ridx, fn(fn_in(tc.gather_tokens(h, ridx)), idx))
+        new[key] = out
+        self._bookkeep(layer, h, idx, idx is None, state, new)
+        return out
+
+    def _mlp(self, index, layer, sa, ff, mlp_in, h, state, new) -> torch.Tensor:
+        return self._token_layer(index, layer, sa, lambda x, idx: ff(x), mlp_in, h, state, new)
+
+    def _cross_attention(self, index, layer, sa, attn, ca_in, h, context, state, new,
+                         context_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-attention of the image/video tokens (queries) over fixed text tokens `context`
+        (R, M, D_ctx); context_bias (R, 1, 1, M) masks padded text (0 or -inf). The text keys and
+        values are the same at every step, but are recomputed per step: caching them across steps
+        would make them graph inputs the runtime must fill."""
+        ent_key = f"ent.{layer.name}"
+        need_probs = ent_key in state
+        keys, values = attn.to_k(context), attn.to_v(context)
+        entropy: list[torch.Tensor] = []
+
+        def fn(x, idx):
+            q = attn.to_q(x)
+            out, probs = self._attend(attn, q, keys, values, need_probs, context_bias)
+            if need_probs:
+                ent = tc.attention_entropy(probs, self.halves)
+                entropy.append(ent if idx is None else tc.scatter_tokens(
+                    state[ent_key].unsqueeze(-1), idx, ent.unsqueeze(-1)).squeeze(-1))
+            return out
+
+        out = self._token_layer(index, layer, sa, fn, ca_in, h, state, new)
+        if need_probs:
+            new[ent_key] = entropy[0] if entropy else state[ent_key]
+        return out
