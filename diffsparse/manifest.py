@@ -79,6 +79,7 @@ class Manifest:
     weights: dict[str, Any]
     macs: dict[str, Any]
     source: dict[str, Any] = field(default_factory=dict)
+    spec_options: dict[str, Any] = field(default_factory=dict)
     tool: str = ""
     created: str = ""
 
@@ -86,7 +87,7 @@ class Manifest:
         return {
             "format": FORMAT, "version": VERSION, "tool": self.tool, "created": self.created,
             "family": self.family, "diffusers_class": self.diffusers_class, "model_config": self.model_config,
-            "batch_size": self.batch_size, "guidance": self.guidance,
+            "batch_size": self.batch_size, "guidance": self.guidance, "spec_options": self.spec_options,
             "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
             "cache": [t.to_dict() for t in self.cache],
             "schedule": self.schedule.to_dict(), "sampler": self.sampler.to_dict(),
@@ -105,6 +106,7 @@ class Manifest:
             schedule = Schedule.from_dict(d["schedule"], source=f"{source}: schedule")
             m = cls(family=d["family"], diffusers_class=d["diffusers_class"], model_config=d["model_config"],
                     batch_size=int(d["batch_size"]), guidance=bool(d["guidance"]),
+                    spec_options=dict(d.get("spec_options", {})),
                     inputs=[TensorSpec.from_dict(t) for t in d["inputs"]],
                     outputs=[TensorSpec.from_dict(t) for t in d["outputs"]],
                     cache=[TensorSpec.from_dict(t) for t in d["cache"]],

@@ -112,7 +112,8 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
     diffusers_class = type(spec.model).__name__
     manifest = Manifest(
         family=spec.family, diffusers_class=diffusers_class, model_config=spec.model_config(),
-        batch_size=spec.batch_size, guidance=spec.guidance, inputs=spec.step_inputs(),
+        batch_size=spec.batch_size, guidance=spec.guidance, spec_options=dict(spec.options),
+        inputs=spec.step_inputs(),
         outputs=spec.step_outputs(), cache=spec.cache_buffers(selector), schedule=schedule, sampler=plan,
         graphs=graphs, steps=steps, weights=weights,
         macs={"dense_total": dense, "total": total, "ratio": total / dense,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -31,12 +32,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-guidance", action="store_true", help="export without classifier-free guidance")
     p.add_argument("--seed", type=int, default=0, help="seed of a built-in model's random weights")
     p.add_argument("--clip-sample", action="store_true", help="clip the predicted x0 to [-1, 1] (pixel space)")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a model-family option such as text_len=120, height=512 or num_frames=9 "
+                        "(repeatable; see the family table in the README)")
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (after the new one is complete)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch parity check")
     p.add_argument("--write-schedule", default=None, help="also save the resolved schedule to this JSON file")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
+
+
+def parse_options(items: list[str]) -> dict:
+    """NAME=VALUE pairs; VALUE is read as JSON where it parses (numbers, true/false), else a string."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--option {item!r} must be NAME=VALUE, e.g. text_len=120")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = {"clip_sample": True} if args.clip_sample else None
         spec = make_spec(args.model, batch_size=args.batch, guidance=not args.no_guidance, seed=args.seed,
-                         sampler_overrides=overrides)
+                         sampler_overrides=overrides, options=parse_options(args.option))
         steps = args.steps if args.steps is not None else (20 if args.schedule in BUILTIN_NAMES else None)
         schedule = resolve_schedule(args.schedule, spec, steps, args.ratio, args.full_every)
         if args.write_schedule:

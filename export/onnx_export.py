@@ -41,9 +41,13 @@ def export_step(spec: ModelSpec, keep: list[int], selector: SelectorConfig) -> o
         path = Path(tmp) / "step.onnx"
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # The TorchScript exporter handles DiT and PixArt (DESIGN.md); the family's spec may
-            # pick another path when it needs one.
-            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                              opset_version=OPSET, do_constant_folding=True, dynamo=False)
+            # The family's spec picks the exporter that works for it (DESIGN.md: TorchScript
+            # fails on aten::rms_norm, dynamo's PixArt graph is rejected by ONNX Runtime).
+            if spec.onnx_exporter == "dynamo":
+                torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                                  opset_version=OPSET, dynamo=True, external_data=True, verbose=False)
+            else:
+                torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                                  opset_version=OPSET, do_constant_folding=True, dynamo=False)
         model = onnx.load(str(path), load_external_data=True)
     return model

@@ -78,14 +78,14 @@ class Pipeline:
         if backend == "torch":
             return cls.from_model(m.source.get("model"), m.schedule, batch_size=m.batch_size,
                                   guidance=m.guidance, seed=m.source.get("seed", 0), device=device,
-                                  sampler=m.sampler.config)
+                                  sampler=m.sampler.config, options=m.spec_options)
         from diffsparse.runtime.backends.ort import OrtBackend
 
         return cls(OrtBackend(bundle, device=device, threads=threads), bundle.spec, m.sampler, steps)
 
     @classmethod
     def from_model(cls, model, schedule, batch_size: int = 1, guidance: bool = True, seed: int = 0,
-                   device: str = "cpu", sampler: dict | None = None) -> Pipeline:
+                   device: str = "cpu", sampler: dict | None = None, options: dict | None = None) -> Pipeline:
         """The PyTorch reference pipeline: same schedule, same sampler, eager token-cached steps."""
         from diffsparse.runtime.backends.torch_backend import TorchBackend
 
@@ -93,7 +93,8 @@ class Pipeline:
 
         if model is None:
             raise BackendError("the torch backend needs the model: this bundle records no source")
-        spec = make_spec(model, batch_size=batch_size, guidance=guidance, seed=seed, sampler_overrides=sampler)
+        spec = make_spec(model, batch_size=batch_size, guidance=guidance, seed=seed, sampler_overrides=sampler,
+                         options=options)
         sigs = schedule.distinct_signatures()
         steps = [sigs.index(schedule.step_signature(t)) for t in range(schedule.num_steps)]
         return cls(TorchBackend(spec, schedule, device=device), spec, spec.sampler_plan(schedule.num_steps), steps)

@@ -76,10 +76,19 @@ class ModelSpec(abc.ABC):
     #: or "dynamo" (DESIGN.md: TorchScript fails on aten::rms_norm, dynamo's PixArt graph is
     #: rejected by ONNX Runtime)
     onnx_exporter: ClassVar[str] = "torchscript"
+    #: shapes the model config does not fix (text length, resolution, frames) and their defaults;
+    #: set per export (`dsexport --option name=value`) and recorded in the bundle manifest
+    OPTIONS: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, model: nn.Module, batch_size: int = 1, guidance: bool = True, sampler=None) -> None:
+    def __init__(self, model: nn.Module, batch_size: int = 1, guidance: bool = True, sampler=None,
+                 options: dict[str, Any] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        unknown = sorted(set(options or {}) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for the {self.family} family; "
+                             f"it takes {sorted(self.OPTIONS) or 'none'}")
+        self.options = {**self.OPTIONS, **(options or {})}
         self.model = model.eval()
         self.batch_size = batch_size
         self.guidance = guidance

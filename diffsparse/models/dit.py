@@ -27,8 +27,8 @@ class DiTSpec(ModelSpec):
     sampler_kind = "ddim"
 
     def __init__(self, model: nn.Module, batch_size: int = 1, guidance: bool = True,
-                 sampler: DDIMConfig | None = None) -> None:
-        super().__init__(model, batch_size, guidance, sampler)
+                 sampler: DDIMConfig | None = None, options: dict[str, Any] | None = None) -> None:
+        super().__init__(model, batch_size, guidance, sampler, options)
         cfg = model.config
         if cfg.norm_type != "ada_norm_zero":
             raise NotImplementedError(f"DiT norm_type {cfg.norm_type!r} is not yet supported (ada_norm_zero only)")

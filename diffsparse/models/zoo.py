@@ -34,6 +34,7 @@ class BuiltinModel:
     sampler: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     folder: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the spec's OPTIONS for this model
 
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -58,6 +59,51 @@ BUILTINS: dict[str, BuiltinModel] = {
         dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
              sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero"),
         description="DiT-XL/2 at 256x256 (32x32x4 latent, 256 tokens, 28 blocks), random weights: for benchmarks"),
+    # ---- PixArt-α ----
+    "pixart-tiny": BuiltinModel(
+        "pixart", "PixArtTransformer2DModel",
+        dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+             sample_size=16, patch_size=2, cross_attention_dim=32, caption_channels=24,
+             norm_type="ada_norm_single", use_additional_conditions=False),
+        options={"text_len": 8},
+        description="2-block PixArt on a 16x16x4 latent (64 tokens), 8 text tokens, random weights: for tests"),
+    "pixart-alpha-256": BuiltinModel(
+        "pixart", "PixArtTransformer2DModel",
+        dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+             sample_size=32, patch_size=2, cross_attention_dim=1152, caption_channels=4096,
+             norm_type="ada_norm_single", use_additional_conditions=False),
+        options={"text_len": 120},
+        description="PixArt-α XL/2 at 256x256 (256 tokens, 28 blocks, T5 text of 120 tokens), random weights"),
+    # ---- FLUX.1 ----
+    "flux-tiny": BuiltinModel(
+        "flux", "FluxTransformer2DModel",
+        dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=False,
+             axes_dims_rope=(4, 6, 6)),
+        options={"height": 128, "width": 128, "text_len": 8},
+        description="1+1-block FLUX at 128x128 (4-channel latent, 64 image + 8 text tokens), random weights: for tests"),
+    "flux-schnell-256": BuiltinModel(
+        "flux", "FluxTransformer2DModel",
+        dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False,
+             axes_dims_rope=(16, 56, 56)),
+        options={"height": 256, "width": 256, "text_len": 256},
+        description="FLUX.1-schnell (19 double + 38 single blocks, 12B params) at 256x256, random weights"),
+    # ---- Wan2.1 ----
+    "wan-tiny": BuiltinModel(
+        "wan", "WanTransformer3DModel",
+        dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+             text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+             qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
+        options={"num_frames": 5, "height": 64, "width": 64, "text_len": 8},
+        description="2-block Wan on 5 frames of 64x64 (2x4x4 = 32 video tokens), random weights: for tests"),
+    "wan2.1-1.3b": BuiltinModel(
+        "wan", "WanTransformer3DModel",
+        dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+             out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+             qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+        options={"num_frames": 81, "height": 480, "width": 832, "text_len": 512},
+        description="Wan2.1-T2V-1.3B (30 blocks) at 832x480, 81 frames (32,760 video tokens), random weights"),
 }
 
 
@@ -116,20 +162,24 @@ def load_model(source: str | Path, seed: int = 0) -> tuple[str, torch.nn.Module,
 
 
 def make_spec(source: str | Path, batch_size: int = 1, guidance: bool = True, seed: int = 0,
-              sampler_overrides: dict[str, Any] | None = None) -> ModelSpec:
-    """Load a model and wrap it in its family's spec."""
+              sampler_overrides: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> ModelSpec:
+    """Load a model and wrap it in its family's spec (options: the family's OPTIONS, over a
+    built-in model's own)."""
     family, model, sched_cfg = load_model(source, seed)
     cls = spec_class(family)
     sampler = cls.make_sampler({**sched_cfg, **(sampler_overrides or {})})
-    return cls(model, batch_size=batch_size, guidance=guidance, sampler=sampler)
+    builtin = BUILTINS[str(source)].options if str(source) in BUILTINS else {}
+    return cls(model, batch_size=batch_size, guidance=guidance, sampler=sampler,
+               options={**builtin, **(options or {})})
 
 
 def spec_from_config(family: str, diffusers_class: str, config: dict[str, Any], batch_size: int,
-                     guidance: bool, sampler: dict[str, Any]) -> ModelSpec:
+                     guidance: bool, sampler: dict[str, Any], options: dict[str, Any] | None = None) -> ModelSpec:
     """Rebuild a spec from what a bundle manifest records. The model is built on the meta device
     (no memory, no init time): the runtime needs its structure, not its weights."""
     cls = _diffusers_class(diffusers_class)
     with torch.device("meta"):
         model = cls(**config).eval()
     spec_cls = spec_class(family)
-    return spec_cls(model, batch_size=batch_size, guidance=guidance, sampler=spec_cls.make_sampler(sampler))
+    return spec_cls(model, batch_size=batch_size, guidance=guidance, sampler=spec_cls.make_sampler(sampler),
+                    options=options)
