@@ -104,11 +104,16 @@ class CachedStep(nn.Module):
         else:
             main = tc.token_change_score(h, state[f"inp.{layer.name}"], self.halves)
         entropy = None
-        ent_key = f"ent.{LayerRef(layer.block, 'CA').name}"
+        ent_key = self._entropy_key(layer)
         if sel.lambdas[1] != 0.0 and ent_key in state:
             entropy = self._latest(ent_key, state, new)
         return tc.composite_score(main, state[f"reuse.{layer.name}"], sel, self.spec.score_grid(layer),
                                   entropy=entropy)
+
+    def _entropy_key(self, layer: LayerRef) -> str:
+        """The cache entry holding the cross-attention entropy s2 that scores this layer's tokens:
+        by default that of the block's cross-attention layer."""
+        return f"ent.{LayerRef(layer.block, 'CA').name}"
 
     def _bookkeep(self, layer: LayerRef, h: torch.Tensor, idx: torch.Tensor | None, full: bool,
                   state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
