@@ -101,6 +101,7 @@ class Schedule:
     layer_tokens: list[int] | None = None
 
     def __post_init__(self) -> None:
+        self._check_layer_tokens()
         if self.layer_tokens is not None and all(n == self.num_tokens for n in self.layer_tokens):
             self.layer_tokens = None  # uniform: stored as num_tokens alone
         if self.full_steps is None:
@@ -139,17 +140,20 @@ class Schedule:
         return list(seen)
 
     # ---- validation ------------------------------------------------------------------------
+    def _check_layer_tokens(self) -> None:
+        if self.layer_tokens is not None and (
+                len(self.layer_tokens) != len(self.layers)
+                or any(not isinstance(x, int) or isinstance(x, bool) or x <= 0 for x in self.layer_tokens)):
+            raise ScheduleError(f"layer_tokens must hold one positive integer per layer ({len(self.layers)}), "
+                                f"got {self.layer_tokens!r}")
+
     def validate(self) -> None:
         n = self.num_tokens
         if not isinstance(n, int) or n <= 0:
             raise ScheduleError(f"num_tokens must be a positive integer, got {n!r}")
         if not self.layers:
             raise ScheduleError("schedule has no layers")
-        if self.layer_tokens is not None and (
-                len(self.layer_tokens) != len(self.layers)
-                or any(not isinstance(x, int) or x <= 0 for x in self.layer_tokens)):
-            raise ScheduleError(f"layer_tokens must hold one positive integer per layer ({len(self.layers)}), "
-                                f"got {self.layer_tokens!r}")
+        self._check_layer_tokens()
         for layer in self.layers:
             if layer.kind not in LAYER_KINDS:
                 raise ScheduleError(f"layer {layer} has kind {layer.kind!r}; kinds are {LAYER_KINDS}")

@@ -45,7 +45,8 @@ def export_step(spec: ModelSpec, keep: list[int], selector: SelectorConfig) -> o
             # fails on aten::rms_norm, dynamo's PixArt graph is rejected by ONNX Runtime).
             if spec.onnx_exporter == "dynamo":
                 torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                                  opset_version=OPSET, dynamo=True, external_data=True, verbose=False)
+                                  opset_version=OPSET, dynamo=True, external_data=True, verbose=False,
+                                  optimize=True)
             else:
                 torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
                                   opset_version=OPSET, do_constant_folding=True, dynamo=False)

@@ -36,8 +36,10 @@ class GenerationResult:
 
     def images(self) -> np.ndarray:
         """uint8 images (n, H, W, C) from samples in [-1, 1]. Latent-space models need their VAE
-        to decode; this then shows the first (up to 3) latent channels as a preview."""
-        x = self.samples[:, :3] if self.samples.shape[1] >= 3 else self.samples[:, :1]
+        to decode; this then shows the first (up to 3) latent channels as a preview (the first
+        frame of a video latent (n, C, F, H, W))."""
+        x = self.samples[:, :, 0] if self.samples.ndim == 5 else self.samples
+        x = x[:, :3] if x.shape[1] >= 3 else x[:, :1]
         x = np.clip((x + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
         return x.transpose(0, 2, 3, 1)
 

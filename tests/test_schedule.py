@@ -107,3 +107,22 @@ def test_shipped_schedules_fit_their_model():
         sched = resolve_schedule(name, spec, None)
         assert sched.provenance["method"] == "diffsparse"
         assert abs(spec.macs_ratio(sched) - sched.macs_ratio["achieved"]) < 1e-9
+
+
+def test_per_layer_token_counts():
+    layers = [LayerRef(0, "SA"), LayerRef(0, "MLP"), LayerRef(0, "TMLP")]
+    dense = [64, 64, 8]
+    sched = Schedule(family="flux", num_tokens=64, layers=layers, layer_tokens=dense,
+                     keep=[dense, [32, 16, 4], [0, 64, 2]])
+    assert sched.dense_keep() == dense and sched.full_steps == [True, False, False]
+    assert sched.allowed_keep(8) == [0, 2, 4, 6, 8]
+    assert Schedule.from_dict(sched.to_dict()).to_dict() == sched.to_dict()
+    with pytest.raises(ScheduleError, match="outside"):
+        Schedule(family="flux", num_tokens=64, layers=layers, layer_tokens=dense, keep=[dense, [32, 16, 16]])
+    with pytest.raises(ScheduleError, match="one positive integer per layer"):
+        Schedule(family="flux", num_tokens=64, layers=layers, layer_tokens=[64, 8], keep=[dense])
+    with pytest.raises(ScheduleError, match="per-layer token counts"):
+        sched.check_fits("flux", layers, 64, layer_tokens=[64, 64, 16])
+    # uniform counts are stored as num_tokens alone, so older files and readers see no change
+    uniform = Schedule(family="dit", num_tokens=64, layers=layers[:2], layer_tokens=[64, 64], keep=[[64, 64]])
+    assert uniform.layer_tokens is None and "layer_tokens" not in uniform.to_dict()

@@ -1,0 +1,55 @@
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from diffsparse import tokencache as tc
+
+
+def test_topk_chunks():
+    assert tc.topk_chunks(4096, 3072) == 1
+    assert tc.topk_chunks(4096, 4032) == 2           # K > 3840: split in two halves of 2016
+    assert tc.topk_chunks(32760, 24570) == 7         # Wan 1.3B at 832x480x81, K = 0.75 N
+    with pytest.raises(ValueError, match="cannot split"):
+        tc.topk_chunks(7, 6, limit=2)
+
+
+def test_top_tokens_splits_beyond_the_limit_and_exports(tmp_path):
+    score = torch.randn(2, 48, generator=torch.Generator().manual_seed(0))
+    idx = tc.top_tokens(score, 24, limit=10)          # 3 chunks of 16 tokens, 8 from each
+    assert idx.shape == (2, 24) and idx.dtype == torch.int32
+    for row, s in zip(idx, score):
+        chosen = set(row.tolist())
+        assert len(chosen) == 24
+        for c in range(3):
+            part = s[16 * c:16 * (c + 1)]
+            assert chosen & set(range(16 * c, 16 * (c + 1))) == set((torch.topk(part, 8).indices + 16 * c).tolist())
+
+    class Select(torch.nn.Module):
+        def forward(self, s):
+            return tc.top_tokens(s, 24, limit=10)
+
+    path = tmp_path / "topk.onnx"
+    torch.onnx.export(Select(), (score,), str(path), input_names=["s"], output_names=["i"], opset_version=18, dynamo=False)
+    (onnx_idx,) = ort.InferenceSession(str(path)).run(None, {"s": score.numpy()})
+    assert [sorted(r) for r in onnx_idx.tolist()] == [sorted(r) for r in idx.tolist()]
+
+
+def test_value_norm_prefers_small_values():
+    values = torch.ones(4, 5, 8)
+    values[:, 2] *= 0.1   # token 2 has the smallest value vectors
+    values[:, 4] *= 3.0
+    s = tc.value_norm_score(values, halves=2)
+    assert s.shape == (2, 5)
+    assert int(s.argmax(1)[0]) == 2 and int(s.argmin(1)[0]) == 4
+    assert torch.allclose(s.mean(1), torch.ones(2))
+
+
+def test_attention_entropy():
+    uniform = torch.full((2, 3, 4, 16), 1 / 16)
+    peaked = torch.zeros(2, 3, 4, 16)
+    peaked[..., 0] = 1.0
+    assert torch.allclose(tc.attention_entropy(uniform, 1), torch.ones(2, 4), atol=1e-6)
+    assert torch.allclose(tc.attention_entropy(peaked, 1), torch.zeros(2, 4), atol=1e-6)
+    both = torch.cat([uniform[:1], peaked[:1]])
+    np.testing.assert_allclose(tc.attention_entropy(both, 2).numpy(), 0.5, atol=1e-6)
