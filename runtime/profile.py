@@ -84,7 +84,8 @@ class _Subject:
     def summary(self) -> dict[str, Any]:
         from diffsparse.runtime.bundle import Bundle
 
-        m = Bundle(self.folder, verify=False).manifest
+        bundle = Bundle(self.folder, verify=False)
+        m = bundle.manifest
         per_step = np.median(np.asarray(self.runs), axis=0)
         return {
             "bundle": str(self.folder), "backend": self.pipe.backend.name, "device": self.pipe.backend.device,
@@ -94,7 +95,7 @@ class _Subject:
             "total_ms": 1000 * statistics.median(self.totals), "total_ms_runs": [1000 * x for x in self.totals],
             "macs_per_step": m.macs["per_step"], "macs_total": m.macs["total"], "dense_macs_total": m.macs["dense_total"],
             "macs_ratio": m.macs["ratio"], "load_seconds": self.load_seconds, "loaded_bytes": self.loaded_bytes,
-            "weights_bytes": m.weights["bytes"],
+            "weights_bytes": m.weights["bytes"], "macs_breakdown": bundle.spec.macs_breakdown(m.schedule),
         }
 
 
@@ -159,8 +160,27 @@ def markdown_summary(report: dict[str, Any]) -> str:
         f"(efficiency {report['efficiency']:.2f} = speed-up / MACs speed-up). "
         f"Process peak RSS {report['peak_rss_bytes'] * mb:.0f} MB.", "",
         "![K(t,l)](k_heatmap.png) ![per-step latency](step_latency.png)", "",
+        *macs_by_kind(s["macs_breakdown"]),
     ]
     return "\n".join(lines)
+
+
+def macs_by_kind(breakdown: dict[str, Any]) -> list[str]:
+    """Markdown table of GMACs per layer kind, dense vs scheduled (profile.json has every layer)."""
+    kinds: dict[str, list[int]] = {}
+    for row in breakdown["layers"]:
+        acc = kinds.setdefault(row["kind"], [0, 0, 0])
+        acc[0] += 1
+        acc[1] += row["dense"]
+        acc[2] += row["scheduled"]
+    g = 1e-9
+    lines = ["| MACs of the run by part | layers | dense GMACs | scheduled GMACs | ratio |", "|---|---:|---:|---:|---:|",
+             f"| fixed (embeddings, modulation, head) | | {breakdown['fixed'] * g:.2f} | {breakdown['fixed'] * g:.2f} | 1.000 |"]
+    for kind, (n, dense, sched) in kinds.items():
+        lines.append(f"| {kind} | {n} | {dense * g:.2f} | {sched * g:.2f} | {sched / max(dense, 1):.3f} |")
+    d, s = breakdown["dense_total"], breakdown["scheduled_total"]
+    lines += [f"| **total** | {len(breakdown['layers'])} | {d * g:.2f} | {s * g:.2f} | {s / max(d, 1):.3f} |", ""]
+    return lines
 
 
 def plot_k_heatmap(schedule, path: Path) -> None:
