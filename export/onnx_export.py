@@ -22,6 +22,17 @@ def next_name(name: str) -> str:
     return f"next.{name}"
 
 
+def _dynamo_translations() -> dict:
+    """Overrides of the dynamo exporter's op translations that keep graphs in TensorRT's subset:
+    its default index_select casts the (int32) Gather indices to int64."""
+    from onnxscript import opset18 as op
+
+    def index_select(self, dim: int, index):
+        return op.Gather(self, op.Reshape(index, op.Constant(value_ints=[-1])), axis=dim)
+
+    return {torch.ops.aten.index_select.default: index_select}
+
+
 def sample_tensor(spec: TensorSpec, generator: torch.Generator) -> torch.Tensor:
     if spec.dtype.startswith("int"):
         return torch.zeros(spec.shape, dtype=spec.torch_dtype)
@@ -44,9 +55,11 @@ def export_step(spec: ModelSpec, keep: list[int], selector: SelectorConfig) -> o
             # The family's spec picks the exporter that works for it (DESIGN.md: TorchScript
             # fails on aten::rms_norm, dynamo's PixArt graph is rejected by ONNX Runtime).
             if spec.onnx_exporter == "dynamo":
+                # its registry warns about every torchvision op it skips (torchvision is absent)
+                logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
                 torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
                                   opset_version=OPSET, dynamo=True, external_data=True, verbose=False,
-                                  optimize=True)
+                                  optimize=True, custom_translation_table=_dynamo_translations())
             else:
                 torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
                                   opset_version=OPSET, do_constant_folding=True, dynamo=False)

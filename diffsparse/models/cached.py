@@ -158,7 +158,9 @@ class CachedStep(nn.Module):
             q, fresh_k, fresh_v = self._qkv(attn, attn_in(tc.gather_tokens(h, ridx)), ridx)
             keys = tc.scatter_tokens(state[f"key.{name}"], ridx, fresh_k)
             values = tc.scatter_tokens(state[f"value.{name}"], ridx, fresh_v)
-        fresh, probs = self._attend(attn, q, keys, values)
+        # the attention map is materialised only when the selector reads it (attention received);
+        # otherwise the attention runs fused
+        fresh, probs = self._attend(attn, q, keys, values, need_probs=f"recv.{name}" in state)
         new[f"key.{name}"], new[f"value.{name}"] = keys, values
         if f"recv.{name}" in state:
             new[f"recv.{name}"] = tc.attention_received(probs, self.halves)

@@ -74,7 +74,9 @@ class DiTMaskedStep(DiTCachedStep):
         x = attn_in(h)
         keys = mr * attn.to_k(x) + (1.0 - mr) * state[f"key.{name}"]
         values = mr * attn.to_v(x) + (1.0 - mr) * state[f"value.{name}"]
-        fresh, probs = self._attend(attn, attn.to_q(x), keys, values)
+        # the same attention kernel as the exported step: explicit only when the score reads the map
+        fresh, probs = self._attend(attn, attn.to_q(x), keys, values,
+                                    need_probs=f"recv.{name}" in state)
         out = mr * fresh + (1.0 - mr) * state[f"out.{name}"]
         new[f"key.{name}"], new[f"value.{name}"], new[f"out.{name}"] = keys, values, out
         if self.selector.score == "attention":

@@ -156,9 +156,37 @@ def load_model(source: str | Path, seed: int = 0) -> tuple[str, torch.nn.Module,
     except json.JSONDecodeError as e:
         raise ModelSourceError(f"{config_file} is not valid JSON: {e}") from None
     cls = _diffusers_class(class_name)
-    # low_cpu_mem_usage=False: works without `accelerate`
-    model = cls.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False).eval()
-    return families()[class_name], model, sched_cfg
+    return families()[class_name], _from_folder(cls, path), sched_cfg
+
+
+def _from_folder(cls, path: Path) -> torch.nn.Module:
+    """diffusers' from_pretrained (low_cpu_mem_usage=False works without `accelerate`), falling
+    back to config + state dict for classes diffusers will not load that way without it (Wan's
+    fp32-kept modules)."""
+    try:
+        return cls.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False).eval()
+    except (ImportError, ValueError) as e:
+        if "accelerate" not in str(e) and "keep_in_fp32_modules" not in str(e):
+            raise
+    from diffusers.models.model_loading_utils import load_state_dict
+
+    model = cls.from_config(cls.load_config(str(path)))
+    index = path / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [p.name for p in path.glob("diffusion_pytorch_model*.safetensors")]
+    if not files:
+        raise ModelSourceError(f"{path} has no diffusion_pytorch_model*.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_state_dict(str(path / name)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelSourceError(f"weights in {path} do not fit its config: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+    log.info("loaded %s from %s without accelerate (config + state dict)", cls.__name__, path)
+    return model.eval()
 
 
 def make_spec(source: str | Path, batch_size: int = 1, guidance: bool = True, seed: int = 0,
