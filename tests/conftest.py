@@ -40,3 +40,18 @@ def tiny_bundles(tmp_path_factory, tiny_spec, tiny_schedules):
         out[name] = root / name
         export_bundle(tiny_spec, sched, out[name], source={"model": TINY, "seed": 0}, config=ExportConfig())
     return out
+
+
+@pytest.fixture
+def count_macs():
+    """count_macs(fn, *args) -> PyTorch's own FLOP count / 2 of what fn runs, with the math
+    attention kernel (the fused CPU kernel is invisible to the FLOP counter)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn, *args) -> int:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            fn(*args)
+        return counter.get_total_flops() // 2
+
+    return count

@@ -156,9 +156,28 @@ class ModelSpec(abc.ABC):
         """Tokens the layer runs over (its K is out of these); most families: num_tokens."""
         return self.num_tokens
 
-    @abc.abstractmethod
     def layer_cache_buffers(self, selector: SelectorConfig) -> list[TensorSpec]:
-        """The token cache of the cacheable layers."""
+        """The token cache of the cacheable layers, for families whose layers all run over the
+        num_tokens tokens at width `self.dim`: per layer its ungated output (rows, N, D) and reuse
+        counts (batch, N); per SA its keys and values, plus the attention each token received when
+        the score reads it; per CA the attention entropy when λ2 weighs it; the layer input for the
+        cosine score."""
+        r, b, n, d = self.rows, self.batch_size, self.num_tokens, self.dim
+        l1, l2 = selector.lambdas[:2]
+        bufs: list[TensorSpec] = []
+        for layer in self.layers:
+            bufs.append(TensorSpec(f"out.{layer.name}", (r, n, d)))
+            bufs.append(TensorSpec(f"reuse.{layer.name}", (b, n)))
+            if layer.kind == "SA":
+                bufs.append(TensorSpec(f"key.{layer.name}", (r, n, d)))
+                bufs.append(TensorSpec(f"value.{layer.name}", (r, n, d)))
+                if selector.score == "attention" and l1 != 0.0:
+                    bufs.append(TensorSpec(f"recv.{layer.name}", (b, n)))
+            if layer.kind == "CA" and l2 != 0.0:
+                bufs.append(TensorSpec(f"ent.{layer.name}", (b, n)))
+            if selector.score == "cosine":
+                bufs.append(TensorSpec(f"inp.{layer.name}", (r, n, d)))
+        return bufs
 
     def cache_buffers(self, selector: SelectorConfig) -> list[TensorSpec]:
         """Every tensor carried from one step to the next: the layers' token cache, then the

@@ -145,19 +145,11 @@ class CachedStep(nn.Module):
         return attn.to_q(x), attn.to_k(x), attn.to_v(x)
 
     def _self_attention(self, index, layer, attn, attn_in: Callable, h, state, new) -> torch.Tensor:
-        k, n = self.keep[index], h.shape[1]
+        k = self.keep[index]
         name = layer.name
         if k == 0:
             return self._reuse_all(layer, h, state, new)
-        if k == n:
-            q, keys, values = self._qkv(attn, attn_in(h), None)
-            idx = ridx = None
-        else:
-            idx = self._select(index, layer, layer, h, state, new)
-            ridx = tc.rows_index(idx, self.halves)
-            q, fresh_k, fresh_v = self._qkv(attn, attn_in(tc.gather_tokens(h, ridx)), ridx)
-            keys = tc.scatter_tokens(state[f"key.{name}"], ridx, fresh_k)
-            values = tc.scatter_tokens(state[f"value.{name}"], ridx, fresh_v)
+        q, keys, values, idx, ridx = self._fresh_qkv(index, layer, attn, attn_in, h, state, new)
         # the attention map is materialised only when the selector reads it (attention received);
         # otherwise the attention runs fused
         fresh, probs = self._attend(attn, q, keys, values, need_probs=f"recv.{name}" in state)
@@ -168,6 +160,21 @@ class CachedStep(nn.Module):
         new[f"out.{name}"] = out
         self._bookkeep(layer, h, idx, idx is None, state, new)
         return out
+
+    def _fresh_qkv(self, index, layer, attn, attn_in: Callable, h, state, new):
+        """Queries of the K selected tokens (all N when K = N) and every token's keys/values: the
+        selected tokens' fresh ones scattered into the layer's key/value cache. Returns
+        (q, keys, values, idx, ridx); idx/ridx None when all tokens were computed."""
+        name = layer.name
+        if self.keep[index] == h.shape[1]:
+            q, keys, values = self._qkv(attn, attn_in(h), None)
+            return q, keys, values, None, None
+        idx = self._select(index, layer, layer, h, state, new)
+        ridx = tc.rows_index(idx, self.halves)
+        q, fresh_k, fresh_v = self._qkv(attn, attn_in(tc.gather_tokens(h, ridx)), ridx)
+        keys = tc.scatter_tokens(state[f"key.{name}"], ridx, fresh_k)
+        values = tc.scatter_tokens(state[f"value.{name}"], ridx, fresh_v)
+        return q, keys, values, idx, ridx
 
     def _attend(self, attn, q, keys, values, need_probs: bool = True, bias: torch.Tensor | None = None):
         """Multi-head attention of q (R, Q, D) over keys/values (R, M, D) -> (output projected,

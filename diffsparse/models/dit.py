@@ -71,21 +71,6 @@ class DiTSpec(ModelSpec):
     def conditioning_inputs(self) -> list[TensorSpec]:
         return [TensorSpec("class_labels", (self.batch_size,), "int32")]
 
-    def layer_cache_buffers(self, selector: SelectorConfig) -> list[TensorSpec]:
-        r, b, n, d = self.rows, self.batch_size, self.num_tokens, self.dim
-        bufs: list[TensorSpec] = []
-        for layer in self.layers:
-            bufs.append(TensorSpec(f"out.{layer.name}", (r, n, d)))
-            bufs.append(TensorSpec(f"reuse.{layer.name}", (b, n)))
-            if layer.kind == "SA":
-                bufs.append(TensorSpec(f"key.{layer.name}", (r, n, d)))
-                bufs.append(TensorSpec(f"value.{layer.name}", (r, n, d)))
-                if selector.score == "attention":
-                    bufs.append(TensorSpec(f"recv.{layer.name}", (b, n)))
-            if selector.score == "cosine":
-                bufs.append(TensorSpec(f"inp.{layer.name}", (r, n, d)))
-        return bufs
-
     def build_step(self, keep: Sequence[int], selector: SelectorConfig) -> nn.Module:
         return DiTCachedStep(self, list(keep), selector)
 

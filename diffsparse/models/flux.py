@@ -249,7 +249,7 @@ class FluxCachedStep(CachedStep):
     # -- layers ------------------------------------------------------------------------------
     def _joint_attention(self, index, layer, attn, img_in, txt_in, h, c, state, new):
         """Double-stream attention -> (image output (R, N, D), text output (R, T, D)), both ungated."""
-        k, n, t = self.keep[index], h.shape[1], c.shape[1]
+        k, t = self.keep[index], c.shape[1]
         name = layer.name
         tq, tk, tv = self._rotary_qkv(txt_in(c), (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
                                       (attn.norm_added_q, attn.norm_added_k), self.rope_cos[:t], self.rope_sin[:t])
@@ -258,14 +258,7 @@ class FluxCachedStep(CachedStep):
             img_out = self._reuse_all(layer, h, state, new, keys=("out", "key", "value", "ent"))
             q, keys, values = tq, state[f"key.{name}"], state[f"value.{name}"]
         else:
-            if k == n:
-                iq, keys, values = self._qkv(attn, img_in(h), None)
-            else:
-                idx = self._select(index, layer, layer, h, state, new)
-                ridx = tc.rows_index(idx, self.halves)
-                iq, fresh_k, fresh_v = self._qkv(attn, img_in(tc.gather_tokens(h, ridx)), ridx)
-                keys = tc.scatter_tokens(state[f"key.{name}"], ridx, fresh_k)
-                values = tc.scatter_tokens(state[f"value.{name}"], ridx, fresh_v)
+            iq, keys, values, idx, ridx = self._fresh_qkv(index, layer, attn, img_in, h, state, new)
             new[f"key.{name}"], new[f"value.{name}"] = keys, values
             q = torch.cat([tq, iq], dim=1)
         ent_key, recv_key = f"ent.{name}", f"recv.{name}"

@@ -122,24 +122,6 @@ class PixArtSpec(ModelSpec):
             out += [TensorSpec(embeds, (b, m, self.caption_channels)), TensorSpec(mask, (b, m))]
         return out
 
-    def layer_cache_buffers(self, selector: SelectorConfig) -> list[TensorSpec]:
-        r, b, n, d = self.rows, self.batch_size, self.num_tokens, self.dim
-        l1, l2 = selector.lambdas[:2]
-        bufs: list[TensorSpec] = []
-        for layer in self.layers:
-            bufs.append(TensorSpec(f"out.{layer.name}", (r, n, d)))
-            bufs.append(TensorSpec(f"reuse.{layer.name}", (b, n)))
-            if layer.kind == "SA":
-                bufs.append(TensorSpec(f"key.{layer.name}", (r, n, d)))
-                bufs.append(TensorSpec(f"value.{layer.name}", (r, n, d)))
-                if selector.score == "attention" and l1 != 0.0:
-                    bufs.append(TensorSpec(f"recv.{layer.name}", (b, n)))
-            if layer.kind == "CA" and l2 != 0.0:
-                bufs.append(TensorSpec(f"ent.{layer.name}", (b, n)))
-            if selector.score == "cosine":
-                bufs.append(TensorSpec(f"inp.{layer.name}", (r, n, d)))
-        return bufs
-
     def build_step(self, keep: Sequence[int], selector: SelectorConfig) -> nn.Module:
         return PixArtCachedStep(self, list(keep), selector)
 

@@ -129,11 +129,6 @@ class WanSpec(ModelSpec):
     def model_config(self) -> dict[str, Any]:
         return {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}
 
-    def needs_attention_maps(self, selector: SelectorConfig) -> tuple[bool, bool]:
-        """(self-attention, cross-attention): whether the selector reads that layer's attention
-        map (attention received, cross-attention entropy); otherwise it runs fused."""
-        return selector.score == "attention", selector.lambdas[1] != 0.0
-
     # ---- graph signature -------------------------------------------------------------------
     def conditioning_inputs(self) -> list[TensorSpec]:
         shape = (self.batch_size, self.text_len, self.text_dim)
@@ -141,24 +136,6 @@ class WanSpec(ModelSpec):
         if self.guidance:
             embeds.append(TensorSpec("negative_prompt_embeds", shape))
         return embeds
-
-    def layer_cache_buffers(self, selector: SelectorConfig) -> list[TensorSpec]:
-        r, b, n, d = self.rows, self.batch_size, self.num_tokens, self.dim
-        sa_maps, ca_maps = self.needs_attention_maps(selector)
-        bufs: list[TensorSpec] = []
-        for layer in self.layers:
-            bufs.append(TensorSpec(f"out.{layer.name}", (r, n, d)))
-            bufs.append(TensorSpec(f"reuse.{layer.name}", (b, n)))
-            if layer.kind == "SA":
-                bufs.append(TensorSpec(f"key.{layer.name}", (r, n, d)))
-                bufs.append(TensorSpec(f"value.{layer.name}", (r, n, d)))
-                if sa_maps:
-                    bufs.append(TensorSpec(f"recv.{layer.name}", (b, n)))
-            if layer.kind == "CA" and ca_maps:
-                bufs.append(TensorSpec(f"ent.{layer.name}", (b, n)))
-            if selector.score == "cosine":
-                bufs.append(TensorSpec(f"inp.{layer.name}", (r, n, d)))
-        return bufs
 
     def build_step(self, keep: Sequence[int], selector: SelectorConfig) -> nn.Module:
         rows_per_frame, cols = self.video_grid[1:]
