@@ -122,9 +122,12 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     manifest.save(folder)
     if config.verify:
-        from diffsparse.export.verify import verify_graphs
+        from diffsparse.export.verify import SelectionMismatch, verify_graphs
 
-        errors = verify_graphs(folder, spec)
+        try:
+            errors = verify_graphs(folder, spec)
+        except SelectionMismatch as e:
+            raise ExportError(f"an exported graph selects different tokens than the PyTorch step: {e}") from None
         for g, err in zip(graphs, errors):
             g.parity_max_abs_err = float(err)
         worst = max(errors)

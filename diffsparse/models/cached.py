@@ -32,6 +32,12 @@ class CachedStep(nn.Module):
     forward(*step_inputs, *cache) -> (next_latent, *cache'), in the order the spec lists them.
     """
 
+    #: hooks for export verification (export/verify.py): when a dict, each partial layer's token
+    #: scores are recorded in it by layer index / the selection given for a layer index is used
+    #: instead of this step's own TopK
+    record_scores: dict[int, torch.Tensor] | None = None
+    forced_selection: dict[int, torch.Tensor] | None = None
+
     def __init__(self, spec, keep: list[int], selector: SelectorConfig) -> None:
         super().__init__()
         if len(keep) != len(spec.layers):
@@ -83,7 +89,12 @@ class CachedStep(nn.Module):
     # -- token selection ---------------------------------------------------------------------
     def _select(self, index: int, layer: LayerRef, sa: LayerRef, h: torch.Tensor,
                 state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
-        return tc.top_tokens(self._score(layer, sa, h, state, new), self.keep[index])
+        score = self._score(layer, sa, h, state, new)
+        if self.record_scores is not None:
+            self.record_scores[index] = score
+        if self.forced_selection is not None and index in self.forced_selection:
+            return self.forced_selection[index]
+        return tc.top_tokens(score, self.keep[index])
 
     def _latest(self, key: str, state, new) -> torch.Tensor:
         return new.get(key, state[key])
