@@ -12,6 +12,8 @@ Layout conventions:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from diffsparse.schedule import SelectorConfig
@@ -117,7 +119,7 @@ def scatter_tokens(cache: torch.Tensor, idx: torch.Tensor, fresh: torch.Tensor) 
     (7x faster than ScatterElements on ONNX Runtime CPU) and the cache input is not reshaped (a
     reshape of a graph input costs ORT a copy). ONNX defines ScatterND indices as int64."""
     rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand(idx.shape)
-    return cache.index_put((rows, idx.to(torch.int64)), fresh)
+    return cache.index_put((rows, idx.to(torch.int64)), fresh.to(cache.dtype))
 
 
 def next_reuse(reuse: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -153,7 +155,7 @@ def attention_entropy(probs: torch.Tensor, halves: int) -> torch.Tensor:
     (s2 of A.5.1 for cross-attention), mean over heads, normalised by log M to [0, 1]."""
     m = probs.shape[-1]
     ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean(1)
-    return merge_halves(ent, halves) / max(1.0, float(torch.log(torch.tensor(float(m)))))
+    return merge_halves(ent, halves) / max(1.0, math.log(m))
 
 
 def token_change_score(x: torch.Tensor, previous: torch.Tensor, halves: int) -> torch.Tensor:

@@ -12,11 +12,12 @@ from diffsparse.export.bundle import ExportConfig, ExportError, export_bundle
 
 from diffsparse.builtin_schedules import BUILTIN_NAMES, resolve_schedule
 from diffsparse.manifest import BundleError
+from diffsparse.models.base import SpecError
 from diffsparse.models.zoo import BUILTINS, ModelSourceError, make_spec
 from diffsparse.sampler import SamplerError
 from diffsparse.schedule import ScheduleError
 
-USER_ERRORS = (ScheduleError, BundleError, ExportError, ModelSourceError, SamplerError, FileNotFoundError)
+USER_ERRORS = (ScheduleError, BundleError, ExportError, ModelSourceError, SamplerError, SpecError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,11 @@ import argparse
 import logging
 import sys
 
+import numpy as np
+
 from diffsparse.runtime.backends.base import BackendError
+from diffsparse.runtime.backends.select import BACKENDS, DEVICES
+from diffsparse.runtime.backends.torch_backend import DTYPES
 
 from diffsparse.manifest import BundleError
 from diffsparse.schedule import ScheduleError
@@ -21,11 +25,16 @@ def _labels(text: str) -> list[int]:
 def run_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dsrun", description="Generate samples from a diffsparse bundle.")
     p.add_argument("bundle")
-    p.add_argument("--labels", type=_labels, default=list(range(10)), help="comma-separated class labels")
+    p.add_argument("--labels", type=_labels, default=None,
+                   help="comma-separated class labels (class-conditional models; default 0-9)")
+    p.add_argument("--conditioning", default=None, metavar="NPZ",
+                   help="text-conditioned models: an .npz of the arrays the model takes (prompt_embeds, ...; "
+                        "first axis = sample)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float, default=4.0)
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="torch backend precision")
     p.add_argument("--out", default="samples.png", help="PNG grid to write")
     p.add_argument("--scale", type=int, default=4, help="pixel upscaling of the grid")
     args = p.parse_args(argv)
@@ -33,13 +42,20 @@ def run_main(argv: list[str] | None = None) -> int:
     from diffsparse.runtime.pipeline import Pipeline
 
     try:
-        pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device)
-        result = pipe.generate(args.labels, seed=args.seed, guidance_scale=args.guidance_scale)
+        pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, dtype=args.dtype)
+        conditioning = None
+        if args.conditioning:
+            with np.load(args.conditioning) as data:
+                conditioning = {k: data[k] for k in data.files}
+        labels = args.labels if args.labels is not None or conditioning else list(range(10))
+        result = pipe.generate(labels, seed=args.seed, guidance_scale=args.guidance_scale,
+                               conditioning=conditioning)
     except USER_ERRORS as e:
         print(f"dsrun: error: {e}", file=sys.stderr)
         return 2
     result.grid(scale=args.scale).save(args.out)
-    print(f"wrote {args.out}: {len(args.labels)} samples in {result.total_seconds:.2f}s on {result.backend}/{result.device}")
+    print(f"wrote {args.out}: {len(result.samples)} samples in {result.total_seconds:.2f}s on "
+          f"{result.backend}/{result.device}")
     return 0
 
 
@@ -52,13 +68,14 @@ def profile_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="profile", help="report folder")
     p.add_argument("--runs", type=int, default=ProfileConfig.runs)
     p.add_argument("--warmup", type=int, default=ProfileConfig.warmup)
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="torch backend precision")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg = ProfileConfig(runs=args.runs, warmup=args.warmup, backend=args.backend, device=args.device,
-                        threads=args.threads)
+                        threads=args.threads, dtype=args.dtype)
     try:
         report = profile(args.bundle, args.baseline, cfg)
     except USER_ERRORS as e:

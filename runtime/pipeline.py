@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 from diffsparse.runtime.backends.base import Backend, BackendError
+from diffsparse.runtime.backends.select import resolve
 from diffsparse.runtime.bundle import Bundle
 
 from diffsparse.models.base import ModelSpec, StepCall
 from diffsparse.sampler import SamplerPlan, initial_noise
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "onnxruntime", "torch")
 
 
 @dataclass
@@ -71,24 +71,28 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, folder: str | Path, backend: str = "auto", device: str = "cpu",
-                    threads: int | None = None, verify: bool = True) -> Pipeline:
-        if backend not in BACKENDS:
-            raise BackendError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+                    threads: int | None = None, verify: bool = True, dtype: str = "float32") -> Pipeline:
+        """backend: "auto" (the fastest available on the device), "onnxruntime", "torch" or
+        "tensorrt"; device: "cpu", "cuda" or "auto" (CUDA when torch sees a GPU). dtype (torch
+        backend): "float32", "bfloat16" or "float16"."""
+        backend, device = resolve(backend, device)
         bundle = Bundle(folder, verify=verify)
         m = bundle.manifest
         steps = [s["graph"] for s in m.steps]
         if backend == "torch":
             return cls.from_model(m.source.get("model"), m.schedule, batch_size=m.batch_size,
                                   guidance=m.guidance, seed=m.source.get("seed", 0), device=device,
-                                  sampler=m.sampler.config, options=m.spec_options)
+                                  sampler=m.sampler.config, options=m.spec_options, dtype=dtype)
         from diffsparse.runtime.backends.ort import OrtBackend
 
         return cls(OrtBackend(bundle, device=device, threads=threads), bundle.spec, m.sampler, steps)
 
     @classmethod
     def from_model(cls, model, schedule, batch_size: int = 1, guidance: bool = True, seed: int = 0,
-                   device: str = "cpu", sampler: dict | None = None, options: dict | None = None) -> Pipeline:
-        """The PyTorch reference pipeline: same schedule, same sampler, eager token-cached steps."""
+                   device: str = "cpu", sampler: dict | None = None, options: dict | None = None,
+                   dtype: str = "float32", static: bool = True) -> Pipeline:
+        """The PyTorch pipeline: same schedule, same sampler, the token-cached step modules over
+        static ping-pong buffers (CUDA graphs on a GPU); static=False runs them eagerly."""
         from diffsparse.runtime.backends.torch_backend import TorchBackend
 
         from diffsparse.models.zoo import make_spec
@@ -99,7 +103,8 @@ class Pipeline:
                          options=options)
         sigs = schedule.distinct_signatures()
         steps = [sigs.index(schedule.step_signature(t)) for t in range(schedule.num_steps)]
-        return cls(TorchBackend(spec, schedule, device=device), spec, spec.sampler_plan(schedule.num_steps), steps)
+        backend = TorchBackend(spec, schedule, device=device, dtype=dtype, static=static)
+        return cls(backend, spec, spec.sampler_plan(schedule.num_steps), steps)
 
     def generate(self, class_labels: Sequence[int] | None = None, seed: int = 0, guidance_scale: float = 4.0,
                  conditioning: dict[str, np.ndarray] | None = None) -> GenerationResult:

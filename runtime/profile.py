@@ -32,6 +32,7 @@ class ProfileConfig:
     backend: str = "onnxruntime"
     device: str = "cpu"
     threads: int | None = None
+    dtype: str = "float32"
     seed: int = 0
     guidance_scale: float = 4.0
 
@@ -63,7 +64,8 @@ class _Subject:
     def __init__(self, folder: Path, cfg: ProfileConfig) -> None:
         before = rss_bytes()
         t0 = time.perf_counter()
-        self.pipe = Pipeline.from_bundle(folder, backend=cfg.backend, device=cfg.device, threads=cfg.threads)
+        self.pipe = Pipeline.from_bundle(folder, backend=cfg.backend, device=cfg.device, threads=cfg.threads,
+                                         dtype=cfg.dtype)
         self.pipe.backend.prepare()
         self.load_seconds = time.perf_counter() - t0
         self.folder = folder

@@ -39,3 +39,27 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert dsrun([str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_text_model_from_the_command_line(tmp_path, capsys):
+    """dsexport with a family option, then dsrun with the text conditioning in an .npz file."""
+    import numpy as np
+
+    from diffsparse.models.zoo import make_spec
+
+    out = tmp_path / "pixart"
+    assert dsexport(["--model", "pixart-tiny", "--schedule", "toca", "--steps", "5", "--option", "text_len=6",
+                     "--out", str(out), "-q"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["spec_options"] == {"text_len": 6} and m["sampler"]["kind"] == "dpmpp_2m"
+    spec = make_spec("pixart-tiny", options={"text_len": 6})
+    rng = np.random.default_rng(0)
+    cond = {k: np.concatenate([v, v]) for k, v in spec.example_conditioning(rng).items()}  # two samples
+    np.savez(tmp_path / "cond.npz", **cond)
+    assert dsrun([str(out), "--conditioning", str(tmp_path / "cond.npz"), "--out", str(tmp_path / "p.png")]) == 0
+    assert "2 samples" in capsys.readouterr().out
+    np.savez(tmp_path / "short.npz", prompt_embeds=cond["prompt_embeds"][:, :3])
+    assert dsrun([str(out), "--conditioning", str(tmp_path / "short.npz")]) == 2
+    assert "'prompt_embeds' must have shape (1, 6, 24), got (1, 3, 24)" in capsys.readouterr().err
+    assert dsexport(["--model", "pixart-tiny", "--option", "txt_len=6", "--out", str(tmp_path / "y")]) == 2
+    assert "unknown option" in capsys.readouterr().err

@@ -22,6 +22,11 @@ DTYPES = {"float32": (np.float32, torch.float32), "int64": (np.int64, torch.int6
           "int32": (np.int32, torch.int32), "float16": (np.float16, torch.float16)}
 
 
+class SpecError(ValueError):
+    """A model that cannot be set up as asked: an unknown or invalid option, an unsupported
+    configuration, guidance on a guidance-distilled model."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A named, statically shaped tensor of a step graph."""
@@ -83,10 +88,10 @@ class ModelSpec(abc.ABC):
     def __init__(self, model: nn.Module, batch_size: int = 1, guidance: bool = True, sampler=None,
                  options: dict[str, Any] | None = None) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise SpecError(f"batch_size must be >= 1, got {batch_size}")
         unknown = sorted(set(options or {}) - set(self.OPTIONS))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for the {self.family} family; "
+            raise SpecError(f"unknown option(s) {unknown} for the {self.family} family; "
                              f"it takes {sorted(self.OPTIONS) or 'none'}")
         self.options = {**self.OPTIONS, **(options or {})}
         self.model = model.eval()
@@ -94,7 +99,7 @@ class ModelSpec(abc.ABC):
         self.guidance = guidance
         self.sampler = sampler if sampler is not None else self.make_sampler({})
         if self.sampler.kind != self.sampler_kind:
-            raise ValueError(f"the {self.family} family samples with {self.sampler_kind!r}, not {self.sampler.kind!r}")
+            raise SpecError(f"the {self.family} family samples with {self.sampler_kind!r}, not {self.sampler.kind!r}")
 
     @classmethod
     def make_sampler(cls, scheduler_config: dict[str, Any]):

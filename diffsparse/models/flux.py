@@ -55,7 +55,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 from diffsparse import tokencache as tc
-from diffsparse.models.base import ModelSpec, TensorSpec, register
+from diffsparse.models.base import ModelSpec, SpecError, TensorSpec, register
 from diffsparse.models.cached import CachedStep
 from diffsparse.sampler import FlowMatchConfig
 from diffsparse.schedule import LayerRef, SelectorConfig
@@ -80,7 +80,7 @@ class FluxSpec(ModelSpec):
             raise NotImplementedError("FLUX models with guidance_embeds=True (FLUX.1-dev) are not yet supported; "
                                       "FLUX.1-schnell is")
         if guidance:
-            raise ValueError("FLUX.1-schnell is guidance-distilled and has no classifier-free guidance: "
+            raise SpecError("FLUX.1-schnell is guidance-distilled and has no classifier-free guidance: "
                              "export it with guidance off (dsexport --no-guidance)")
         super().__init__(model, batch_size, guidance, sampler, options)
         if cfg.patch_size != 1:
@@ -93,9 +93,9 @@ class FluxSpec(ModelSpec):
         height, width, text_len = (int(self.options[k]) for k in ("height", "width", "text_len"))
         step = VAE_SCALE * PACK
         if height <= 0 or width <= 0 or height % step or width % step:
-            raise ValueError(f"FLUX height and width must be positive multiples of {step} pixels, got {height}x{width}")
+            raise SpecError(f"FLUX height and width must be positive multiples of {step} pixels, got {height}x{width}")
         if text_len <= 0:
-            raise ValueError(f"FLUX text_len must be positive, got {text_len}")
+            raise SpecError(f"FLUX text_len must be positive, got {text_len}")
         self.grid = (height // step, width // step)
         self.text_len = text_len
         self.channels = cfg.in_channels // (PACK * PACK)  # unpacked latent channels

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffsparse.models.base import ModelSpec, TensorSpec, register
+from diffsparse.models.base import ModelSpec, SpecError, TensorSpec, register
 from diffsparse.models.cached import CachedStep
 from diffsparse.sampler import FlowMatchConfig
 from diffsparse.schedule import LayerRef, SelectorConfig
@@ -78,17 +78,17 @@ class WanSpec(ModelSpec):
         frames, height, width, self.text_len = (self._option(k) for k in ("num_frames", "height", "width", "text_len"))
         pt, ph, pw = self.patch
         if (frames - 1) % VAE_TIME:
-            raise ValueError(f"num_frames must be 4k+1 (the VAE compresses time 4x), got {frames}")
+            raise SpecError(f"num_frames must be 4k+1 (the VAE compresses time 4x), got {frames}")
         for name, size, p in (("height", height, ph), ("width", width, pw)):
             if size % (VAE_SPACE * p):
-                raise ValueError(f"{name} must be a multiple of {VAE_SPACE * p} (VAE 8x times patch {p}), got {size}")
+                raise SpecError(f"{name} must be a multiple of {VAE_SPACE * p} (VAE 8x times patch {p}), got {size}")
         self.latent_frames = (frames - 1) // VAE_TIME + 1
         if self.latent_frames % pt:
-            raise ValueError(f"{self.latent_frames} latent frames do not divide into temporal patches of {pt}")
+            raise SpecError(f"{self.latent_frames} latent frames do not divide into temporal patches of {pt}")
         self.latent_hw = (height // VAE_SPACE, width // VAE_SPACE)
         self.video_grid = (self.latent_frames // pt, self.latent_hw[0] // ph, self.latent_hw[1] // pw)
         if max(self.video_grid) > cfg.rope_max_seq_len:
-            raise ValueError(f"token grid {self.video_grid} (frames, rows, columns) exceeds the model's "
+            raise SpecError(f"token grid {self.video_grid} (frames, rows, columns) exceeds the model's "
                              f"rope_max_seq_len {cfg.rope_max_seq_len}")
         f, gh, gw = self.video_grid
         # spatial-bonus tiles run over (frames x rows, columns): tiles stay in a frame when the
@@ -98,7 +98,7 @@ class WanSpec(ModelSpec):
     def _option(self, name: str) -> int:
         value = self.options[name]
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"option {name} must be a positive integer, got {value!r}")
+            raise SpecError(f"option {name} must be a positive integer, got {value!r}")
         return int(value)
 
     @classmethod
@@ -141,7 +141,7 @@ class WanSpec(ModelSpec):
         rows_per_frame, cols = self.video_grid[1:]
         if selector.lambdas[3] != 0.0 and selector.window > 1 and (rows_per_frame % selector.window
                                                                     or cols % selector.window):
-            raise ValueError(f"the spatial-bonus window {selector.window} must divide each frame's token grid "
+            raise SpecError(f"the spatial-bonus window {selector.window} must divide each frame's token grid "
                              f"{rows_per_frame}x{cols} so that its tiles stay inside a frame")
         return WanCachedStep(self, list(keep), selector)
 

@@ -1,10 +1,24 @@
-"""PyTorch backend: runs the same token-cached step modules that are exported, eagerly.
+"""PyTorch backend: the same token-cached step modules that are exported, over static buffers.
 
-It is the reference the exported graphs are checked against, and the path on which CUDA-graph
-capture of each distinct step is built later (static shapes per step make that possible).
+Two modes:
+  * eager (`static=False`): each step's outputs become the next step's inputs. This is how
+    token-cache research code runs, and the reference the exported graphs are checked against.
+  * static (default): every tensor a step reads or writes lives in preallocated buffers. The latent
+    and the cache are ping-ponged between two sets (a step reads one set and writes the other,
+    never the same buffer in and out); a step's few constants (timestep, sampler coefficients,
+    guidance scale) go to the device asynchronously from pinned host buffers, and the batch's
+    conditioning once. Nothing is copied to the host and nothing waits for the device between the
+    first and the last step.
+    On CUDA each (distinct step graph, ping-pong parity) is captured once as a CUDA graph and
+    replayed (`cuda_graphs=True`): static shapes per step are what make capture possible.
+
+`dtype` "bfloat16"/"float16" runs the transformer under autocast (matmuls in low precision); the
+latent, the sampler update and the stored cache stay float32; "float32" is the reference.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -13,19 +27,32 @@ from diffsparse.runtime.backends.base import Backend, BackendError, check_latent
 from diffsparse.models.base import ModelSpec
 from diffsparse.schedule import Schedule
 
+log = logging.getLogger(__name__)
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, spec: ModelSpec, schedule: Schedule, device: str = "cpu") -> None:
+    def __init__(self, spec: ModelSpec, schedule: Schedule, device: str = "cpu", dtype: str = "float32",
+                 static: bool = True, cuda_graphs: bool | None = None) -> None:
         super().__init__()
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError("the torch backend was asked for CUDA but torch.cuda.is_available() is False: "
                                "install a CUDA build of torch on a machine with an NVIDIA GPU")
+        if dtype not in DTYPES:
+            raise BackendError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self._device = torch.device(device)
+        if cuda_graphs and self._device.type != "cuda":
+            raise BackendError("CUDA graphs need device='cuda'")
         spec.check_schedule(schedule)
         self.spec = spec
         self.schedule = schedule
-        self._device = torch.device(device)
+        self.dtype = dtype
+        self.static = static
+        self.cuda_graphs = (self._device.type == "cuda" and static) if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not static:
+            raise BackendError("CUDA graphs need static buffers (static=True)")
         self.input_specs = spec.step_inputs()
         self.latent_spec = self.input_specs[0]
         self.cache_specs = spec.cache_buffers(schedule.selector)
@@ -34,33 +61,111 @@ class TorchBackend(Backend):
     def device(self) -> str:
         return str(self._device)
 
+    # ---- load -> allocate ----------------------------------------------------------------------
     def load(self) -> None:
         self.spec.model.to(self._device)
         self.modules = [self.spec.build_step(list(sig), self.schedule.selector)
                         for sig in self.schedule.distinct_signatures()]
 
     def allocate(self) -> None:
-        self._latent = torch.zeros(self.latent_spec.shape, device=self._device)
-        self._cache = [torch.zeros(s.shape, dtype=s.torch_dtype, device=self._device) for s in self.cache_specs]
+        dev = self._device
 
+        def state():
+            return [torch.zeros(self.latent_spec.shape, device=dev)] + [
+                torch.zeros(s.shape, dtype=s.torch_dtype, device=dev) for s in self.cache_specs]
+
+        self._sets = [state(), state()]
+        self._src = 0
+        # the step's other inputs, filled on the device from per-run tables or per-batch values
+        self._inputs = {s.name: torch.zeros(s.shape, dtype=s.torch_dtype, device=dev) for s in self.input_specs[1:]}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._pinned: dict[tuple[int, str], torch.Tensor] = {}
+        self._eager_state: list[torch.Tensor] | None = None
+
+    # ---- a run -------------------------------------------------------------------------------
     def start(self, latent: np.ndarray) -> None:
-        latent = check_latent(latent, self.latent_spec)
-        self._latent = torch.from_numpy(latent).to(self._device)
-        for c in self._cache:
-            c.zero_()
+        latent = torch.from_numpy(check_latent(latent, self.latent_spec))
+        self._step_no = 0
+        self._last_fed: dict[str, np.ndarray] = {}
+        if not self.static:
+            self._eager_state = [latent.to(self._device)] + [t.zero_() for t in self._sets[0][1:]]
+            return
+        self._src = 0
+        for buffers in self._sets:
+            for t in buffers[1:]:
+                t.zero_()
+        self._sets[0][0].copy_(latent)
+
+    def _host(self, step_no: int, name: str, value: np.ndarray) -> torch.Tensor:
+        """A host tensor holding `value`: on CUDA a pinned buffer per (step, input), so the copy
+        to the device is truly asynchronous (from pageable memory it would wait for the device)
+        and no buffer is rewritten while an earlier copy from it may still be pending."""
+        host = torch.as_tensor(np.asarray(value), dtype=self._inputs[name].dtype)
+        if self._device.type != "cuda":
+            return host
+        key = (step_no, name)
+        pinned = self._pinned.get(key)
+        if pinned is None or pinned.shape != host.shape:
+            pinned = self._pinned[key] = torch.empty(host.shape, dtype=host.dtype).pin_memory()
+        pinned.copy_(host)
+        return pinned
+
+    def _step(self, graph: int, inputs: dict[str, torch.Tensor], src: list[torch.Tensor]) -> list[torch.Tensor]:
+        args = [inputs[s.name] for s in self.input_specs[1:]]
+        autocast = DTYPES[self.dtype]
+        with torch.no_grad(), torch.autocast(self._device.type, dtype=autocast, enabled=autocast is not None):
+            return list(self.modules[graph](src[0], *args, *src[1:]))
+
+    def _write(self, dst: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+        for d, o in zip(dst, out):
+            d.copy_(o)  # casts low-precision outputs back to the float32 buffers
 
     def run_step(self, graph: int, feeds: dict[str, np.ndarray]) -> None:
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[s.name], dtype=s.numpy_dtype)).to(self._device)
-                for s in self.input_specs[1:]]
-        with torch.no_grad():
-            out = self.modules[graph](self._latent, *args, *self._cache)
-        self._latent, self._cache = out[0], list(out[1:])
+        if not self.static:
+            inputs = {n: torch.as_tensor(np.asarray(v), dtype=self._inputs[n].dtype).to(self._device)
+                      for n, v in feeds.items()}
+            self._eager_state = self._step(graph, inputs, self._eager_state)
+            return
+        for name, value in feeds.items():
+            # the batch's conditioning is the same array at every step: uploaded once
+            if self._last_fed.get(name) is value:
+                continue
+            self._inputs[name].copy_(self._host(self._step_no, name, value), non_blocking=True)
+            self._last_fed[name] = value
+        self._step_no += 1
+        src, dst = self._sets[self._src], self._sets[1 - self._src]
+        if self.cuda_graphs:
+            key = (graph, self._src)
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(graph, src, dst)
+            self._graphs[key].replay()
+        else:
+            self._write(dst, self._step(graph, self._inputs, src))
+        self._src = 1 - self._src
+
+    def _capture(self, graph: int, src: list[torch.Tensor], dst: list[torch.Tensor]):
+        """Capture one step (reading `src`, writing `dst`) as a CUDA graph. The step runs once on
+        a side stream first (warm-up, as torch.cuda.graphs requires); it writes only `dst`, which
+        the replay that follows overwrites, so the warm-up changes no result."""
+        stream = torch.cuda.Stream(self._device)
+        stream.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(stream):
+            self._write(dst, self._step(graph, self._inputs, src))
+        torch.cuda.current_stream(self._device).wait_stream(stream)
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            self._write(dst, self._step(graph, self._inputs, src))
+        log.info("captured step graph %d (parity %d) as a CUDA graph", graph, self._src)
+        return cuda_graph
+
+    def _current(self) -> list[torch.Tensor]:
+        return self._eager_state if not self.static else self._sets[self._src]
 
     def latent(self) -> np.ndarray:
-        return self._latent.detach().cpu().numpy().copy()
+        return self._current()[0].detach().float().cpu().numpy().copy()
 
     def cache(self) -> dict[str, np.ndarray]:
-        return {s.name: c.detach().cpu().numpy().copy() for s, c in zip(self.cache_specs, self._cache)}
+        return {s.name: c.detach().cpu().numpy().copy() for s, c in zip(self.cache_specs, self._current()[1:])}
 
     def synchronize(self) -> None:
         if self._device.type == "cuda":

@@ -1,0 +1,53 @@
+"""Which backend runs a bundle: `backend="auto"` picks the fastest one available on the device,
+and an explicit choice that cannot run here fails with what to install."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from diffsparse.runtime.backends.base import BackendError
+
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def ort_providers() -> list[str]:
+    import onnxruntime
+
+    return list(onnxruntime.get_available_providers())
+
+
+def resolve(backend: str, device: str) -> tuple[str, str]:
+    """(backend, device) to run with, or BackendError naming the problem and the fix.
+
+    auto on the CPU: ONNX Runtime. auto on CUDA: the PyTorch backend with static buffers and CUDA
+    graphs — the only GPU path built so far (ONNX Runtime CUDA and TensorRT are not yet)."""
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if device not in DEVICES:
+        raise BackendError(f"unknown device {device!r}; choose one of {DEVICES}")
+    if device == "auto":
+        device = "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and backend in ("auto", "torch") and not cuda_available():
+        raise BackendError("device 'cuda' was asked for but torch sees no CUDA GPU: install a CUDA build of "
+                           "torch (https://pytorch.org/get-started/locally/) on a machine with an NVIDIA GPU, "
+                           "or use device='cpu'")
+    if backend == "auto":
+        backend = "torch" if device == "cuda" else "onnxruntime"
+    if backend == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("polygraphy") is None:
+            raise BackendError("the tensorrt backend needs TensorRT and Polygraphy: pip install tensorrt polygraphy "
+                               "(NVIDIA GPU machines only)")
+        raise BackendError("the tensorrt backend is not yet supported; use backend='torch' on CUDA")
+    if backend == "onnxruntime" and device == "cuda":
+        if "CUDAExecutionProvider" not in ort_providers():
+            raise BackendError("onnxruntime on CUDA needs onnxruntime-gpu: pip uninstall onnxruntime && "
+                               "pip install onnxruntime-gpu (the two packages share a module name: never both)")
+        raise BackendError("onnxruntime on CUDA is not yet supported; use backend='torch' on CUDA")
+    return backend, device

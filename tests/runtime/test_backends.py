@@ -1,0 +1,130 @@
+"""Backend choice, the static-buffer PyTorch backend, precision options and the no-host-sync rule."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from diffsparse.runtime import BackendError, Pipeline
+from diffsparse.runtime.backends.select import resolve
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from diffsparse.builtin_schedules import toca_schedule
+from diffsparse.models.base import StepCall
+from diffsparse.models.zoo import make_spec
+from diffsparse.sampler import initial_noise
+
+LABELS = [0, 3, 9]
+
+
+def test_auto_picks_what_runs_here():
+    assert resolve("auto", "cpu") == ("onnxruntime", "cpu")
+    assert resolve("torch", "cpu") == ("torch", "cpu")
+    if not torch.cuda.is_available():
+        assert resolve("auto", "auto") == ("onnxruntime", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
+def test_unavailable_backends_name_what_to_install():
+    with pytest.raises(BackendError, match="CUDA build of torch"):
+        resolve("torch", "cuda")
+    with pytest.raises(BackendError, match="CUDA build of torch"):
+        resolve("auto", "cuda")
+    with pytest.raises(BackendError, match="pip install onnxruntime-gpu"):
+        resolve("onnxruntime", "cuda")
+    expected = ("not yet supported" if importlib.util.find_spec("tensorrt") and importlib.util.find_spec("polygraphy")
+                else "pip install tensorrt polygraphy")
+    with pytest.raises(BackendError, match=expected):
+        resolve("tensorrt", "cpu")
+    with pytest.raises(BackendError, match="unknown backend"):
+        resolve("openvino", "cpu")
+
+
+def _torch_pipe(bundle, **kwargs):
+    from diffsparse.manifest import Manifest
+
+    m = Manifest.load(bundle)
+    return Pipeline.from_model(m.source["model"], m.schedule, batch_size=m.batch_size, guidance=m.guidance,
+                               seed=m.source.get("seed", 0), sampler=m.sampler.config, **kwargs)
+
+
+def test_static_buffers_equal_eager_steps(tiny_bundles):
+    """Ping-pong static buffers change where tensors live, not what is computed."""
+    static = _torch_pipe(tiny_bundles["toca"]).generate(LABELS + [5], seed=2, guidance_scale=3.0)
+    eager = _torch_pipe(tiny_bundles["toca"], static=False).generate(LABELS + [5], seed=2, guidance_scale=3.0)
+    np.testing.assert_array_equal(static.samples, eager.samples)
+    # a second run on the same (reused) buffers starts clean
+    again = _torch_pipe(tiny_bundles["toca"]).generate(LABELS + [5], seed=2, guidance_scale=3.0)
+    np.testing.assert_array_equal(again.samples, static.samples)
+
+
+def test_bfloat16_runs_in_low_precision_close_to_float32(tiny_bundles):
+    ref = Pipeline.from_bundle(tiny_bundles["toca"], backend="torch").generate(LABELS, seed=1, guidance_scale=3.0)
+    low = Pipeline.from_bundle(tiny_bundles["toca"], backend="torch", dtype="bfloat16").generate(
+        LABELS, seed=1, guidance_scale=3.0)
+    err = np.abs(low.samples - ref.samples).max() / np.abs(ref.samples).max()
+    assert 0 < err < 0.1, err  # bf16 matmuls: different, but close
+    with pytest.raises(BackendError, match="dtype must be one of"):
+        Pipeline.from_bundle(tiny_bundles["toca"], backend="torch", dtype="int8")
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Records ops that make the host wait for the device: reading a tensor's value (.item(),
+    bool(), int()) and ops whose output shape depends on data."""
+
+    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.masked_select.default, torch.ops.aten._unique2.default}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCING:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("model, guidance", [("dit-tiny", True), ("pixart-tiny", True), ("flux-tiny", False),
+                                             ("wan-tiny", True)])
+def test_steps_never_wait_for_the_device(model, guidance):
+    """No step of any family reads a device value on the host or has a data-dependent shape, so
+    the steps can be captured as CUDA graphs and run back to back without host syncs."""
+    spec = make_spec(model, guidance=guidance)
+    sched = toca_schedule(spec, 4, 0.8, full_every=4)
+    plan = spec.sampler_plan(4)
+    cond = spec.example_conditioning(np.random.default_rng(0))
+    latent = torch.from_numpy(initial_noise(0, 1, spec.latent_shape))
+    cache = spec.zero_cache(sched.selector)
+    modes = []
+    for t in range(4):
+        feeds = spec.feeds(StepCall(float(plan.timesteps[t]), plan.coefficients[t]), cond, 2.0)
+        args = [torch.from_numpy(np.asarray(feeds[s.name])) for s in spec.step_inputs()[1:]]
+        step = spec.build_step(sched.keep[t], sched.selector)
+        with torch.no_grad(), _HostSyncs() as mode:
+            out = step(latent, *args, *cache)
+        modes.append(mode.calls)
+        latent, cache = out[0], list(out[1:])
+    assert any(0 < k < n for row in sched.keep for k, n in zip(row, spec.dense_keep())), "schedule must be sparse"
+    assert modes == [[]] * 4
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_reproduce_the_eager_steps(tiny_bundles):
+    """On a GPU: captured-and-replayed steps give the eager result, and once captured the steps
+    run back to back with no synchronising call (torch's sync debug mode raises on one)."""
+    eager = _torch_pipe(tiny_bundles["toca"], device="cuda", static=False).generate(LABELS, seed=3, guidance_scale=3.0)
+    pipe = _torch_pipe(tiny_bundles["toca"], device="cuda")
+    assert pipe.backend.cuda_graphs
+    graphed = pipe.generate(LABELS, seed=3, guidance_scale=3.0)  # captures every (graph, parity)
+    np.testing.assert_allclose(graphed.samples, eager.samples, atol=1e-4)
+    backend, spec, plan = pipe.backend, pipe.spec, pipe.plan
+    cond = {"class_labels": np.array(LABELS[:2])}
+    backend.start(initial_noise(3, 2, spec.latent_shape))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, graph in enumerate(pipe.step_graphs):
+            backend.run_step(graph, spec.feeds(StepCall(float(plan.timesteps[i]), plan.coefficients[i]), cond, 3.0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    np.testing.assert_allclose(backend.latent(), graphed.samples[:2], atol=1e-4)
