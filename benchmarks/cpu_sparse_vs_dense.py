@@ -62,8 +62,9 @@ def main() -> None:
                      ProfileConfig(runs=args.runs, warmup=args.warmup, threads=args.threads))
     sizes_file = out / "export_sizes.json"
     report["export"] = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
-    report["command"] = "python benchmarks/cpu_sparse_vs_dense.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False))
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+             for k, v in vars(args).items() if v not in (None, False)]
+    report["command"] = "python benchmarks/cpu_sparse_vs_dense.py " + " ".join(flags)
     paths = write_report(report, out / "report")
     print(paths["md"].read_text())
     print(json.dumps({"speedup": report["speedup"], "macs_speedup": report["macs_speedup"],
