@@ -1,9 +1,13 @@
 """ONNX Runtime backend: one session per distinct step graph, one copy of the weights.
 
-Weights: every session gets the same OrtValues (views of one memory map of weights.bin) through
-`SessionOptions.add_initializer`, with pre-packing disabled so ORT does not make per-session
-packed copies: T sessions cost about one copy of the weights, not T.
-Cache: two preallocated sets of OrtValues bound with IO binding, swapped after every step.
+Weights: every session gets the same OrtValues through `SessionOptions.add_initializer`, with
+pre-packing disabled so ORT does not make per-session packed copies: T sessions cost about one
+copy of the weights, not T. On the CPU the OrtValues are views of one memory map of weights.bin;
+on CUDA (onnxruntime-gpu) each weight is uploaded once as a device OrtValue, which ORT uses in
+place when the initializer is planned on the same device (onnxruntime PR #5092).
+Cache: two preallocated sets of OrtValues on the device, bound with IO binding, swapped after
+every step. On CUDA the steps run without synchronising the stream after each one
+(`disable_synchronize_execution_providers`); `synchronize` waits once.
 """
 
 from __future__ import annotations
@@ -44,19 +48,19 @@ def import_ort():
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None,
+                 device_id: int = 0) -> None:
         super().__init__()
         ort = import_ort()
         self.ort = ort
         self.bundle = bundle
         if device not in ("cpu", "cuda"):
             raise BackendError(f"onnxruntime device must be 'cpu' or 'cuda', got {device!r}")
-        if device == "cuda":
-            # Shared device-side weights and device IO binding for the CUDA EP are not built yet:
-            # CPU OrtValues handed to CUDA sessions would be copied once per session.
-            raise BackendError("the onnxruntime backend supports device='cpu' only for now; "
-                               "CUDA execution is not yet supported (use backend='torch', device='cuda')")
+        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendError("onnxruntime on CUDA needs onnxruntime-gpu: pip uninstall onnxruntime && "
+                               "pip install onnxruntime-gpu (the two packages share a module name: never both)")
         self._device = device
+        self.device_id = device_id
         self.threads = threads
         self.sessions: list = []
         m = bundle.manifest
@@ -70,22 +74,28 @@ class OrtBackend(Backend):
         return self._device
 
     def _providers(self):
+        if self._device == "cuda":
+            return [("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
     def _ortvalue(self, array: np.ndarray):
+        if self._device == "cuda":
+            return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device_id)
         return self.ort.OrtValue.ortvalue_from_numpy(array)
 
     def load(self) -> None:
         ort = self.ort
         shared = {name: self._ortvalue(array) for name, array in self.bundle.weights.items()}
         self._shared = shared  # the sessions borrow these buffers: keep them alive
-        share_cpu_allocator(ort)
+        if self._device == "cpu":
+            share_cpu_allocator(ort)
         for i in range(len(self.bundle.manifest.graphs)):
             path = self.bundle.graph_path(i)
             graph = onnx.load(str(path), load_external_data=False).graph
             opts = ort.SessionOptions()
             opts.add_session_config_entry("session.disable_prepacking", "1")
-            opts.add_session_config_entry("session.use_env_allocators", "1")
+            if self._device == "cpu":
+                opts.add_session_config_entry("session.use_env_allocators", "1")
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if self.threads:
                 opts.intra_op_num_threads = self.threads
@@ -106,6 +116,11 @@ class OrtBackend(Backend):
         self._sets = [buffers(), buffers()]
         self._src = 0
         self._bindings = [s.io_binding() for s in self.sessions]
+        self._run_options = self.ort.RunOptions()
+        if self._device == "cuda":
+            # no stream synchronisation after each step; `synchronize` waits once
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._last_binding = None
         # the exporter drops inputs a graph does not read (e.g. reuse counts of a full step)
         self._declared = [{i.name for i in s.get_inputs()} for s in self.sessions]
 
@@ -132,8 +147,13 @@ class OrtBackend(Backend):
             if spec.name in declared:
                 binding.bind_ortvalue_input(spec.name, src[spec.name])
             binding.bind_ortvalue_output(f"next.{spec.name}", dst[spec.name])
-        self.sessions[graph].run_with_iobinding(binding)
+        self.sessions[graph].run_with_iobinding(binding, self._run_options)
+        self._last_binding = binding
         self._src = 1 - self._src
+
+    def synchronize(self) -> None:
+        if self._device == "cuda" and self._last_binding is not None:
+            self._last_binding.synchronize_outputs()
 
     def latent(self) -> np.ndarray:
         return self._sets[self._src]["latent"].numpy().copy()

@@ -27,7 +27,7 @@ def resolve(backend: str, device: str) -> tuple[str, str]:
     """(backend, device) to run with, or BackendError naming the problem and the fix.
 
     auto on the CPU: ONNX Runtime. auto on CUDA: the PyTorch backend with static buffers and CUDA
-    graphs — the only GPU path built so far (ONNX Runtime CUDA and TensorRT are not yet)."""
+    graphs (ONNX Runtime CUDA is built but not yet measured against it; TensorRT is not built)."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if device not in DEVICES:
@@ -45,9 +45,7 @@ def resolve(backend: str, device: str) -> tuple[str, str]:
             raise BackendError("the tensorrt backend needs TensorRT and Polygraphy: pip install tensorrt polygraphy "
                                "(NVIDIA GPU machines only)")
         raise BackendError("the tensorrt backend is not yet supported; use backend='torch' on CUDA")
-    if backend == "onnxruntime" and device == "cuda":
-        if "CUDAExecutionProvider" not in ort_providers():
-            raise BackendError("onnxruntime on CUDA needs onnxruntime-gpu: pip uninstall onnxruntime && "
-                               "pip install onnxruntime-gpu (the two packages share a module name: never both)")
-        raise BackendError("onnxruntime on CUDA is not yet supported; use backend='torch' on CUDA")
+    if backend == "onnxruntime" and device == "cuda" and "CUDAExecutionProvider" not in ort_providers():
+        raise BackendError("onnxruntime on CUDA needs onnxruntime-gpu: pip uninstall onnxruntime && "
+                           "pip install onnxruntime-gpu (the two packages share a module name: never both)")
     return backend, device

@@ -128,3 +128,15 @@ def test_cuda_graphs_reproduce_the_eager_steps(tiny_bundles):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     np.testing.assert_allclose(backend.latent(), graphed.samples[:2], atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="needs onnxruntime-gpu")
+def test_onnxruntime_cuda_matches_cpu(tiny_bundles):
+    """onnxruntime-gpu on a GPU: device weights, device cache, the same samples as on the CPU."""
+    cpu = Pipeline.from_bundle(tiny_bundles["toca"], backend="onnxruntime").generate(LABELS, seed=4, guidance_scale=3.0)
+    pipe = Pipeline.from_bundle(tiny_bundles["toca"], backend="onnxruntime", device="cuda")
+    gpu = pipe.generate(LABELS, seed=4, guidance_scale=3.0)
+    assert gpu.device == "cuda"
+    np.testing.assert_allclose(gpu.samples, cpu.samples, atol=1e-3)
