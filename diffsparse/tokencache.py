@@ -101,15 +101,16 @@ def top_tokens(score: torch.Tensor, k: int, limit: int = TOPK_LIMIT) -> torch.Te
 def _flat_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
     """(R, K) token indices -> (R*K,) indices into the rows-flattened (R*N, D) tensor."""
     rows = torch.arange(idx.shape[0], dtype=idx.dtype, device=idx.device).unsqueeze(1) * n
-    # the explicit cast keeps the exported Gather's indices int32 (the exporter promotes the Add)
-    return (idx + rows).reshape(-1).to(torch.int32)
+    # the explicit cast keeps the exported Gather's indices int32 (the exporter promotes the Add);
+    # explicit sizes instead of -1 keep the reshape valid for K = 0 (universal step)
+    return (idx + rows).reshape(idx.shape[0] * idx.shape[1]).to(torch.int32)
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x (R, N, D), idx (R, K) int32 -> (R, K, D). A row Gather on the flattened tensor: whole
     D-vectors are copied, much faster than an element-wise GatherElements."""
     r, n, d = x.shape
-    return torch.index_select(x.reshape(r * n, d), 0, _flat_rows(idx, n)).reshape(r, -1, d)
+    return torch.index_select(x.reshape(r * n, d), 0, _flat_rows(idx, n)).reshape(r, idx.shape[1], d)
 
 
 def scatter_tokens(cache: torch.Tensor, idx: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
@@ -130,11 +131,16 @@ def next_reuse(reuse: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     return (reuse + 1.0) * (1.0 - computed)
 
 
-def attention_received(probs: torch.Tensor, halves: int) -> torch.Tensor:
+def attention_received(probs: torch.Tensor, halves: int, count: torch.Tensor | None = None) -> torch.Tensor:
     """probs (R, heads, Q, N) -> (B, N): attention each key token receives, mean over heads and
     queries, scaled by N so that a uniform map scores 1 per token (s1 of A.5.1)."""
     n = probs.shape[-1]
-    return merge_halves(probs.mean(dim=(1, 2)), halves) * n
+    if count is None:
+        return merge_halves(probs.mean(dim=(1, 2)), halves) * n
+    # a universal step passes the query count as a tensor read off a graph input (sizes of
+    # intermediate tensors get frozen into the traced graph); clamped: with no queries (K = 0)
+    # the caller discards the result
+    return merge_halves(probs.sum(dim=2).mean(dim=1), halves) * n / count.clamp_min(1.0)
 
 
 def token_norm_score(x: torch.Tensor, halves: int) -> torch.Tensor:

@@ -84,6 +84,9 @@ class ModelSpec(abc.ABC):
     #: shapes the model config does not fix (text length, resolution, frames) and their defaults;
     #: set per export (`dsexport --option name=value`) and recorded in the bundle manifest
     OPTIONS: ClassVar[dict[str, Any]] = {}
+    #: whether the step runs with K read off carrier inputs (build_universal_step); a family whose
+    #: step branches on K in Python cannot
+    supports_universal_step: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, batch_size: int = 1, guidance: bool = True, sampler=None,
                  options: dict[str, Any] | None = None) -> None:
@@ -198,6 +201,16 @@ class ModelSpec(abc.ABC):
     @abc.abstractmethod
     def build_step(self, keep: Sequence[int], selector: SelectorConfig) -> nn.Module:
         """The token-cached step for one sparsity pattern; forward(*inputs, *cache) -> (*outputs, *cache')."""
+
+    def build_universal_step(self, selector: SelectorConfig) -> nn.Module:
+        """One step module for every sparsity pattern: each layer's K is the length of a carrier
+        input, so a single exported graph serves all steps (the TensorRT design of
+        docs/gpu-deployment.md: one engine, one optimization profile per distinct step)."""
+        if not self.supports_universal_step:
+            raise NotImplementedError(f"universal step graphs are not yet supported for the {self.family!r} family")
+        step = self.build_step(self.dense_keep(), selector)
+        step.dynamic_k = True
+        return step
 
     def build_masked_step(self, token_counts: Sequence[int], selector: SelectorConfig) -> nn.Module:
         """The differentiable step the schedule trainer uses: every layer computed in full and mixed

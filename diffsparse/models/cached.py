@@ -37,6 +37,9 @@ class CachedStep(nn.Module):
     #: instead of this step's own TopK
     record_scores: dict[int, torch.Tensor] | None = None
     forced_selection: dict[int, torch.Tensor] | None = None
+    #: universal step (export/universal.py): every layer's K is the length of a carrier input
+    #: (`k.<layer>`) instead of a constant, and K = 0 and K = N take the general path
+    dynamic_k: bool = False
 
     def __init__(self, spec, keep: list[int], selector: SelectorConfig) -> None:
         super().__init__()
@@ -60,11 +63,13 @@ class CachedStep(nn.Module):
 
     # -- the whole step ------------------------------------------------------------------------
     def forward(self, *args):
-        n_in = len(self.input_names)
-        if len(args) != n_in + len(self.cache_names):
-            raise TypeError(f"step takes {n_in} inputs and {len(self.cache_names)} cache tensors, got {len(args)}")
+        n_in, n_k = len(self.input_names), (len(self.keep) if self.dynamic_k else 0)
+        if len(args) != n_in + n_k + len(self.cache_names):
+            raise TypeError(f"step takes {n_in} inputs, {n_k} K carriers and {len(self.cache_names)} cache "
+                            f"tensors, got {len(args)}")
         inputs = dict(zip(self.input_names, args[:n_in]))
-        state = dict(zip(self.cache_names, args[n_in:]))
+        self._k_carriers = args[n_in:n_in + n_k]
+        state = dict(zip(self.cache_names, args[n_in + n_k:]))
         new: dict[str, torch.Tensor] = {}
         latent = inputs["latent"]
         out = self.predict(inputs, state, new)
@@ -94,7 +99,15 @@ class CachedStep(nn.Module):
             self.record_scores[index] = score
         if self.forced_selection is not None and index in self.forced_selection:
             return self.forced_selection[index]
-        return tc.top_tokens(score, self.keep[index])
+        return tc.top_tokens(score, self._k(index))
+
+    def _k(self, index: int) -> int:
+        """The layer's K: a constant, or (universal step) the traced length of its carrier."""
+        return self._k_carriers[index].shape[0] if self.dynamic_k else self.keep[index]
+
+    def _is(self, index: int, k: int) -> bool:
+        """Whether the layer's K is statically k (never in a universal step)."""
+        return not self.dynamic_k and self.keep[index] == k
 
     def _latest(self, key: str, state, new) -> torch.Tensor:
         return new.get(key, state[key])
@@ -156,9 +169,8 @@ class CachedStep(nn.Module):
         return attn.to_q(x), attn.to_k(x), attn.to_v(x)
 
     def _self_attention(self, index, layer, attn, attn_in: Callable, h, state, new) -> torch.Tensor:
-        k = self.keep[index]
         name = layer.name
-        if k == 0:
+        if self._is(index, 0):
             return self._reuse_all(layer, h, state, new)
         q, keys, values, idx, ridx = self._fresh_qkv(index, layer, attn, attn_in, h, state, new)
         # the attention map is materialised only when the selector reads it (attention received);
@@ -166,7 +178,12 @@ class CachedStep(nn.Module):
         fresh, probs = self._attend(attn, q, keys, values, need_probs=f"recv.{name}" in state)
         new[f"key.{name}"], new[f"value.{name}"] = keys, values
         if f"recv.{name}" in state:
-            new[f"recv.{name}"] = tc.attention_received(probs, self.halves)
+            if self.dynamic_k:  # K = 0 computes no queries: keep what was received before
+                count = torch.ones_like(self._k_carriers[index]).sum()
+                recv = torch.where(count > 0, tc.attention_received(probs, self.halves, count), state[f"recv.{name}"])
+            else:
+                recv = tc.attention_received(probs, self.halves)
+            new[f"recv.{name}"] = recv
         out = fresh if idx is None else tc.scatter_tokens(state[f"out.{name}"], ridx, fresh)
         new[f"out.{name}"] = out
         self._bookkeep(layer, h, idx, idx is None, state, new)
@@ -177,7 +194,7 @@ class CachedStep(nn.Module):
         selected tokens' fresh ones scattered into the layer's key/value cache. Returns
         (q, keys, values, idx, ridx); idx/ridx None when all tokens were computed."""
         name = layer.name
-        if self.keep[index] == h.shape[1]:
+        if self._is(index, h.shape[1]):
             q, keys, values = self._qkv(attn, attn_in(h), None)
             return q, keys, values, None, None
         idx = self._select(index, layer, layer, h, state, new)
@@ -194,9 +211,10 @@ class CachedStep(nn.Module):
         r, kq, d = q.shape
         heads = attn.heads
         hd = d // heads
-        q = q.reshape(r, kq, heads, hd).transpose(1, 2)
-        keys = keys.reshape(r, -1, heads, hd).transpose(1, 2)
-        values = values.reshape(r, -1, heads, hd).transpose(1, 2)
+        # unflatten, not reshape(..., -1, ...): valid for zero queries (K = 0 in a universal step)
+        q = q.unflatten(-1, (heads, hd)).transpose(1, 2)
+        keys = keys.unflatten(-1, (heads, hd)).transpose(1, 2)
+        values = values.unflatten(-1, (heads, hd)).transpose(1, 2)
         if need_probs:
             logits = (q @ keys.transpose(-1, -2)) * (hd ** -0.5)
             probs = torch.softmax(logits if bias is None else logits + bias, dim=-1)
@@ -204,16 +222,16 @@ class CachedStep(nn.Module):
         else:
             probs = None
             o = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
-        o = o.transpose(1, 2).reshape(r, kq, d)
+        o = o.transpose(1, 2)
+        o = o.reshape(o.shape[0], o.shape[1], o.shape[2] * o.shape[3])  # no -1: valid for zero queries
         return attn.to_out[0](o), probs
 
     def _token_layer(self, index, layer, sa, fn: Callable, fn_in: Callable, h, state, new) -> torch.Tensor:
         """A layer computed per token: out = fn(fn_in(h)) at the selected tokens, cache elsewhere."""
-        k, n = self.keep[index], h.shape[1]
         key = f"out.{layer.name}"
-        if k == 0:
+        if self._is(index, 0):
             return self._reuse_all(layer, h, state, new)
-        if k == n:
+        if self._is(index, h.shape[1]):
             out = fn(fn_in(h), None)
             idx = None
         else:

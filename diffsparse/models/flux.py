@@ -72,6 +72,8 @@ class FluxSpec(ModelSpec):
     # TorchScript fails on aten::rms_norm (the q/k norms)
     onnx_exporter = "dynamo"
     OPTIONS: ClassVar[dict[str, Any]] = {"height": 256, "width": 256, "text_len": 256}
+    # the joint attention branches on K in Python (text-only queries when K = 0)
+    supports_universal_step = False
 
     def __init__(self, model: nn.Module, batch_size: int = 1, guidance: bool = False,
                  sampler: FlowMatchConfig | None = None, options: dict[str, Any] | None = None) -> None:

@@ -1,0 +1,65 @@
+"""The universal step graph: one ONNX graph for every sparsity pattern of a model.
+
+Each cacheable layer's K is the length of a carrier input `k.<layer>` (a float tensor of shape
+(K,); only its length is read), declared as a dynamic axis. ONNX TopK takes K as a tensor and the
+gathers, attention and scatters follow its size, so the graph runs any K in [0, N] per layer. This
+is the input TensorRT needs for the design in docs/gpu-deployment.md (one engine, one optimization
+profile per distinct step, weights stored once); ONNX Runtime runs it directly, which is how it is
+checked here. K above TensorRT's TopK limit (3840) is not supported in this graph (the stratified
+split needs K at export time).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from diffsparse.export.onnx_export import OPSET, _dynamo_translations, next_name, sample_tensor
+
+from diffsparse.models.base import ModelSpec
+from diffsparse.schedule import SelectorConfig
+
+
+def carrier_name(layer) -> str:
+    return f"k.{layer.name}"
+
+
+def k_carriers(spec: ModelSpec, keep: list[int]) -> dict[str, np.ndarray]:
+    """The carrier inputs that make the universal graph run with per-layer token counts `keep`."""
+    if len(keep) != len(spec.layers):
+        raise ValueError(f"keep has {len(keep)} entries for {len(spec.layers)} layers")
+    return {carrier_name(l): np.zeros(k, np.float32) for l, k in zip(spec.layers, keep)}
+
+
+def export_universal_step(spec: ModelSpec, selector: SelectorConfig, trace_keep: list[int] | None = None) -> onnx.ModelProto:
+    """Trace the universal step with the dynamo exporter, each carrier's length a symbolic
+    dimension (the TorchScript tracer freezes intermediate sizes into the graph). Traced at
+    `trace_keep`, by default half of every layer's tokens."""
+    module = spec.build_universal_step(selector)
+    n = spec.dense_keep()
+    trace_keep = trace_keep or [max(2, k // 2) for k in n]
+    inputs, cache = spec.step_inputs(), spec.cache_buffers(selector)
+    g = torch.Generator().manual_seed(0)
+    carriers = [torch.from_numpy(v) for v in k_carriers(spec, trace_keep).values()]
+    args = (*[sample_tensor(t, g) for t in inputs], *carriers, *[sample_tensor(t, g) for t in cache])
+    k_names = [carrier_name(l) for l in spec.layers]
+    input_names = [t.name for t in inputs] + k_names + [t.name for t in cache]
+    output_names = [t.name for t in spec.step_outputs()] + [next_name(t.name) for t in cache]
+    # torch.export specialises sizes 0 and 1, so the declared range starts at 2; the graph has no
+    # guard on it and runs K = 0 and 1 as well (tested)
+    dims = [torch.export.Dim(f"K_{l.name}", min=2, max=max(2, k)) for l, k in zip(spec.layers, n)]
+    dynamic = (tuple([None] * len(inputs) + [{0: d} for d in dims] + [None] * len(cache)),)
+    with tempfile.TemporaryDirectory(prefix="dsexport-universal-") as tmp:
+        path = Path(tmp) / "universal.onnx"
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                              dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True, external_data=True,
+                              verbose=False, custom_translation_table=_dynamo_translations())
+        return onnx.load(str(path), load_external_data=True)

@@ -1,0 +1,49 @@
+"""One universal step graph runs every sparsity pattern and matches the per-step PyTorch steps."""
+
+import onnxruntime as ort
+import pytest
+from diffsparse.export.onnx_export import next_name
+from diffsparse.export.universal import export_universal_step, k_carriers
+from diffsparse.export.verify import _run_torch, compare, reference_inputs
+
+from diffsparse.manifest import Manifest
+from diffsparse.models.zoo import make_spec
+
+
+@pytest.mark.parametrize("model", ["dit-tiny", "pixart-tiny", "wan-tiny"])
+def test_universal_graph_matches_every_step(model, tiny_bundles, tmp_path):
+    spec = make_spec(model, batch_size=2)
+    selector = spec.default_selector()
+    path = tmp_path / "universal.onnx"
+    import onnx
+
+    onnx.save(export_universal_step(spec, selector), str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    dims = {i.name: i.shape for i in sess.get_inputs()}
+    assert all(isinstance(dims[name][0], str) for name in k_carriers(spec, spec.dense_keep())), "K must be dynamic"
+
+    # realistic inputs: the cache after one dense step, as export verification uses
+    manifest = Manifest.load(tiny_bundles["toca"])
+    from diffsparse.builtin_schedules import toca_schedule
+
+    sched = toca_schedule(spec, 6, 0.5, full_every=3, selector=selector)
+    manifest.schedule, manifest.sampler = sched, spec.sampler_plan(6)
+    feeds = reference_inputs(spec, manifest)
+    in_names = [t.name for t in spec.step_inputs()] + [c.name for c in spec.cache_buffers(selector)]
+    out_names = [t.name for t in spec.step_outputs()] + [next_name(c.name) for c in spec.cache_buffers(selector)]
+    n = spec.dense_keep()
+    patterns = [n, [0] * len(n), [k // 4 for k in n], [0 if i % 2 else k for i, k in enumerate(n)],
+                *[list(r) for r in sched.distinct_signatures()]]
+    declared = {i.name for i in sess.get_inputs()}
+    for keep in patterns:
+        ref = _run_torch(spec.build_step(keep, selector), feeds, in_names, out_names)
+        got = sess.run(out_names, {**{k: v for k, v in feeds.items() if k in declared}, **k_carriers(spec, keep)})
+        err = compare(dict(zip(out_names, got)), ref)
+        assert err < 1e-4, (keep, err)
+    assert any(0 < k < m for keep in patterns for k, m in zip(keep, n))
+
+
+def test_dynamo_families_say_not_yet_supported():
+    spec = make_spec("flux-tiny", guidance=False)
+    with pytest.raises(NotImplementedError, match="not yet supported for the 'flux' family"):
+        spec.build_universal_step(spec.default_selector())
