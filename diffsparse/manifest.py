@@ -80,6 +80,10 @@ class Manifest:
     macs: dict[str, Any]
     source: dict[str, Any] = field(default_factory=dict)
     spec_options: dict[str, Any] = field(default_factory=dict)
+    # TensorRT (dsexport --tensorrt): the universal step graph {file, sha256, bytes} and the engines
+    # built from it [{key, file, sha256, bytes, precision, profiles}], one per TensorRT version + GPU
+    universal: dict[str, Any] | None = None
+    engines: list[dict[str, Any]] = field(default_factory=list)
     tool: str = ""
     created: str = ""
 
@@ -93,6 +97,7 @@ class Manifest:
             "schedule": self.schedule.to_dict(), "sampler": self.sampler.to_dict(),
             "graphs": [vars(g) for g in self.graphs], "steps": self.steps,
             "weights": self.weights, "macs": self.macs, "source": self.source,
+            "universal": self.universal, "engines": self.engines,
         }
 
     @classmethod
@@ -113,6 +118,7 @@ class Manifest:
                     schedule=schedule, sampler=SamplerPlan.from_dict(d["sampler"]),
                     graphs=[GraphEntry(**g) for g in d["graphs"]], steps=list(d["steps"]),
                     weights=dict(d["weights"]), macs=dict(d["macs"]), source=dict(d.get("source", {})),
+                    universal=d.get("universal"), engines=list(d.get("engines", [])),
                     tool=d.get("tool", ""), created=d.get("created", ""))
         except ScheduleError:
             raise
@@ -156,6 +162,7 @@ class Manifest:
         if verify:
             files = [(g.file, g.sha256, g.bytes) for g in m.graphs]
             files.append((m.weights["file"], m.weights["sha256"], m.weights["bytes"]))
+            files += [(e["file"], e["sha256"], e["bytes"]) for e in ([m.universal] if m.universal else []) + m.engines]
             for name, digest, size in files:
                 f = folder / name
                 if not f.is_file():

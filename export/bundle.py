@@ -48,6 +48,7 @@ class ExportConfig:
     verify: bool = True
     tolerance: float = 1e-3
     check_tensorrt: bool = True
+    tensorrt: str | None = None   # build a TensorRT engine at this precision (fp32/fp16/bf16)
 
 
 def export_bundle(spec: ModelSpec, schedule: Schedule, out: str | Path, source: dict[str, Any] | None = None,
@@ -57,6 +58,15 @@ def export_bundle(spec: ModelSpec, schedule: Schedule, out: str | Path, source: 
     if out.exists() and not config.overwrite:
         raise ExportError(f"{out} already exists; pass overwrite (dsexport --overwrite) to replace it")
     spec.check_schedule(schedule)
+    if config.tensorrt is not None:  # fail before any work
+        from diffsparse.export.tensorrt import TensorRTUnavailable, check_available
+
+        try:
+            check_available()
+        except TensorRTUnavailable as e:
+            raise ExportError(str(e)) from None
+        if not spec.supports_universal_step:
+            raise ExportError(f"TensorRT engines are not yet supported for the {spec.family!r} family")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -68,6 +78,26 @@ def export_bundle(spec: ModelSpec, schedule: Schedule, out: str | Path, source: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+UNIVERSAL = "universal.onnx"
+
+
+def _file_entry(folder: Path, rel: str) -> dict[str, Any]:
+    return {"file": rel, "sha256": sha256_file(folder / rel), "bytes": (folder / rel).stat().st_size}
+
+
+def _build_engines(spec: ModelSpec, schedule: Schedule, folder: Path, precision: str):
+    """The TensorRT engine of this machine's TensorRT + GPU from the universal graph."""
+    from diffsparse.export.tensorrt import build_engine, current_engine_key, step_profiles
+
+    key = current_engine_key()
+    rel = f"engines/{key}/universal.plan"
+    build_engine(folder / UNIVERSAL, step_profiles(spec, schedule), folder / rel, precision,
+                 timing_cache=folder / "engines" / key / "timing.cache")
+    engine = {**_file_entry(folder, rel), "key": key, "precision": precision,
+              "profiles": len(schedule.distinct_signatures())}
+    return _file_entry(folder, UNIVERSAL), [engine]
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -100,8 +130,17 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
         graphs.append(GraphEntry(file=rel, sha256="", bytes=0, keep=list(sig),
                                  macs=spec.step_macs(sig), ops=operator_set(model)))
         log.info("exported graph %d/%d in %.1fs", i + 1, len(signatures), time.perf_counter() - t0)
+    if config.tensorrt is not None:
+        from diffsparse.export.universal import export_universal_step
+
+        universal = export_universal_step(spec, selector)
+        store.externalize(universal)  # its weights are the step graphs' weights: stored once
+        onnx.save(universal, str(folder / UNIVERSAL))
     weights = store.close()
     weights["sha256"] = sha256_file(folder / weights["file"])
+    universal_entry, engines = None, []
+    if config.tensorrt is not None:
+        universal_entry, engines = _build_engines(spec, schedule, folder, config.tensorrt)
     for g in graphs:
         g.sha256 = sha256_file(folder / g.file)
         g.bytes = (folder / g.file).stat().st_size
@@ -111,6 +150,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
     total = spec.schedule_macs(schedule)
     diffusers_class = type(spec.model).__name__
     manifest = Manifest(
+        universal=universal_entry, engines=engines,
         family=spec.family, diffusers_class=diffusers_class, model_config=spec.model_config(),
         batch_size=spec.batch_size, guidance=spec.guidance, spec_options=dict(spec.options),
         inputs=spec.step_inputs(),

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                    help="a model-family option such as text_len=120, height=512 or num_frames=9 "
                         "(repeatable; see the family table in the README)")
+    p.add_argument("--tensorrt", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="also build a TensorRT engine at this precision (needs tensorrt, polygraphy and a GPU; "
+                        "not yet run on real TensorRT)")
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (after the new one is complete)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch parity check")
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_schedule:
             schedule.save(args.write_schedule)
         manifest = export_bundle(spec, schedule, args.out, source={"model": args.model, "seed": args.seed},
-                                 config=ExportConfig(overwrite=args.overwrite, verify=not args.no_verify))
+                                 config=ExportConfig(overwrite=args.overwrite, verify=not args.no_verify,
+                                                    tensorrt=args.tensorrt))
     except USER_ERRORS as e:
         print(f"dsexport: error: {e}", file=sys.stderr)
         return 2

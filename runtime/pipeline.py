@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from diffsparse.runtime.backends.base import Backend, BackendError
-from diffsparse.runtime.backends.select import resolve
+from diffsparse.runtime.backends.select import resolve, tensorrt_installed
 from diffsparse.runtime.bundle import Bundle
 
 from diffsparse.models.base import ModelSpec, StepCall
@@ -75,10 +75,20 @@ class Pipeline:
         """backend: "auto" (the fastest available on the device), "onnxruntime", "torch" or
         "tensorrt"; device: "cpu", "cuda" or "auto" (CUDA when torch sees a GPU). dtype (torch
         backend): "float32", "bfloat16" or "float16"."""
+        asked = backend
         backend, device = resolve(backend, device)
         bundle = Bundle(folder, verify=verify)
         m = bundle.manifest
         steps = [s["graph"] for s in m.steps]
+        if asked == "auto" and device == "cuda" and m.engines and tensorrt_installed():
+            from diffsparse.export.tensorrt import current_engine_key
+
+            if any(e["key"] == current_engine_key() for e in m.engines):
+                backend = "tensorrt"
+        if backend == "tensorrt":
+            from diffsparse.runtime.backends.tensorrt import TensorRTBackend
+
+            return cls(TensorRTBackend(bundle, device=device), bundle.spec, m.sampler, steps)
         if backend == "torch":
             return cls.from_model(m.source.get("model"), m.schedule, batch_size=m.batch_size,
                                   guidance=m.guidance, seed=m.source.get("seed", 0), device=device,

@@ -17,6 +17,10 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def tensorrt_installed() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None and importlib.util.find_spec("polygraphy") is not None
+
+
 def ort_providers() -> list[str]:
     import onnxruntime
 
@@ -27,7 +31,8 @@ def resolve(backend: str, device: str) -> tuple[str, str]:
     """(backend, device) to run with, or BackendError naming the problem and the fix.
 
     auto on the CPU: ONNX Runtime. auto on CUDA: the PyTorch backend with static buffers and CUDA
-    graphs (ONNX Runtime CUDA is built but not yet measured against it; TensorRT is not built)."""
+    graphs; Pipeline.from_bundle upgrades that to TensorRT when it is installed and the bundle has
+    an engine for this TensorRT and GPU (ONNX Runtime CUDA is chosen explicitly until measured)."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if device not in DEVICES:
@@ -41,10 +46,12 @@ def resolve(backend: str, device: str) -> tuple[str, str]:
     if backend == "auto":
         backend = "torch" if device == "cuda" else "onnxruntime"
     if backend == "tensorrt":
-        if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("polygraphy") is None:
+        if not tensorrt_installed():
             raise BackendError("the tensorrt backend needs TensorRT and Polygraphy: pip install tensorrt polygraphy "
                                "(NVIDIA GPU machines only)")
-        raise BackendError("the tensorrt backend is not yet supported; use backend='torch' on CUDA")
+        if device != "cuda" or not cuda_available():
+            raise BackendError("the tensorrt backend runs on CUDA only: use device='cuda' on a machine with an "
+                               "NVIDIA GPU and a CUDA build of torch")
     if backend == "onnxruntime" and device == "cuda" and "CUDAExecutionProvider" not in ort_providers():
         raise BackendError("onnxruntime on CUDA needs onnxruntime-gpu: pip uninstall onnxruntime && "
                            "pip install onnxruntime-gpu (the two packages share a module name: never both)")

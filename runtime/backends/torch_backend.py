@@ -140,8 +140,12 @@ class TorchBackend(Backend):
                 self._graphs[key] = self._capture(graph, src, dst)
             self._graphs[key].replay()
         else:
-            self._write(dst, self._step(graph, self._inputs, src))
+            self._run(graph, src, dst)
         self._src = 1 - self._src
+
+    def _run(self, graph: int, src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+        """One step reading the latent and cache in `src` and writing them into `dst`."""
+        self._write(dst, self._step(graph, self._inputs, src))
 
     def _capture(self, graph: int, src: list[torch.Tensor], dst: list[torch.Tensor]):
         """Capture one step (reading `src`, writing `dst`) as a CUDA graph. The step runs once on
@@ -150,11 +154,11 @@ class TorchBackend(Backend):
         stream = torch.cuda.Stream(self._device)
         stream.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(stream):
-            self._write(dst, self._step(graph, self._inputs, src))
+            self._run(graph, src, dst)
         torch.cuda.current_stream(self._device).wait_stream(stream)
         cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cuda_graph):
-            self._write(dst, self._step(graph, self._inputs, src))
+            self._run(graph, src, dst)
         log.info("captured step graph %d (parity %d) as a CUDA graph", graph, self._src)
         return cuda_graph
 

@@ -1,5 +1,7 @@
 """One universal step graph runs every sparsity pattern and matches the per-step PyTorch steps."""
 
+import importlib.util
+
 import onnxruntime as ort
 import pytest
 from diffsparse.export.onnx_export import next_name
@@ -47,3 +49,30 @@ def test_dynamo_families_say_not_yet_supported():
     spec = make_spec("flux-tiny", guidance=False)
     with pytest.raises(NotImplementedError, match="not yet supported for the 'flux' family"):
         spec.build_universal_step(spec.default_selector())
+
+
+def test_tensorrt_engine_keys_profiles_and_errors(tiny_bundles, tiny_spec, tiny_schedules, tmp_path):
+    """What can be checked without TensorRT: engine keys, one static profile per distinct step,
+    a clear error when building or loading is not possible here."""
+    from diffsparse.export.bundle import ExportConfig, ExportError, export_bundle
+    from diffsparse.export.tensorrt import engine_key, step_profiles
+    from diffsparse.runtime import BackendError
+    from diffsparse.runtime.backends.tensorrt import find_engine
+    from diffsparse.runtime.bundle import Bundle
+
+    assert engine_key("10.13.0.35", "NVIDIA H100 80GB HBM3", (9, 0)) == "trt-10.13.0.35-nvidia-h100-80gb-hbm3-sm90"
+    sched = tiny_schedules["toca"]
+    profiles = step_profiles(tiny_spec, sched)
+    assert len(profiles) == len(sched.distinct_signatures())
+    for prof, sig in zip(profiles, sched.distinct_signatures()):
+        assert [shape[0] for shape in prof.values()] == list(sig)
+    bundle = Bundle(tiny_bundles["toca"])
+    with pytest.raises(BackendError, match="no TensorRT engine for this machine .* it has: none"):
+        find_engine(bundle, "trt-10.13-nvidia-h100-sm90")
+    bundle.manifest.engines = [{"key": "trt-10.3-nvidia-a100-sm80", "file": "engines/x/universal.plan"}]
+    with pytest.raises(BackendError, match="it has: trt-10.3-nvidia-a100-sm80.*rebuild with dsexport --tensorrt"):
+        find_engine(bundle, "trt-10.13-nvidia-h100-sm90")
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(ExportError, match="pip install tensorrt polygraphy"):
+            export_bundle(tiny_spec, sched, tmp_path / "trt", config=ExportConfig(tensorrt="fp16"))
+        assert not (tmp_path / "trt").exists()

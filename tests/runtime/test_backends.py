@@ -32,7 +32,7 @@ def test_unavailable_backends_name_what_to_install():
         resolve("auto", "cuda")
     with pytest.raises(BackendError, match="pip install onnxruntime-gpu"):
         resolve("onnxruntime", "cuda")
-    expected = ("not yet supported" if importlib.util.find_spec("tensorrt") and importlib.util.find_spec("polygraphy")
+    expected = ("runs on CUDA only" if importlib.util.find_spec("tensorrt") and importlib.util.find_spec("polygraphy")
                 else "pip install tensorrt polygraphy")
     with pytest.raises(BackendError, match=expected):
         resolve("tensorrt", "cpu")
@@ -140,3 +140,21 @@ def test_onnxruntime_cuda_matches_cpu(tiny_bundles):
     gpu = pipe.generate(LABELS, seed=4, guidance_scale=3.0)
     assert gpu.device == "cuda"
     np.testing.assert_allclose(gpu.samples, cpu.samples, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (importlib.util.find_spec("tensorrt") and importlib.util.find_spec("polygraphy")),
+                    reason="needs tensorrt and polygraphy")
+def test_tensorrt_engine_matches_onnxruntime(tiny_spec, tiny_schedules, tmp_path):
+    """On a GPU with TensorRT: dsexport --tensorrt builds one engine with a profile per distinct
+    step, backend='auto' picks it, and it reproduces ONNX Runtime on the CPU."""
+    from diffsparse.export.bundle import ExportConfig, export_bundle
+
+    m = export_bundle(tiny_spec, tiny_schedules["toca"], tmp_path / "trt", source={"model": "dit-tiny", "seed": 0},
+                      config=ExportConfig(tensorrt="fp32"))
+    assert len(m.engines) == 1 and m.engines[0]["profiles"] == len(m.graphs)
+    cpu = Pipeline.from_bundle(tmp_path / "trt", backend="onnxruntime").generate(LABELS, seed=6, guidance_scale=3.0)
+    pipe = Pipeline.from_bundle(tmp_path / "trt", backend="auto", device="cuda")
+    assert pipe.backend.name == "tensorrt"
+    trt = pipe.generate(LABELS, seed=6, guidance_scale=3.0)
+    np.testing.assert_allclose(trt.samples, cpu.samples, atol=1e-3)
