@@ -11,15 +11,10 @@ split needs K at export time).
 
 from __future__ import annotations
 
-import logging
-import tempfile
-import warnings
-from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from diffsparse.export.onnx_export import OPSET, _dynamo_translations, next_name, sample_tensor
+from diffsparse.export.onnx_export import next_name, sample_tensor, trace_to_onnx
 
 from diffsparse.models.base import ModelSpec
 from diffsparse.schedule import SelectorConfig
@@ -36,7 +31,7 @@ def k_carriers(spec: ModelSpec, keep: list[int]) -> dict[str, np.ndarray]:
     return {carrier_name(l): np.zeros(k, np.float32) for l, k in zip(spec.layers, keep)}
 
 
-def export_universal_step(spec: ModelSpec, selector: SelectorConfig, trace_keep: list[int] | None = None) -> onnx.ModelProto:
+def export_universal_step(spec: ModelSpec, selector: SelectorConfig, trace_keep: list[int] | None = None):
     """Trace the universal step with the dynamo exporter, each carrier's length a symbolic
     dimension (the TorchScript tracer freezes intermediate sizes into the graph). Traced at
     `trace_keep`, by default half of every layer's tokens."""
@@ -54,12 +49,4 @@ def export_universal_step(spec: ModelSpec, selector: SelectorConfig, trace_keep:
     # guard on it and runs K = 0 and 1 as well (tested)
     dims = [torch.export.Dim(f"K_{l.name}", min=2, max=max(2, k)) for l, k in zip(spec.layers, n)]
     dynamic = (tuple([None] * len(inputs) + [{0: d} for d in dims] + [None] * len(cache)),)
-    with tempfile.TemporaryDirectory(prefix="dsexport-universal-") as tmp:
-        path = Path(tmp) / "universal.onnx"
-        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                              dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True, external_data=True,
-                              verbose=False, custom_translation_table=_dynamo_translations())
-        return onnx.load(str(path), load_external_data=True)
+    return trace_to_onnx(module, args, input_names, output_names, dynamo=True, dynamic_shapes=dynamic)

@@ -104,6 +104,13 @@ class ModelSpec(abc.ABC):
         if self.sampler.kind != self.sampler_kind:
             raise SpecError(f"the {self.family} family samples with {self.sampler_kind!r}, not {self.sampler.kind!r}")
 
+    def int_option(self, name: str) -> int:
+        """A positive integer option (token counts, sizes), or SpecError naming it."""
+        value = self.options[name]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise SpecError(f"option {name} must be a positive integer, got {value!r}")
+        return int(value)
+
     @classmethod
     def make_sampler(cls, scheduler_config: dict[str, Any]):
         """This family's sampler config from a diffusers scheduler config (unsupported settings

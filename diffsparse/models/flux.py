@@ -92,12 +92,10 @@ class FluxSpec(ModelSpec):
                                       f"{cfg.in_channels} -> {model.out_channels}")
         if cfg.num_layers < 1:
             raise NotImplementedError("FLUX models without double-stream blocks are not supported")
-        height, width, text_len = (int(self.options[k]) for k in ("height", "width", "text_len"))
+        height, width, text_len = (self.int_option(k) for k in ("height", "width", "text_len"))
         step = VAE_SCALE * PACK
-        if height <= 0 or width <= 0 or height % step or width % step:
+        if height % step or width % step:
             raise SpecError(f"FLUX height and width must be positive multiples of {step} pixels, got {height}x{width}")
-        if text_len <= 0:
-            raise SpecError(f"FLUX text_len must be positive, got {text_len}")
         self.grid = (height // step, width // step)
         self.text_len = text_len
         self.channels = cfg.in_channels // (PACK * PACK)  # unpacked latent channels

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffsparse.models.base import ModelSpec, SpecError, TensorSpec, register
+from diffsparse.models.base import ModelSpec, TensorSpec, register
 from diffsparse.models.cached import CachedStep
 from diffsparse.sampler import DPMSolverConfig
 from diffsparse.schedule import LayerRef, SelectorConfig
@@ -71,10 +71,7 @@ class PixArtSpec(ModelSpec):
             raise NotImplementedError(f"PixArt norm_type {cfg.norm_type!r} is not supported (ada_norm_single only)")
         if cfg.cross_attention_dim is None:
             raise NotImplementedError("PixArt models without cross-attention are not supported")
-        text_len = self.options["text_len"]
-        if isinstance(text_len, bool) or not isinstance(text_len, (int, np.integer)) or text_len < 1:
-            raise SpecError(f"option text_len must be a positive integer, got {text_len!r}")
-        self.text_len = int(text_len)
+        self.text_len = self.int_option("text_len")
         self.patch = cfg.patch_size
         self.grid = (cfg.sample_size // self.patch, cfg.sample_size // self.patch)
         self.dim = cfg.num_attention_heads * cfg.attention_head_dim

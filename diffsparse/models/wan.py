@@ -75,7 +75,7 @@ class WanSpec(ModelSpec):
         self.freq_dim = cfg.freq_dim
         self.ff_dim = cfg.ffn_dim
         self.num_blocks = cfg.num_layers
-        frames, height, width, self.text_len = (self._option(k) for k in ("num_frames", "height", "width", "text_len"))
+        frames, height, width, self.text_len = (self.int_option(k) for k in ("num_frames", "height", "width", "text_len"))
         pt, ph, pw = self.patch
         if (frames - 1) % VAE_TIME:
             raise SpecError(f"num_frames must be 4k+1 (the VAE compresses time 4x), got {frames}")
@@ -94,12 +94,6 @@ class WanSpec(ModelSpec):
         # spatial-bonus tiles run over (frames x rows, columns): tiles stay in a frame when the
         # window divides the rows (checked per selector in build_step)
         self.grid = (f * gh, gw)
-
-    def _option(self, name: str) -> int:
-        value = self.options[name]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise SpecError(f"option {name} must be a positive integer, got {value!r}")
-        return int(value)
 
     @classmethod
     def make_sampler(cls, scheduler_config: dict[str, Any]):
