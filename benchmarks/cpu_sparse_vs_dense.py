@@ -6,6 +6,14 @@ the weights' size, loaded memory, and MACs per layer kind).
 
     python benchmarks/cpu_sparse_vs_dense.py --threads 1 --out out/bench-dit-xl
     python benchmarks/cpu_sparse_vs_dense.py --model pixart-alpha-256 --threads 1 --out out/bench-pixart
+
+A model larger than memory (FLUX.1-schnell, 47.6 GB in fp32) is initialised straight into the
+bundle's weights file and exported without a dense twin (--sparse-only; its dense MACs come from the
+same formulas); --export-only then reports sizes, the memory taken by loading the bundle (in a fresh
+process) and the MACs per layer, without timed runs:
+
+    python benchmarks/cpu_sparse_vs_dense.py --model flux-schnell-256 --no-guidance --steps 4 \
+        --sparse-only --export-only --out out/bench-flux
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import time
 from pathlib import Path
 
 from diffsparse.export.bundle import ExportConfig, export_bundle
-from diffsparse.runtime.profile import ProfileConfig, profile, write_report
+from diffsparse.runtime.profile import ProfileConfig, load_footprint, macs_by_kind, profile, write_report
 
 from diffsparse.builtin_schedules import dense_schedule, toca_schedule
 from diffsparse.models.zoo import make_spec
@@ -34,17 +42,22 @@ def main() -> None:
     p.add_argument("--out", default="out/bench-dit-xl")
     p.add_argument("--reuse-bundles", action="store_true", help="profile bundles already in --out")
     p.add_argument("--no-guidance", action="store_true", help="export without CFG (FLUX.1-schnell)")
-    p.add_argument("--export-only", action="store_true", help="export and report sizes; no timed runs")
+    p.add_argument("--export-only", action="store_true",
+                   help="export and report sizes, load memory and MACs; no timed runs")
+    p.add_argument("--sparse-only", action="store_true", help="export no dense bundle (implies --export-only)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
+    args.export_only = args.export_only or args.sparse_only
     sizes: dict[str, dict] = {}
     if not args.reuse_bundles:
-        spec = make_spec(args.model, batch_size=1, guidance=not args.no_guidance)
+        # streamed: a model marked too large for memory is initialised into the bundle itself
+        spec = make_spec(args.model, batch_size=1, guidance=not args.no_guidance, streamed_weights=True)
         params = sum(t.numel() * t.element_size() for t in spec.model.parameters())
         # one full step (step 0, the cache is empty), then sparse steps
         sparse = toca_schedule(spec, args.steps, args.ratio, full_every=args.steps)
-        for name, sched in (("sparse", sparse), ("dense", dense_schedule(spec, args.steps))):
+        jobs = [("sparse", sparse)] + ([] if args.sparse_only else [("dense", dense_schedule(spec, args.steps))])
+        for name, sched in jobs:
             t0 = time.perf_counter()
             m = export_bundle(spec, sched, out / f"bundle-{name}", source={"model": args.model, "seed": 0},
                               config=ExportConfig(overwrite=True))
@@ -56,7 +69,7 @@ def main() -> None:
         del spec
         (out / "export_sizes.json").write_text(json.dumps(sizes, indent=1))
     if args.export_only:
-        print(json.dumps(json.loads((out / "export_sizes.json").read_text()), indent=1))
+        export_report(out, json.loads((out / "export_sizes.json").read_text()), args.threads)
         return
     report = profile(out / "bundle-sparse", out / "bundle-dense",
                      ProfileConfig(runs=args.runs, warmup=args.warmup, threads=args.threads))
@@ -69,6 +82,44 @@ def main() -> None:
     print(paths["md"].read_text())
     print(json.dumps({"speedup": report["speedup"], "macs_speedup": report["macs_speedup"],
                       "efficiency": report["efficiency"], "target_efficiency": 0.85}))
+
+
+def export_report(out: Path, sizes: dict, threads: int | None) -> None:
+    """Sizes, load memory (each bundle loaded in a fresh process) and MACs per layer, as
+    out/report/export.json and export.md."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from diffsparse.runtime.bundle import Bundle
+
+    report = {"export": sizes, "load": {}, "macs": {}}
+    for name in sizes:
+        folder = out / f"bundle-{name}"
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            report["load"][name] = pool.submit(load_footprint, folder, threads).result()
+        bundle = Bundle(folder, verify=False)
+        report["macs"][name] = bundle.spec.macs_breakdown(bundle.schedule)
+        report["macs"][name]["ratio"] = bundle.manifest.macs["ratio"]
+    gib = 1 / 2**30
+    lines = ["# Export report", ""]
+    for name, size in sizes.items():
+        load = report["load"][name]
+        lines += [f"## {name} bundle", "",
+                  "| | |", "|---|---:|",
+                  f"| model parameters | {size['model_parameter_bytes'] * gib:.2f} GiB |",
+                  f"| weights.bin | {size['weights_bytes'] * gib:.2f} GiB |",
+                  f"| step graphs ({size['graphs']}) | {size['graph_bytes'] / 2**20:.1f} MiB |",
+                  f"| export time | {size['export_seconds']:.0f} s |",
+                  f"| parity vs PyTorch (max) | {size['parity_max_abs_err']:.2g} |",
+                  f"| loaded: private memory | {load['private_bytes'] * gib:.2f} GiB |",
+                  f"| loaded: file-backed (weights.bin mapped once, {load['sessions']} sessions) | "
+                  f"{load['file_backed_bytes'] * gib:.2f} GiB |",
+                  f"| MACs ratio vs dense | {report['macs'][name]['ratio']:.3f} |", "",
+                  *macs_by_kind(report["macs"][name])]
+    (out / "report").mkdir(parents=True, exist_ok=True)
+    (out / "report" / "export.json").write_text(json.dumps(report, indent=1))
+    (out / "report" / "export.md").write_text("\n".join(lines))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

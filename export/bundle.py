@@ -25,6 +25,7 @@ from diffsparse.export.weights import WeightStore
 from diffsparse import __version__
 from diffsparse.manifest import GraphEntry, Manifest, sha256_file
 from diffsparse.models.base import ModelSpec
+from diffsparse.models.lazy import is_lazy
 from diffsparse.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -115,12 +116,14 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
     selector = schedule.selector
     plan = spec.sampler_plan(schedule.num_steps)
     store = WeightStore(folder / "weights.bin")
+    if is_lazy(spec.model):  # larger than memory: initialised straight into the bundle's weights
+        store.adopt(spec.model, spec.sliced_parameters())
     graphs: list[GraphEntry] = []
     signatures = schedule.distinct_signatures()
     for i, sig in enumerate(signatures):
         t0 = time.perf_counter()
-        model = export_step(spec, list(sig), selector)
-        store.externalize(model)  # first: a >2 GB model cannot be serialised for shape inference
+        # weights go to the store first: a >2 GB model cannot be serialised for shape inference
+        model = export_step(spec, list(sig), selector, store)
         if config.check_tensorrt:
             problems = tensorrt_problems(model)
             if problems:
@@ -133,8 +136,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
     if config.tensorrt is not None:
         from diffsparse.export.universal import export_universal_step
 
-        universal = export_universal_step(spec, selector)
-        store.externalize(universal)  # its weights are the step graphs' weights: stored once
+        universal = export_universal_step(spec, selector, store=store)  # same weights: stored once
         onnx.save(universal, str(folder / UNIVERSAL))
     weights = store.close()
     weights["sha256"] = sha256_file(folder / weights["file"])

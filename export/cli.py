@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = {"clip_sample": True} if args.clip_sample else None
         spec = make_spec(args.model, batch_size=args.batch, guidance=not args.no_guidance, seed=args.seed,
-                         sampler_overrides=overrides, options=parse_options(args.option))
+                         sampler_overrides=overrides, options=parse_options(args.option),
+                         streamed_weights=True)  # a built-in larger than memory goes straight to disk
         steps = args.steps if args.steps is not None else (20 if args.schedule in BUILTIN_NAMES else None)
         schedule = resolve_schedule(args.schedule, spec, steps, args.ratio, args.full_every)
         if args.write_schedule:

@@ -31,10 +31,11 @@ def k_carriers(spec: ModelSpec, keep: list[int]) -> dict[str, np.ndarray]:
     return {carrier_name(l): np.zeros(k, np.float32) for l, k in zip(spec.layers, keep)}
 
 
-def export_universal_step(spec: ModelSpec, selector: SelectorConfig, trace_keep: list[int] | None = None):
+def export_universal_step(spec: ModelSpec, selector: SelectorConfig, trace_keep: list[int] | None = None,
+                          store=None):
     """Trace the universal step with the dynamo exporter, each carrier's length a symbolic
     dimension (the TorchScript tracer freezes intermediate sizes into the graph). Traced at
-    `trace_keep`, by default half of every layer's tokens."""
+    `trace_keep`, by default half of every layer's tokens; large weights go to `store` if given."""
     module = spec.build_universal_step(selector)
     n = spec.dense_keep()
     trace_keep = trace_keep or [max(2, k // 2) for k in n]
@@ -49,4 +50,5 @@ def export_universal_step(spec: ModelSpec, selector: SelectorConfig, trace_keep:
     # guard on it and runs K = 0 and 1 as well (tested)
     dims = [torch.export.Dim(f"K_{l.name}", min=2, max=max(2, k)) for l, k in zip(spec.layers, n)]
     dynamic = (tuple([None] * len(inputs) + [{0: d} for d in dims] + [None] * len(cache)),)
-    return trace_to_onnx(module, args, input_names, output_names, dynamo=True, dynamic_shapes=dynamic)
+    return trace_to_onnx(module, args, input_names, output_names, dynamo=True, dynamic_shapes=dynamic,
+                         store=store)

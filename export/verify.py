@@ -110,19 +110,23 @@ def check_ties(spec: ModelSpec, keep: list[int], scores: dict[int, torch.Tensor]
 def verify_graphs(folder: str | Path, spec: ModelSpec) -> list[float]:
     """Per graph, the parity error of ONNX Runtime against the PyTorch step (see `compare`), with
     rounding ties in token selection resolved the graph's way (module docstring)."""
-    import onnxruntime as ort
+    from diffsparse.runtime.backends.ort import OrtBackend
+    from diffsparse.runtime.bundle import Bundle
 
     folder = Path(folder)
+    # the runtime's own sessions: weights shared from one memory map of weights.bin, as served
+    # (and a model larger than memory still loads)
+    backend = OrtBackend(Bundle(folder, verify=False))
+    backend.load()
     manifest = Manifest.load(folder, verify=False)
     feeds = reference_inputs(spec, manifest)
     selector = manifest.schedule.selector
     in_names = [s.name for s in manifest.inputs] + [c.name for c in manifest.cache]
     out_names = [s.name for s in manifest.outputs] + [next_name(c.name) for c in manifest.cache]
     errors = []
-    for g in manifest.graphs:
+    for g, sess in zip(manifest.graphs, backend.sessions):
         module = spec.build_step(g.keep, selector)
         ref = _run_torch(module, feeds, in_names, out_names)
-        sess = ort.InferenceSession(str(folder / g.file), providers=["CPUExecutionProvider"])
         # the exporter drops inputs a graph does not read (e.g. reuse counts of a full step)
         declared = {i.name for i in sess.get_inputs()}
         got = dict(zip(out_names, sess.run(out_names, {n: feeds[n] for n in in_names if n in declared})))

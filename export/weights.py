@@ -4,6 +4,11 @@ Each exported graph's large initializers are renamed by content hash and moved i
 `weights.bin` as ONNX external data. The same tensor in two graphs (all of them, for weights the
 sparsity pattern does not touch) is written once; graphs stay loadable on their own by ONNX tools,
 and the runtime maps the file once and hands the same buffers to every session.
+
+Graphs from the dynamo exporter are externalised from its in-memory IR (`externalize_ir`), so no
+graph is ever held with all its weights copied; and a model too large for memory gives its
+parameters to the store as they are initialised (`adopt`), keeping only memory-mapped views of
+the store's file — the exporter then finds them here by address instead of copying them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import torch
 from onnx import numpy_helper
 
 # Initializers smaller than this stay inside the graph (shapes, scalars, small constants).
@@ -29,19 +35,65 @@ class WeightStore:
         self._file = open(self.path, "wb")
         self.index: dict[str, list[Any]] = {}
         self._offset = 0
+        self._by_offset: dict[int, str] = {}
+        self._adopted: dict[tuple, str] = {}  # (address, bytes, dtype, shape) of adopted tensors
 
     def _add(self, array: np.ndarray) -> str:
-        data = np.ascontiguousarray(array).tobytes()
-        digest = hashlib.sha256(data + str((array.dtype.str, array.shape)).encode()).hexdigest()[:20]
-        name = f"w.{digest}"
+        array = np.ascontiguousarray(array)
+        digest = hashlib.sha256(memoryview(array.reshape(-1)).cast("B"))
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        name = f"w.{digest.hexdigest()[:20]}"
         if name not in self.index:
             pad = (-self._offset) % ALIGN
             self._file.write(b"\0" * pad)
             self._offset += pad
-            self.index[name] = [self._offset, len(data), array.dtype.str, list(array.shape)]
-            self._file.write(data)
-            self._offset += len(data)
+            self.index[name] = [self._offset, array.nbytes, array.dtype.str, list(array.shape)]
+            self._by_offset[self._offset] = name
+            self._file.write(memoryview(array.reshape(-1)).cast("B"))
+            self._offset += array.nbytes
         return name
+
+    @staticmethod
+    def _address(tensor: torch.Tensor) -> tuple:
+        return (tensor.data_ptr(), tensor.numel() * tensor.element_size(), str(tensor.dtype), tuple(tensor.shape))
+
+    def adopt(self, model: torch.nn.Module, in_memory: set[str] = frozenset()) -> None:
+        """Materialise a lazily initialised model (models/lazy.py) straight into the store: each
+        parameter is written, then replaced by a copy-on-write memory map of its bytes here.
+        Small ones (inlined in the graphs) and those named in `in_memory` (read by the graphs only
+        in slices, which the exporter stores) stay in memory."""
+        from diffsparse.models.lazy import materialize
+
+        def keep(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            array = tensor.numpy()
+            if name in in_memory or array.nbytes < MIN_SHARED_BYTES:
+                return tensor
+            stored = self._add(array)
+            self._file.flush()
+            offset = self.index[stored][0]
+            view = torch.from_numpy(np.memmap(self.path, dtype=array.dtype, mode="c", offset=offset,
+                                              shape=array.shape))
+            self._adopted[self._address(view)] = stored
+            return view
+
+        materialize(model, keep)
+
+    def externalize_ir(self, model) -> None:
+        """Point the large initializers of an onnx_ir model at the store (writing those not in it
+        yet); `externalize` on the serialised model then names and deduplicates them."""
+        import onnx_ir as ir
+
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or tensor.nbytes < MIN_SHARED_BYTES:
+                continue
+            raw = getattr(tensor, "raw", None)
+            stored = self._adopted.get(self._address(raw)) if isinstance(raw, torch.Tensor) else None
+            if stored is None:
+                stored = self._add(tensor.numpy())
+            offset, length = self.index[stored][:2]
+            value.const_value = ir.ExternalTensor(self.path.name, offset, length, tensor.dtype, shape=tensor.shape,
+                                                  name=value.name, base_dir=self.path.parent)
 
     def externalize(self, model: onnx.ModelProto) -> int:
         """Move the model's large initializers into the store; return how many were moved."""
@@ -50,11 +102,10 @@ class WeightStore:
         kept: dict[str, onnx.TensorProto] = {}
         small = []
         for init in graph.initializer:
-            array = numpy_helper.to_array(init)
-            if array.nbytes < MIN_SHARED_BYTES:
+            name = self._stored_name(init)
+            if name is None:
                 small.append(init)
                 continue
-            name = self._add(array)
             rename[init.name] = name
             if name not in kept:
                 tensor = onnx.TensorProto()
@@ -78,6 +129,16 @@ class WeightStore:
         graph.initializer.extend(small)
         graph.initializer.extend(kept.values())
         return len(rename)
+
+    def _stored_name(self, init: onnx.TensorProto) -> str | None:
+        """The store's name for a large initializer (added if new); None for a small one."""
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            ref = {e.key: e.value for e in init.external_data}
+            if ref.get("location") == self.path.name and int(ref.get("offset", -1)) in self._by_offset:
+                return self._by_offset[int(ref["offset"])]
+            raise ValueError(f"initializer {init.name} refers to external data {ref} outside the weight store")
+        array = numpy_helper.to_array(init)
+        return self._add(array) if array.nbytes >= MIN_SHARED_BYTES else None
 
     def close(self) -> dict[str, Any]:
         self._file.close()

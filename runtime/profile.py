@@ -42,6 +42,39 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def memory_status() -> dict[str, int]:
+    """Resident memory split as Linux reports it: private (RssAnon: copies, arenas, buffers) and
+    file-backed (RssFile: pages of memory-mapped files such as weights.bin, which the kernel can
+    drop and re-read, and which every mapping of the file shares)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def load_footprint(folder: str | Path, threads: int | None = None) -> dict[str, Any]:
+    """Memory taken by loading a bundle on ONNX Runtime CPU (every step session created, cache
+    buffers allocated), as the growth of private and file-backed resident memory. Run it in a fresh
+    process for a clean figure (`benchmarks/cpu_sparse_vs_dense.py` does)."""
+    from diffsparse.runtime.backends.ort import OrtBackend
+    from diffsparse.runtime.bundle import Bundle
+
+    bundle = Bundle(folder, verify=False)
+    before = memory_status()
+    t0 = time.perf_counter()
+    backend = OrtBackend(bundle, threads=threads)
+    backend.load()
+    backend.allocate()
+    after = memory_status()
+    return {"sessions": len(backend.sessions), "load_seconds": time.perf_counter() - t0,
+            "weights_bytes": bundle.manifest.weights["bytes"],
+            "private_bytes": after["RssAnon"] - before["RssAnon"],
+            "file_backed_bytes": after["RssFile"] - before["RssFile"]}
+
+
 def host_info() -> dict[str, Any]:
     import onnxruntime
     import torch

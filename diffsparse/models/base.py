@@ -147,6 +147,11 @@ class ModelSpec(abc.ABC):
     def model_config(self) -> dict[str, Any]:
         """The diffusers config that rebuilds the model (stored in the bundle manifest)."""
 
+    def sliced_parameters(self) -> set[str]:
+        """Parameters the step graphs read only in slices (the exporter stores the slices): a
+        streamed export keeps these in memory instead of writing the whole into the bundle."""
+        return set()
+
     # ---- graph signature -------------------------------------------------------------------
     def step_inputs(self) -> list[TensorSpec]:
         """Non-cache inputs, the latent first: latent, model timestep, the sampler's per-step

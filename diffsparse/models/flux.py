@@ -107,6 +107,10 @@ class FluxSpec(ModelSpec):
         self.ff_dim = model.transformer_blocks[0].ff.net[-1].in_features
         self.single_mlp_dim = model.single_transformer_blocks[0].mlp_hidden_dim if self.num_single else 0
 
+    def sliced_parameters(self) -> set[str]:
+        # proj_out of a single-stream block splits into its attention and MLP columns (_single_block)
+        return {f"single_transformer_blocks.{j}.proj_out.weight" for j in range(self.num_single)}
+
     # ---- structure -------------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:

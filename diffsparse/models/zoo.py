@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from diffsparse.models import lazy
 from diffsparse.models.base import ModelSpec, registered_families, spec_class
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ class BuiltinModel:
     description: str = ""
     folder: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # the spec's OPTIONS for this model
+    # larger than a build machine's RAM: weights initialised module by module (models/lazy.py),
+    # streamed into the bundle by the exporter when asked (make_spec(streamed_weights=True))
+    streamed: bool = False
 
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -87,8 +91,9 @@ BUILTINS: dict[str, BuiltinModel] = {
         dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
              num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False,
              axes_dims_rope=(16, 56, 56)),
-        options={"height": 256, "width": 256, "text_len": 256},
-        description="FLUX.1-schnell (19 double + 38 single blocks, 12B params) at 256x256, random weights"),
+        options={"height": 256, "width": 256, "text_len": 256}, streamed=True,
+        description="FLUX.1-schnell (19 double + 38 single blocks, 12B params) at 256x256, random weights "
+                    "(initialised module by module; dsexport streams them to disk)"),
     # ---- Wan2.1 ----
     "wan-tiny": BuiltinModel(
         "wan", "WanTransformer3DModel",
@@ -119,8 +124,13 @@ def _diffusers_class(name: str):
     return getattr(diffusers, name)
 
 
-def load_model(source: str | Path, seed: int = 0) -> tuple[str, torch.nn.Module, dict[str, Any]]:
+def load_model(source: str | Path, seed: int = 0,
+               streamed_weights: bool = False) -> tuple[str, torch.nn.Module, dict[str, Any]]:
     """Return (family, model, scheduler config) for a built-in name or a local diffusers folder.
+
+    A built-in marked `streamed` is initialised module by module (`models/lazy.py`); with
+    `streamed_weights` its parameters stay on the meta device until the exporter streams them
+    into a bundle, otherwise they are materialised in memory (the same values either way).
 
     A folder may be a transformer folder (config.json + weights) or a pipeline folder with
     `transformer/` and optionally `scheduler/scheduler_config.json`.
@@ -134,6 +144,9 @@ def load_model(source: str | Path, seed: int = 0) -> tuple[str, torch.nn.Module,
     if str(source) in BUILTINS:
         b = BUILTINS[str(source)]
         cls = _diffusers_class(b.diffusers_class)
+        if b.streamed:
+            model = lazy.build_lazy(cls, b.config, seed)
+            return b.family, (model if streamed_weights else lazy.materialize(model)), dict(b.sampler)
         torch.manual_seed(seed)
         model = cls(**b.config).eval()
         log.info("built %s with random weights (seed %d)", source, seed)
@@ -190,10 +203,11 @@ def _from_folder(cls, path: Path) -> torch.nn.Module:
 
 
 def make_spec(source: str | Path, batch_size: int = 1, guidance: bool = True, seed: int = 0,
-              sampler_overrides: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> ModelSpec:
+              sampler_overrides: dict[str, Any] | None = None, options: dict[str, Any] | None = None,
+              streamed_weights: bool = False) -> ModelSpec:
     """Load a model and wrap it in its family's spec (options: the family's OPTIONS, over a
-    built-in model's own)."""
-    family, model, sched_cfg = load_model(source, seed)
+    built-in model's own; streamed_weights: see `load_model`)."""
+    family, model, sched_cfg = load_model(source, seed, streamed_weights)
     cls = spec_class(family)
     sampler = cls.make_sampler({**sched_cfg, **(sampler_overrides or {})})
     builtin = BUILTINS[str(source)].options if str(source) in BUILTINS else {}
