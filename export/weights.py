@@ -85,7 +85,7 @@ class WeightStore:
 
         for value in model.graph.initializers.values():
             tensor = value.const_value
-            if tensor is None or tensor.nbytes < MIN_SHARED_BYTES:
+            if tensor is None or tensor.nbytes < MIN_SHARED_BYTES or value.is_graph_output():
                 continue
             raw = getattr(tensor, "raw", None)
             stored = self._adopted.get(self._address(raw)) if isinstance(raw, torch.Tensor) else None
@@ -101,8 +101,10 @@ class WeightStore:
         rename: dict[str, str] = {}
         kept: dict[str, onnx.TensorProto] = {}
         small = []
+        # a constant graph output (e.g. the reuse counts of a full step) keeps its name: inline
+        outputs = {o.name for o in graph.output}
         for init in graph.initializer:
-            name = self._stored_name(init)
+            name = None if init.name in outputs else self._stored_name(init)
             if name is None:
                 small.append(init)
                 continue
@@ -122,9 +124,6 @@ class WeightStore:
             for i, inp in enumerate(node.input):
                 if inp in rename:
                     node.input[i] = rename[inp]
-        for out in graph.output:
-            if out.name in rename:
-                raise ValueError(f"graph output {out.name} is an initializer; cannot share it")
         del graph.initializer[:]
         graph.initializer.extend(small)
         graph.initializer.extend(kept.values())
