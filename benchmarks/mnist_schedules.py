@@ -4,7 +4,7 @@ For each target ratio: the ToCa-style hand schedule; the DiffSparse schedule tra
 dstrain's defaults (two stages, distillation loss = classifier features + L2) at exactly the ToCa
 schedule's MACs; FORA-style whole-layer reuse and fewer sampling steps at the nearest MACs;
 optionally random search and a GA (--search). Every schedule is exported to a bundle and scored
-with dseval's metrics on ONNX Runtime CPU (n per class, seed 0, guidance 3): accuracy, MNIST-FID
+with dseval's metrics on ONNX Runtime CPU (n per class, seed 0, guidance 1.5): accuracy, MNIST-FID
 against the 10,000 real test images, PSNR/SSIM against the dense bundle.
 
     python benchmarks/mnist_schedules.py --out out/mnist-schedules --threads 2
@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--model", default="mnist-dit")
     p.add_argument("--out", default="out/mnist-schedules")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.4])
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=10)  # the shipped model's sampling steps
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--samples", type=int, default=64, help="training samples per epoch (dstrain default)")
     p.add_argument("--n-per-class", type=int, default=50)
