@@ -69,6 +69,7 @@ def export_bundle(spec: ModelSpec, schedule: Schedule, out: str | Path, source: 
         if not spec.supports_universal_step:
             raise ExportError(f"TensorRT engines are not yet supported for the {spec.family!r} family")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _check_disk_space(spec, out.parent)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -82,6 +83,16 @@ def export_bundle(spec: ModelSpec, schedule: Schedule, out: str | Path, source: 
 
 
 UNIVERSAL = "universal.onnx"
+
+
+def _check_disk_space(spec: ModelSpec, folder: Path) -> None:
+    """Fail before writing anything when the bundle's weights cannot fit: a streamed model writes
+    tens of GB before the first graph is traced."""
+    need = sum(p.numel() * p.element_size() for p in spec.model.parameters())
+    free = shutil.disk_usage(folder).free
+    if free < need * 1.02:
+        raise ExportError(f"{folder} has {free / 2**30:.1f} GiB free; the bundle's weights alone need "
+                          f"{need / 2**30:.1f} GiB: free space or export elsewhere")
 
 
 def _file_entry(folder: Path, rel: str) -> dict[str, Any]:

@@ -129,3 +129,15 @@ def test_manifest_records_what_the_runtime_needs(tiny_bundles):
     assert [i["name"] for i in data["inputs"]][:2] == ["latent", "timestep"]
     assert 0.3 < data["macs"]["ratio"] < 0.7
     assert np.isclose(sum(data["macs"]["per_step"]), data["macs"]["total"])
+
+
+def test_too_little_disk_fails_before_writing(tmp_path, tiny_spec, tiny_schedules, monkeypatch):
+    from collections import namedtuple
+
+    import diffsparse.export.bundle as bundle_mod
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(bundle_mod.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(ExportError, match="GiB free; the bundle's weights alone need"):
+        export_bundle(tiny_spec, tiny_schedules["dense"], tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
