@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 from diffsparse.export.onnx_export import export_step
-from diffsparse.export.trt_compat import operator_set, tensorrt_problems
+from diffsparse.export.trt_compat import TOPK_MAX, operator_set, tensorrt_problems
 from diffsparse.export.weights import WeightStore
 
 from diffsparse import __version__
@@ -62,12 +62,16 @@ def export_bundle(spec: ModelSpec, schedule: Schedule, out: str | Path, source: 
     if config.tensorrt is not None:  # fail before any work
         from diffsparse.export.tensorrt import TensorRTUnavailable, check_available
 
+        if not spec.supports_universal_step:
+            raise ExportError(f"TensorRT engines are not yet supported for the {spec.family!r} family")
+        widest = max(spec.layer_tokens(layer) for layer in spec.layers)
+        if widest > TOPK_MAX:  # the universal graph runs TopK at every K up to N (export/universal.py)
+            raise ExportError(f"TensorRT engines are not yet supported for layers of more than {TOPK_MAX} tokens "
+                              f"(TensorRT's TopK limit; this model has {widest}): use ONNX Runtime for it")
         try:
             check_available()
         except TensorRTUnavailable as e:
             raise ExportError(str(e)) from None
-        if not spec.supports_universal_step:
-            raise ExportError(f"TensorRT engines are not yet supported for the {spec.family!r} family")
     out.parent.mkdir(parents=True, exist_ok=True)
     _check_disk_space(spec, out.parent)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -72,8 +72,6 @@ class FluxSpec(ModelSpec):
     # TorchScript fails on aten::rms_norm (the q/k norms)
     onnx_exporter = "dynamo"
     OPTIONS: ClassVar[dict[str, Any]] = {"height": 256, "width": 256, "text_len": 256}
-    # the joint attention branches on K in Python (text-only queries when K = 0)
-    supports_universal_step = False
 
     def __init__(self, model: nn.Module, batch_size: int = 1, guidance: bool = False,
                  sampler: FlowMatchConfig | None = None, options: dict[str, Any] | None = None) -> None:
@@ -253,12 +251,15 @@ class FluxCachedStep(CachedStep):
     # -- layers ------------------------------------------------------------------------------
     def _joint_attention(self, index, layer, attn, img_in, txt_in, h, c, state, new):
         """Double-stream attention -> (image output (R, N, D), text output (R, T, D)), both ungated."""
-        k, t = self.keep[index], c.shape[1]
+        t = c.shape[1]
         name = layer.name
         tq, tk, tv = self._rotary_qkv(txt_in(c), (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
                                       (attn.norm_added_q, attn.norm_added_k), self.rope_cos[:t], self.rope_sin[:t])
         idx = ridx = None
-        if k == 0:
+        # K = 0 (known here only in a per-step graph): text queries only, every image entry reused.
+        # A universal step takes the general path, which with K = 0 at run time gives the same.
+        reuse_all = self._is(index, 0)
+        if reuse_all:
             img_out = self._reuse_all(layer, h, state, new, keys=("out", "key", "value", "ent"))
             q, keys, values = tq, state[f"key.{name}"], state[f"value.{name}"]
         else:
@@ -266,21 +267,25 @@ class FluxCachedStep(CachedStep):
             new[f"key.{name}"], new[f"value.{name}"] = keys, values
             q = torch.cat([tq, iq], dim=1)
         ent_key, recv_key = f"ent.{name}", f"recv.{name}"
-        need_probs = (k > 0 and ent_key in state) or recv_key in state
+        need_probs = (not reuse_all and ent_key in state) or recv_key in state
         o, probs = self._attend(self.heads, q, torch.cat([tk, keys], 1), torch.cat([tv, values], 1), need_probs)
         txt_out = attn.to_add_out(o[:, :t])
-        if k > 0:
+        if not reuse_all:
             fresh = attn.to_out[0](o[:, t:])
             img_out = fresh if idx is None else tc.scatter_tokens(state[f"out.{name}"], ridx, fresh)
             new[f"out.{name}"] = img_out
             if ent_key in state:
-                to_text = probs[:, :, t:, :t]
-                ent = tc.attention_entropy(to_text / to_text.sum(-1, keepdim=True), self.halves)
+                # over every query, then the image rows: with K = 0 at run time (universal step)
+                # ONNX Runtime's reductions of an empty tensor keep the reduced axis
+                to_text = probs[..., :t]
+                ent = tc.attention_entropy(to_text / to_text.sum(-1, keepdim=True), self.halves)[:, t:]
                 new[ent_key] = ent if idx is None else tc.scatter_tokens(
                     state[ent_key].unsqueeze(-1), idx, ent.unsqueeze(-1)).squeeze(-1)
             self._bookkeep(layer, h, idx, idx is None, state, new)
         if recv_key in state:
-            received = tc.attention_received(probs, self.halves)
+            # the query count as a tensor in a universal step (text queries + K read off the carrier)
+            count = (torch.ones_like(self._k_carriers[index]).sum() + t) if self.dynamic_k else None
+            received = tc.attention_received(probs, self.halves, count)
             new[recv_key], new[f"recv.{LayerRef(layer.block, 'TMLP').name}"] = received[:, t:], received[:, :t]
         return img_out, txt_out
 

@@ -12,9 +12,9 @@ from diffsparse.manifest import Manifest
 from diffsparse.models.zoo import make_spec
 
 
-@pytest.mark.parametrize("model", ["dit-tiny", "pixart-tiny", "wan-tiny"])
+@pytest.mark.parametrize("model", ["dit-tiny", "pixart-tiny", "wan-tiny", "flux-tiny"])
 def test_universal_graph_matches_every_step(model, tiny_bundles, tmp_path):
-    spec = make_spec(model, batch_size=2)
+    spec = make_spec(model, batch_size=2, guidance=model != "flux-tiny")
     selector = spec.default_selector()
     path = tmp_path / "universal.onnx"
     import onnx
@@ -45,12 +45,6 @@ def test_universal_graph_matches_every_step(model, tiny_bundles, tmp_path):
     assert any(0 < k < m for keep in patterns for k, m in zip(keep, n))
 
 
-def test_dynamo_families_say_not_yet_supported():
-    spec = make_spec("flux-tiny", guidance=False)
-    with pytest.raises(NotImplementedError, match="not yet supported for the 'flux' family"):
-        spec.build_universal_step(spec.default_selector())
-
-
 def test_tensorrt_engine_keys_profiles_and_errors(tiny_bundles, tiny_spec, tiny_schedules, tmp_path):
     """What can be checked without TensorRT: engine keys, one static profile per distinct step,
     a clear error when building or loading is not possible here."""
@@ -76,3 +70,14 @@ def test_tensorrt_engine_keys_profiles_and_errors(tiny_bundles, tiny_spec, tiny_
         with pytest.raises(ExportError, match="pip install tensorrt polygraphy"):
             export_bundle(tiny_spec, sched, tmp_path / "trt", config=ExportConfig(tensorrt="fp16"))
         assert not (tmp_path / "trt").exists()
+
+
+def test_tensorrt_refuses_layers_wider_than_its_topk(tmp_path):
+    from diffsparse.builtin_schedules import dense_schedule
+    from diffsparse.export.bundle import ExportConfig, ExportError, export_bundle
+
+    spec = make_spec("flux-tiny", guidance=False, options={"height": 1024, "width": 1024})
+    assert spec.num_tokens == 4096
+    with pytest.raises(ExportError, match="more than 3840 tokens"):
+        export_bundle(spec, dense_schedule(spec, 2), tmp_path / "b", config=ExportConfig(tensorrt="fp16"))
+    assert not (tmp_path / "b").exists()
