@@ -77,22 +77,13 @@ def _driver_version() -> str:
         return "unknown"
 
 
-def _pipeline(spec, schedule, device: str, dtype: str, mode: dict) -> Pipeline:
-    from diffsparse.runtime.backends.torch_backend import TorchBackend
-
-    sigs = schedule.distinct_signatures()
-    steps = [sigs.index(schedule.step_signature(t)) for t in range(schedule.num_steps)]
-    backend = TorchBackend(spec, schedule, device=device, dtype=dtype, **mode)
-    return Pipeline(backend, spec, spec.sampler_plan(schedule.num_steps), steps)
-
-
 def bench_model(name: str, cfg: dict, args) -> dict:
     steps = args.steps or cfg["steps"]
     spec = make_spec(name, batch_size=cfg["batch"], guidance=True)
     schedules = {"sparse": toca_schedule(spec, steps, args.ratio), "dense": dense_schedule(spec, steps)}
     modes = [m for m in args.modes if args.device == "cuda" or m != "graphed"]
     conditioning = spec.example_conditioning(np.random.default_rng(0))
-    pipes = {(mode, which): _pipeline(spec, sched, args.device, args.dtype, MODES[mode])
+    pipes = {(mode, which): Pipeline.from_spec(spec, sched, args.device, args.dtype, **MODES[mode])
              for mode in modes for which, sched in schedules.items()}
     times: dict[tuple, list[float]] = {key: [] for key in pipes}
     outputs = {}

@@ -118,7 +118,7 @@ def verify_graphs(folder: str | Path, spec: ModelSpec) -> list[float]:
     # (and a model larger than memory still loads)
     backend = OrtBackend(Bundle(folder, verify=False))
     backend.load()
-    manifest = Manifest.load(folder, verify=False)
+    manifest = backend.bundle.manifest
     feeds = reference_inputs(spec, manifest)
     selector = manifest.schedule.selector
     in_names = [s.name for s in manifest.inputs] + [c.name for c in manifest.cache]

@@ -40,7 +40,8 @@ class WeightStore:
 
     def _add(self, array: np.ndarray) -> str:
         array = np.ascontiguousarray(array)
-        digest = hashlib.sha256(memoryview(array.reshape(-1)).cast("B"))
+        data = memoryview(array.reshape(-1)).cast("B")
+        digest = hashlib.sha256(data)
         digest.update(str((array.dtype.str, array.shape)).encode())
         name = f"w.{digest.hexdigest()[:20]}"
         if name not in self.index:
@@ -49,7 +50,7 @@ class WeightStore:
             self._offset += pad
             self.index[name] = [self._offset, array.nbytes, array.dtype.str, list(array.shape)]
             self._by_offset[self._offset] = name
-            self._file.write(memoryview(array.reshape(-1)).cast("B"))
+            self._file.write(data)
             self._offset += array.nbytes
         return name
 

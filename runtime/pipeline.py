@@ -103,17 +103,24 @@ class Pipeline:
                    dtype: str = "float32", static: bool = True) -> Pipeline:
         """The PyTorch pipeline: same schedule, same sampler, the token-cached step modules over
         static ping-pong buffers (CUDA graphs on a GPU); static=False runs them eagerly."""
-        from diffsparse.runtime.backends.torch_backend import TorchBackend
-
         from diffsparse.models.zoo import make_spec
 
         if model is None:
             raise BackendError("the torch backend needs the model: this bundle records no source")
         spec = make_spec(model, batch_size=batch_size, guidance=guidance, seed=seed, sampler_overrides=sampler,
                          options=options)
+        return cls.from_spec(spec, schedule, device=device, dtype=dtype, static=static)
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, schedule, device: str = "cpu", dtype: str = "float32",
+                  static: bool = True, cuda_graphs: bool | None = None) -> Pipeline:
+        """The PyTorch pipeline over an already built spec (several pipelines can share its
+        model); cuda_graphs None = on whenever static buffers run on CUDA."""
+        from diffsparse.runtime.backends.torch_backend import TorchBackend
+
         sigs = schedule.distinct_signatures()
         steps = [sigs.index(schedule.step_signature(t)) for t in range(schedule.num_steps)]
-        backend = TorchBackend(spec, schedule, device=device, dtype=dtype, static=static)
+        backend = TorchBackend(spec, schedule, device=device, dtype=dtype, static=static, cuda_graphs=cuda_graphs)
         return cls(backend, spec, spec.sampler_plan(schedule.num_steps), steps)
 
     def generate(self, class_labels: Sequence[int] | None = None, seed: int = 0, guidance_scale: float = 4.0,

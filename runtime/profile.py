@@ -50,7 +50,7 @@ def memory_status() -> dict[str, int]:
     with open("/proc/self/status") as f:
         for line in f:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+            if key in ("RssAnon", "RssFile"):
                 out[key] = int(value.split()[0]) * 1024
     return out
 

@@ -105,6 +105,11 @@ class CachedStep(nn.Module):
         """The layer's K: a constant, or (universal step) the traced length of its carrier."""
         return self._k_carriers[index].shape[0] if self.dynamic_k else self.keep[index]
 
+    def _k_count(self, index: int) -> torch.Tensor:
+        """A universal step's K for the layer as a tensor read off its carrier (sizes of
+        intermediate tensors must not be frozen into the graph as constants)."""
+        return torch.ones_like(self._k_carriers[index]).sum()
+
     def _is(self, index: int, k: int) -> bool:
         """Whether the layer's K is statically k (never in a universal step)."""
         return not self.dynamic_k and self.keep[index] == k
@@ -179,7 +184,7 @@ class CachedStep(nn.Module):
         new[f"key.{name}"], new[f"value.{name}"] = keys, values
         if f"recv.{name}" in state:
             if self.dynamic_k:  # K = 0 computes no queries: keep what was received before
-                count = torch.ones_like(self._k_carriers[index]).sum()
+                count = self._k_count(index)
                 recv = torch.where(count > 0, tc.attention_received(probs, self.halves, count), state[f"recv.{name}"])
             else:
                 recv = tc.attention_received(probs, self.halves)

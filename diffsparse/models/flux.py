@@ -284,7 +284,7 @@ class FluxCachedStep(CachedStep):
             self._bookkeep(layer, h, idx, idx is None, state, new)
         if recv_key in state:
             # the query count as a tensor in a universal step (text queries + K read off the carrier)
-            count = (torch.ones_like(self._k_carriers[index]).sum() + t) if self.dynamic_k else None
+            count = (self._k_count(index) + t) if self.dynamic_k else None
             received = tc.attention_received(probs, self.halves, count)
             new[recv_key], new[f"recv.{LayerRef(layer.block, 'TMLP').name}"] = received[:, t:], received[:, :t]
         return img_out, txt_out
