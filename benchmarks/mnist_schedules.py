@@ -47,7 +47,7 @@ def build_schedules(ratio: float, args, out: Path) -> dict:
         from diffsparse.train.search import genetic_search, loss_fitness, random_search
 
         noise, cond = trainer._batch(0)
-        fit = loss_fitness(trainer.sampler, trainer.loss_fn, noise, cond, cfg.guidance_scale)
+        fit = loss_fitness(trainer.sampler, trainer.loss_fn, noise, cond, trainer.cfg.guidance_scale)
         shape = tuple(trainer.costs.layer_cost.shape)
         keep, _, _ = random_search(trainer.budget, trainer.units, shape, fit, args.search_iterations)
         scheds["random"] = _like(scheds["toca"], keep, "random", spec)

@@ -32,18 +32,20 @@ class EvalConfig:
 
     n_per_class: int = 50
     seed: int = 0
-    guidance_scale: float = 1.5  # best accuracy of the shipped mnist-dit (sweep in README)
+    guidance_scale: float | None = None  # None: the model's default (recorded in the bundle)
     backend: str = "onnxruntime"
     n_real: int = 10000
 
 
-def generate_set(bundle: str | Path, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray, float]:
+def generate_set(bundle: str | Path, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(images in [-1, 1], labels, seconds, the guidance scale used)."""
     from diffsparse.runtime.pipeline import Pipeline
 
     labels = np.tile(np.arange(10), cfg.n_per_class)
     pipe = Pipeline.from_bundle(bundle, backend=cfg.backend)
-    result = pipe.generate(labels, seed=cfg.seed, guidance_scale=cfg.guidance_scale)
-    return np.clip(result.samples, -1.0, 1.0), labels, result.total_seconds
+    scale = pipe.spec.default_guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
+    result = pipe.generate(labels, seed=cfg.seed, guidance_scale=scale)
+    return np.clip(result.samples, -1.0, 1.0), labels, result.total_seconds, scale
 
 
 def evaluate_bundle(bundle: str | Path, reference: str | Path | None = None, cfg: EvalConfig | None = None,
@@ -54,7 +56,7 @@ def evaluate_bundle(bundle: str | Path, reference: str | Path | None = None, cfg
     from diffsparse.train.mnist_data import load_mnist_test
 
     cfg = cfg or EvalConfig()
-    images, labels, seconds = generate_set(bundle, cfg)
+    images, labels, seconds, scale = generate_set(bundle, cfg)
     ref_images = generate_set(reference, cfg)[0] if reference is not None else reference_images
     real, _ = load_mnist_test(data_dir)
     if cfg.n_real < len(real):
@@ -65,7 +67,7 @@ def evaluate_bundle(bundle: str | Path, reference: str | Path | None = None, cfg
     m = Bundle(bundle, verify=False).manifest
     return {"bundle": str(bundle), "reference": str(reference) if reference else None,
             "schedule": m.schedule.provenance.get("method", ""), "macs_ratio": m.macs["ratio"],
-            "steps": m.schedule.num_steps, "generation_seconds": seconds, "config": asdict(cfg),
+            "steps": m.schedule.num_steps, "generation_seconds": seconds, "config": {**asdict(cfg), "guidance_scale": scale},
             "data": "MNIST official test set (10,000 images)", **metrics}
 
 
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", default=None, help="bundle to compare against (PSNR/SSIM), e.g. the dense one")
     p.add_argument("--n-per-class", type=int, default=EvalConfig.n_per_class)
     p.add_argument("--seed", type=int, default=EvalConfig.seed)
-    p.add_argument("--guidance-scale", type=float, default=EvalConfig.guidance_scale)
+    p.add_argument("--guidance-scale", type=float, default=EvalConfig.guidance_scale,
+                   help="classifier-free guidance scale (default: the model's, recorded in the bundle)")
     p.add_argument("--backend", default=EvalConfig.backend, choices=["onnxruntime", "torch"])
     p.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     args = p.parse_args(argv)

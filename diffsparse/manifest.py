@@ -12,6 +12,7 @@ A bundle folder::
     format, version, tool, created
     family, diffusers_class, model_config          rebuild the model/spec
     batch_size, guidance                           static shapes the graphs were exported for
+    guidance_scale                                 the scale generation uses unless told otherwise
     inputs, outputs, cache                         [{name, shape, dtype}]: the step signature
     schedule                                       the schedule file's content (same schema)
     sampler                                        SamplerPlan: timesteps, coefficients, config
@@ -80,6 +81,7 @@ class Manifest:
     macs: dict[str, Any]
     source: dict[str, Any] = field(default_factory=dict)
     spec_options: dict[str, Any] = field(default_factory=dict)
+    guidance_scale: float | None = None   # the model's default (None in bundles older than the field)
     # TensorRT (dsexport --tensorrt): the universal step graph {file, sha256, bytes} and the engines
     # built from it [{key, file, sha256, bytes, precision, profiles}], one per TensorRT version + GPU
     universal: dict[str, Any] | None = None
@@ -91,7 +93,8 @@ class Manifest:
         return {
             "format": FORMAT, "version": VERSION, "tool": self.tool, "created": self.created,
             "family": self.family, "diffusers_class": self.diffusers_class, "model_config": self.model_config,
-            "batch_size": self.batch_size, "guidance": self.guidance, "spec_options": self.spec_options,
+            "batch_size": self.batch_size, "guidance": self.guidance, "guidance_scale": self.guidance_scale,
+            "spec_options": self.spec_options,
             "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
             "cache": [t.to_dict() for t in self.cache],
             "schedule": self.schedule.to_dict(), "sampler": self.sampler.to_dict(),
@@ -112,6 +115,7 @@ class Manifest:
             m = cls(family=d["family"], diffusers_class=d["diffusers_class"], model_config=d["model_config"],
                     batch_size=int(d["batch_size"]), guidance=bool(d["guidance"]),
                     spec_options=dict(d.get("spec_options", {})),
+                    guidance_scale=None if d.get("guidance_scale") is None else float(d["guidance_scale"]),
                     inputs=[TensorSpec.from_dict(t) for t in d["inputs"]],
                     outputs=[TensorSpec.from_dict(t) for t in d["outputs"]],
                     cache=[TensorSpec.from_dict(t) for t in d["cache"]],

@@ -34,7 +34,7 @@ class Bundle:
     def spec(self) -> ModelSpec:
         m = self.manifest
         return spec_from_config(m.family, m.diffusers_class, m.model_config, m.batch_size, m.guidance,
-                                m.sampler.config, m.spec_options)
+                                m.sampler.config, m.spec_options, m.guidance_scale)
 
     @cached_property
     def weights(self) -> dict[str, np.ndarray]:

@@ -31,7 +31,8 @@ def run_main(argv: list[str] | None = None) -> int:
                    help="text-conditioned models: an .npz of the arrays the model takes (prompt_embeds, ...; "
                         "first axis = sample)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's, recorded in the bundle)")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="torch backend precision")

@@ -2,7 +2,7 @@
 
     from diffsparse.runtime import Pipeline
     pipe = Pipeline.from_bundle("out/bundle")                 # ONNX Runtime on the CPU
-    result = pipe.generate(class_labels=[0, 1, 2], seed=0, guidance_scale=4.0)
+    result = pipe.generate(class_labels=[0, 1, 2], seed=0)  # the model's default guidance scale
     result.grid().save("grid.png"); result.step_seconds       # per-step latency
 """
 
@@ -92,7 +92,8 @@ class Pipeline:
         if backend == "torch":
             return cls.from_model(m.source.get("model"), m.schedule, batch_size=m.batch_size,
                                   guidance=m.guidance, seed=m.source.get("seed", 0), device=device,
-                                  sampler=m.sampler.config, options=m.spec_options, dtype=dtype)
+                                  sampler=m.sampler.config, options=m.spec_options, dtype=dtype,
+                                  guidance_scale=m.guidance_scale)
         from diffsparse.runtime.backends.ort import OrtBackend
 
         return cls(OrtBackend(bundle, device=device, threads=threads), bundle.spec, m.sampler, steps)
@@ -100,7 +101,7 @@ class Pipeline:
     @classmethod
     def from_model(cls, model, schedule, batch_size: int = 1, guidance: bool = True, seed: int = 0,
                    device: str = "cpu", sampler: dict | None = None, options: dict | None = None,
-                   dtype: str = "float32", static: bool = True) -> Pipeline:
+                   dtype: str = "float32", static: bool = True, guidance_scale: float | None = None) -> Pipeline:
         """The PyTorch pipeline: same schedule, same sampler, the token-cached step modules over
         static ping-pong buffers (CUDA graphs on a GPU); static=False runs them eagerly."""
         from diffsparse.models.zoo import make_spec
@@ -108,7 +109,7 @@ class Pipeline:
         if model is None:
             raise BackendError("the torch backend needs the model: this bundle records no source")
         spec = make_spec(model, batch_size=batch_size, guidance=guidance, seed=seed, sampler_overrides=sampler,
-                         options=options)
+                         options=options, guidance_scale=guidance_scale)
         return cls.from_spec(spec, schedule, device=device, dtype=dtype, static=static)
 
     @classmethod
@@ -123,12 +124,13 @@ class Pipeline:
         backend = TorchBackend(spec, schedule, device=device, dtype=dtype, static=static, cuda_graphs=cuda_graphs)
         return cls(backend, spec, spec.sampler_plan(schedule.num_steps), steps)
 
-    def generate(self, class_labels: Sequence[int] | None = None, seed: int = 0, guidance_scale: float = 4.0,
+    def generate(self, class_labels: Sequence[int] | None = None, seed: int = 0, guidance_scale: float | None = None,
                  conditioning: dict[str, np.ndarray] | None = None, time_steps: bool = True) -> GenerationResult:
         """Generate one sample per conditioning row: `class_labels` for class-conditional models,
         or `conditioning` (name -> array whose first axis is the sample, e.g. prompt_embeds of
         shape (n, L, D); `spec.conditioning_inputs()` lists the names). Samples run in batches of
         the bundle's batch size (the last batch padded); sample i always starts from the noise of (seed, i).
+        guidance_scale None: the model's default (`spec.default_guidance_scale`, recorded in the bundle).
         time_steps: time every step (the backend synchronises after each); False synchronises once per
         batch, so on a GPU nothing waits between the first and the last step (step_seconds then zero)."""
         if class_labels is not None:
@@ -137,6 +139,8 @@ class Pipeline:
             raise ValueError("no conditioning given: pass class_labels or conditioning="
                              f"{{{', '.join(repr(t.name) for t in self.spec.conditioning_inputs())}: ...}}")
         conditioning = {k: np.asarray(v) for k, v in conditioning.items()}
+        if guidance_scale is None:
+            guidance_scale = self.spec.default_guidance_scale
         counts = {k: (v.shape[0] if v.ndim else 0) for k, v in conditioning.items()}
         n = next(iter(counts.values()))
         if n == 0 or any(c != n for c in counts.values()):

@@ -34,7 +34,7 @@ class ProfileConfig:
     threads: int | None = None
     dtype: str = "float32"
     seed: int = 0
-    guidance_scale: float = 4.0
+    guidance_scale: float | None = None  # None: the model's default (recorded in the bundle)
 
 
 def rss_bytes() -> int:

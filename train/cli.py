@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="diffsparse", choices=METHODS)
     p.add_argument("--ratio", type=float, default=d.ratio, help="target MACs ratio R (default %(default)s)")
     p.add_argument("--steps", type=int, default=d.num_steps, help="sampling steps T (default %(default)s)")
-    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
+    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale,
+                   help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per process per iteration")
     p.add_argument("--samples", type=int, default=d.samples, help="training samples per epoch")
     p.add_argument("--stage1-epochs", type=int, default=d.stage1_epochs)
@@ -124,7 +125,7 @@ def _search(spec, cfg: TrainConfig, args, device: str):
 
     trainer = ScheduleTrainer(spec, cfg, None, device=device)
     noise, cond = trainer._batch(0)
-    fitness = loss_fitness(trainer.sampler, trainer.loss_fn, noise, cond, cfg.guidance_scale)
+    fitness = loss_fitness(trainer.sampler, trainer.loss_fn, noise, cond, trainer.cfg.guidance_scale)
     shape = tuple(trainer.costs.layer_cost.shape)
     if args.method == "random":
         keep, best, trace = random_search(trainer.budget, trainer.units, shape, fitness, args.search_iterations, cfg.seed)

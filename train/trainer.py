@@ -53,7 +53,7 @@ class TrainConfig:
 
     ratio: float = 0.5                # target MACs ratio R (fixed MACs included)
     num_steps: int = 20
-    guidance_scale: float = 1.5
+    guidance_scale: float | None = None  # None: the model's default (spec.default_guidance_scale)
     batch_size: int = 4
     samples: int = 64                 # training samples per epoch
     stage1_epochs: int = 1
@@ -91,6 +91,8 @@ class ScheduleTrainer:
         if spec.batch_size != cfg.batch_size:
             raise ValueError(f"the model spec has batch size {spec.batch_size} but the config asks for "
                              f"{cfg.batch_size}; build the spec with batch_size=cfg.batch_size")
+        if cfg.guidance_scale is None:
+            cfg = dataclasses.replace(cfg, guidance_scale=spec.default_guidance_scale)
         self.spec, self.cfg = spec, cfg
         self.rank, self.world_size = world
         self.out_dir = Path(out_dir) if out_dir else None

@@ -77,6 +77,9 @@ class ModelSpec(abc.ABC):
     diffusers_class: ClassVar[str]
     #: the sampler kind (diffsparse.sampler.SAMPLERS) this family's pipeline uses
     sampler_kind: ClassVar[str] = "ddim"
+    #: classifier-free guidance scale used when a caller gives none: the family pipeline's default
+    #: in diffusers (DiTPipeline 4.0); a built-in model may set its own (make_spec)
+    default_guidance_scale: ClassVar[float] = 4.0
     #: which torch.onnx exporter traces this family's step graphs: "torchscript" (dynamo=False)
     #: or "dynamo" (DESIGN.md: TorchScript fails on aten::rms_norm, dynamo's PixArt graph is
     #: rejected by ONNX Runtime)
@@ -89,7 +92,7 @@ class ModelSpec(abc.ABC):
     supports_universal_step: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, batch_size: int = 1, guidance: bool = True, sampler=None,
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, guidance_scale: float | None = None) -> None:
         if batch_size < 1:
             raise SpecError(f"batch_size must be >= 1, got {batch_size}")
         unknown = sorted(set(options or {}) - set(self.OPTIONS))
@@ -100,6 +103,10 @@ class ModelSpec(abc.ABC):
         self.model = model.eval()
         self.batch_size = batch_size
         self.guidance = guidance
+        if guidance_scale is not None:
+            if not np.isfinite(guidance_scale):
+                raise SpecError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+            self.default_guidance_scale = float(guidance_scale)
         self.sampler = sampler if sampler is not None else self.make_sampler({})
         if self.sampler.kind != self.sampler_kind:
             raise SpecError(f"the {self.family} family samples with {self.sampler_kind!r}, not {self.sampler.kind!r}")

@@ -16,7 +16,6 @@ from torch import nn
 
 from diffsparse.models.base import ModelSpec, TensorSpec, register
 from diffsparse.models.cached import CachedStep
-from diffsparse.sampler import DDIMConfig
 from diffsparse.schedule import LayerRef, SelectorConfig
 
 
@@ -26,9 +25,9 @@ class DiTSpec(ModelSpec):
     diffusers_class = "DiTTransformer2DModel"
     sampler_kind = "ddim"
 
-    def __init__(self, model: nn.Module, batch_size: int = 1, guidance: bool = True,
-                 sampler: DDIMConfig | None = None, options: dict[str, Any] | None = None) -> None:
-        super().__init__(model, batch_size, guidance, sampler, options)
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        """kwargs: as for ModelSpec (batch_size, guidance, sampler, options, guidance_scale)."""
+        super().__init__(model, **kwargs)
         cfg = model.config
         if cfg.norm_type != "ada_norm_zero":
             raise NotImplementedError(f"DiT norm_type {cfg.norm_type!r} is not yet supported (ada_norm_zero only)")

@@ -57,7 +57,6 @@ from torch import nn
 from diffsparse import tokencache as tc
 from diffsparse.models.base import ModelSpec, SpecError, TensorSpec, register
 from diffsparse.models.cached import CachedStep
-from diffsparse.sampler import FlowMatchConfig
 from diffsparse.schedule import LayerRef, SelectorConfig
 
 VAE_SCALE = 8   # pixels per latent pixel
@@ -73,8 +72,8 @@ class FluxSpec(ModelSpec):
     onnx_exporter = "dynamo"
     OPTIONS: ClassVar[dict[str, Any]] = {"height": 256, "width": 256, "text_len": 256}
 
-    def __init__(self, model: nn.Module, batch_size: int = 1, guidance: bool = False,
-                 sampler: FlowMatchConfig | None = None, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: nn.Module, guidance: bool = False, **kwargs: Any) -> None:
+        """kwargs: as for ModelSpec (batch_size, sampler, options)."""
         cfg = model.config
         if cfg.guidance_embeds:
             raise NotImplementedError("FLUX models with guidance_embeds=True (FLUX.1-dev) are not yet supported; "
@@ -82,7 +81,7 @@ class FluxSpec(ModelSpec):
         if guidance:
             raise SpecError("FLUX.1-schnell is guidance-distilled and has no classifier-free guidance: "
                              "export it with guidance off (dsexport --no-guidance)")
-        super().__init__(model, batch_size, guidance, sampler, options)
+        super().__init__(model, guidance=guidance, **kwargs)
         if cfg.patch_size != 1:
             raise NotImplementedError(f"FLUX patch_size {cfg.patch_size} is not yet supported (1, as FluxPipeline)")
         if cfg.in_channels % (PACK * PACK) or model.out_channels != cfg.in_channels:

@@ -38,7 +38,6 @@ from torch import nn
 
 from diffsparse.models.base import ModelSpec, TensorSpec, register
 from diffsparse.models.cached import CachedStep
-from diffsparse.sampler import DPMSolverConfig
 from diffsparse.schedule import LayerRef, SelectorConfig
 
 KINDS = ("SA", "CA", "MLP")
@@ -59,13 +58,14 @@ class PixArtSpec(ModelSpec):
     family = "pixart"
     diffusers_class = "PixArtTransformer2DModel"
     sampler_kind = "dpmpp_2m"
+    default_guidance_scale = 4.5  # PixArtAlphaPipeline's
     # the dynamo exporter's PixArt graph is rejected by ONNX Runtime
     onnx_exporter = "torchscript"
     OPTIONS: ClassVar[dict[str, Any]] = {"text_len": 120}
 
-    def __init__(self, model: nn.Module, batch_size: int = 1, guidance: bool = True,
-                 sampler: DPMSolverConfig | None = None, options: dict[str, Any] | None = None) -> None:
-        super().__init__(model, batch_size, guidance, sampler, options)
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        """kwargs: as for ModelSpec (batch_size, guidance, sampler, options, guidance_scale)."""
+        super().__init__(model, **kwargs)
         cfg = model.config
         if cfg.norm_type != "ada_norm_single":
             raise NotImplementedError(f"PixArt norm_type {cfg.norm_type!r} is not supported (ada_norm_single only)")

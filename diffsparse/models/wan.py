@@ -41,7 +41,6 @@ from torch import nn
 
 from diffsparse.models.base import ModelSpec, SpecError, TensorSpec, register
 from diffsparse.models.cached import CachedStep
-from diffsparse.sampler import FlowMatchConfig
 from diffsparse.schedule import LayerRef, SelectorConfig
 
 VAE_TIME, VAE_SPACE = 4, 8
@@ -55,13 +54,14 @@ class WanSpec(ModelSpec):
     family = "wan"
     diffusers_class = "WanTransformer3DModel"
     sampler_kind = "flow_euler"
+    default_guidance_scale = 5.0  # WanPipeline's
     # TorchScript cannot export aten::rms_norm (Wan's q/k norms)
     onnx_exporter = "dynamo"
     OPTIONS: ClassVar[dict[str, Any]] = {"num_frames": 81, "height": 480, "width": 832, "text_len": 512}
 
-    def __init__(self, model: nn.Module, batch_size: int = 1, guidance: bool = True,
-                 sampler: FlowMatchConfig | None = None, options: dict[str, Any] | None = None) -> None:
-        super().__init__(model, batch_size, guidance, sampler, options)
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        """kwargs: as for ModelSpec (batch_size, guidance, sampler, options, guidance_scale)."""
+        super().__init__(model, **kwargs)
         cfg = model.config
         if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None:
             raise NotImplementedError("Wan image-to-video (image_dim / added_kv_proj_dim) is not yet supported; "

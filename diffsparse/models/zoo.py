@@ -39,13 +39,15 @@ class BuiltinModel:
     # larger than a build machine's RAM: weights initialised module by module (models/lazy.py),
     # streamed into the bundle by the exporter when asked (make_spec(streamed_weights=True))
     streamed: bool = False
+    # the guidance scale this model samples best at (None: its family's pipeline default)
+    guidance_scale: float | None = None
 
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 BUILTINS: dict[str, BuiltinModel] = {
     "mnist-dit": BuiltinModel(
-        "dit", "DiTTransformer2DModel", folder="mnist-dit",
+        "dit", "DiTTransformer2DModel", folder="mnist-dit", guidance_scale=1.5,  # README's sweep
         description="class-conditional pixel-space DiT trained on MNIST (32x32, patch 2 = 256 tokens, "
                     "6 blocks, width 96); trained by diffsparse.train.mnist_dit"),
     "dit-tiny": BuiltinModel(
@@ -204,19 +206,21 @@ def _from_folder(cls, path: Path) -> torch.nn.Module:
 
 def make_spec(source: str | Path, batch_size: int = 1, guidance: bool = True, seed: int = 0,
               sampler_overrides: dict[str, Any] | None = None, options: dict[str, Any] | None = None,
-              streamed_weights: bool = False) -> ModelSpec:
+              streamed_weights: bool = False, guidance_scale: float | None = None) -> ModelSpec:
     """Load a model and wrap it in its family's spec (options: the family's OPTIONS, over a
-    built-in model's own; streamed_weights: see `load_model`)."""
+    built-in model's own; streamed_weights: see `load_model`; guidance_scale: the default scale,
+    over a built-in model's own and its family's)."""
     family, model, sched_cfg = load_model(source, seed, streamed_weights)
     cls = spec_class(family)
     sampler = cls.make_sampler({**sched_cfg, **(sampler_overrides or {})})
-    builtin = BUILTINS[str(source)].options if str(source) in BUILTINS else {}
+    builtin = BUILTINS.get(str(source), BuiltinModel(family, type(model).__name__))
     return cls(model, batch_size=batch_size, guidance=guidance, sampler=sampler,
-               options={**builtin, **(options or {})})
+               options={**builtin.options, **(options or {})}, guidance_scale=guidance_scale if guidance_scale is not None else builtin.guidance_scale)
 
 
 def spec_from_config(family: str, diffusers_class: str, config: dict[str, Any], batch_size: int,
-                     guidance: bool, sampler: dict[str, Any], options: dict[str, Any] | None = None) -> ModelSpec:
+                     guidance: bool, sampler: dict[str, Any], options: dict[str, Any] | None = None,
+                     guidance_scale: float | None = None) -> ModelSpec:
     """Rebuild a spec from what a bundle manifest records. The model is built on the meta device
     (no memory, no init time): the runtime needs its structure, not its weights."""
     cls = _diffusers_class(diffusers_class)
@@ -224,4 +228,4 @@ def spec_from_config(family: str, diffusers_class: str, config: dict[str, Any], 
         model = cls(**config).eval()
     spec_cls = spec_class(family)
     return spec_cls(model, batch_size=batch_size, guidance=guidance, sampler=spec_cls.make_sampler(sampler),
-                    options=options)
+                    options=options, guidance_scale=guidance_scale)

@@ -129,6 +129,7 @@ def test_manifest_records_what_the_runtime_needs(tiny_bundles):
     assert [i["name"] for i in data["inputs"]][:2] == ["latent", "timestep"]
     assert 0.3 < data["macs"]["ratio"] < 0.7
     assert np.isclose(sum(data["macs"]["per_step"]), data["macs"]["total"])
+    assert data["guidance_scale"] == 4.0  # the DiT family's default: the tiny built-in sets none
 
 
 def test_too_little_disk_fails_before_writing(tmp_path, tiny_spec, tiny_schedules, monkeypatch):

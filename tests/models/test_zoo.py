@@ -4,6 +4,7 @@ import hashlib
 
 import pytest
 
+from diffsparse.models.base import SpecError
 from diffsparse.models.zoo import WEIGHTS_DIR, ModelSourceError, load_model, make_spec
 
 
@@ -27,6 +28,17 @@ def test_mnist_dit_builtin_loads_as_a_dit_with_its_sampler():
     assert spec.null_class == 10
     assert spec.sampler.clip_sample and spec.sampler.timestep_spacing == "trailing"
     assert not spec.sampler.set_alpha_to_one
+    # the scale it samples best at (README's sweep), not DiTPipeline's 4.0
+    assert spec.default_guidance_scale == 1.5
+    assert make_spec("mnist-dit", guidance_scale=2.0).default_guidance_scale == 2.0
+
+
+def test_default_guidance_scale_is_the_family_pipelines():
+    assert make_spec("dit-tiny").default_guidance_scale == 4.0
+    assert make_spec("pixart-tiny").default_guidance_scale == 4.5
+    assert make_spec("wan-tiny").default_guidance_scale == 5.0
+    with pytest.raises(SpecError, match="finite"):
+        make_spec("dit-tiny", guidance_scale=float("nan"))
 
 
 def test_missing_model_sources_are_named(tmp_path):

@@ -49,6 +49,20 @@ def test_sparse_schedule_changes_the_result_but_not_much(tiny_bundles):
     assert not np.allclose(a.samples, b.samples)
 
 
+def test_generation_defaults_to_the_bundles_guidance_scale(tiny_bundles, tmp_path):
+    bundle = _copy(tiny_bundles["toca"], tmp_path / "b")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["guidance_scale"] = 2.5
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    pipe = Pipeline.from_bundle(bundle)
+    assert pipe.spec.default_guidance_scale == 2.5
+    default = pipe.generate([1, 2], seed=0)
+    np.testing.assert_array_equal(default.samples, pipe.generate([1, 2], seed=0, guidance_scale=2.5).samples)
+    assert not np.allclose(default.samples, pipe.generate([1, 2], seed=0, guidance_scale=4.0).samples)
+    torch_pipe = Pipeline.from_bundle(bundle, backend="torch")
+    assert torch_pipe.spec.default_guidance_scale == 2.5
+
+
 def test_batches_are_padded_and_independent_of_batch_size(tiny_bundles):
     pipe = Pipeline.from_bundle(tiny_bundles["toca"])
     three = pipe.generate([1, 2, 3], seed=0)
