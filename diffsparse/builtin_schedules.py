@@ -68,7 +68,7 @@ def _toca_keep(spec: ModelSpec, num_steps: int, base: float, full_every: int,
     return keep
 
 
-def toca_schedule(spec: ModelSpec, num_steps: int, target_ratio: float = 0.5, full_every: int = 5,
+def toca_schedule(spec: ModelSpec, num_steps: int, target_ratio: float = 0.5, full_every: int = 3,
                   candidates: tuple[float, ...] = DEFAULT_CANDIDATES,
                   selector: SelectorConfig | None = None) -> Schedule:
     if not 0.0 < target_ratio <= 1.0:
@@ -91,7 +91,7 @@ def toca_schedule(spec: ModelSpec, num_steps: int, target_ratio: float = 0.5, fu
 
 
 def resolve_schedule(name_or_path: str | Path, spec: ModelSpec, num_steps: int | None,
-                     target_ratio: float = 0.5, full_every: int = 5) -> Schedule:
+                     target_ratio: float = 0.5, full_every: int = 3) -> Schedule:
     """A built-in by name (needs num_steps) or a schedule file, checked against the model."""
     name = str(name_or_path)
     if name in BUILTIN_NAMES:

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"built-in schedule ({', '.join(BUILTIN_NAMES)}) or a schedule JSON file")
     p.add_argument("--steps", type=int, default=None, help="denoising steps T (built-in schedules; default 20)")
     p.add_argument("--ratio", type=float, default=0.5, help="target MACs ratio of the toca schedule")
-    p.add_argument("--full-every", type=int, default=5, help="full step period of the toca schedule")
+    p.add_argument("--full-every", type=int, default=3, help="full step period of the toca schedule")
     p.add_argument("--batch", type=int, default=1, help="samples per run (static in the graphs)")
     p.add_argument("--no-guidance", action="store_true", help="export without classifier-free guidance")
     p.add_argument("--seed", type=int, default=0, help="seed of a built-in model's random weights")

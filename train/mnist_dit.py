@@ -301,8 +301,6 @@ def train(cfg: MnistDiTConfig, out_dir: str | os.PathLike, resume: bool = False)
 def sample(model, labels, steps: int = 10, guidance: float = 1.5, seed: int = 0, batch_size: int = 250,
            eta: float = 0.0) -> torch.Tensor:
     """DDIM + classifier-free guidance (null class 10). Returns images (N,1,32,32) in [-1, 1]."""
-    from diffusers import DDIMScheduler
-
     labels = torch.as_tensor(labels, dtype=torch.long)
     model.eval()
     cfgm = model.config
@@ -311,8 +309,7 @@ def sample(model, labels, steps: int = 10, guidance: float = 1.5, seed: int = 0,
     for s in range(0, len(labels), batch_size):
         y = labels[s : s + batch_size]
         b = len(y)
-        sch = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
-                            set_alpha_to_one=False, timestep_spacing="trailing")
+        sch = sampling_scheduler()
         sch.set_timesteps(steps)
         x = torch.randn((b, cfgm.in_channels, cfgm.sample_size, cfgm.sample_size), generator=gen)
         y2 = torch.cat([y, torch.full_like(y, NULL_CLASS)])
@@ -376,10 +373,15 @@ def evaluate(model_dir, n_per_class: int = 50, steps: int = 10, guidance: float 
 
 
 def sampling_scheduler():
-    """The DDIM settings the demo model samples with (also shipped as its scheduler config)."""
+    """The DDIM settings the demo model samples with (also shipped as its scheduler config).
+
+    No clip_sample: diffusers' DDIM clamps the predicted x0 but steps with the unclamped noise
+    prediction, and that mismatch piles up stray strokes as steps are added (measured on the
+    shipped model, 100 samples: 96/90/71% accuracy at 10/20/50 steps with clipping, 98/97/95%
+    without; README, "more steps")."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
                          set_alpha_to_one=False, timestep_spacing="trailing")
 
 

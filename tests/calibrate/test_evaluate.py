@@ -19,7 +19,7 @@ def mnist_like_bundles(tmp_path_factory):
     model.save_pretrained(root / "raw")
     package_model(root / "raw", root / "pipeline")
     spec = make_spec(root / "pipeline", batch_size=10)
-    assert spec.sampler.clip_sample and spec.sampler.timestep_spacing == "trailing"
+    assert not spec.sampler.clip_sample and spec.sampler.timestep_spacing == "trailing"
     out = {}
     for name, sched in (("dense", dense_schedule(spec, 4)), ("toca", toca_schedule(spec, 4, 0.5, full_every=4))):
         out[name] = root / name

@@ -26,7 +26,7 @@ def test_mnist_dit_builtin_loads_as_a_dit_with_its_sampler():
     spec = make_spec("mnist-dit", batch_size=10)
     assert spec.num_tokens == 256 and len(spec.layers) == 2 * model.config.num_layers
     assert spec.null_class == 10
-    assert spec.sampler.clip_sample and spec.sampler.timestep_spacing == "trailing"
+    assert not spec.sampler.clip_sample and spec.sampler.timestep_spacing == "trailing"
     assert not spec.sampler.set_alpha_to_one
     # the scale it samples best at (README's sweep), not DiTPipeline's 4.0
     assert spec.default_guidance_scale == 1.5
