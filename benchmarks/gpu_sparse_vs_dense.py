@@ -38,7 +38,7 @@ from diffsparse.models.zoo import BUILTINS, make_spec
 from diffsparse.runtime.pipeline import Pipeline
 
 log = logging.getLogger("gpu_bench")
-MODELS = {"mnist-dit": dict(batch=10, steps=10, guidance_scale=1.5),
+MODELS = {"mnist-dit": dict(batch=10, steps=10, guidance_scale=1.75),
           "dit-xl-2": dict(batch=1, steps=50, guidance_scale=4.0),
           "pixart-alpha-256": dict(batch=1, steps=20, guidance_scale=4.5)}
 MODES = {"eager": dict(static=False), "static": dict(static=True, cuda_graphs=False),

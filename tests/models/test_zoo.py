@@ -29,7 +29,7 @@ def test_mnist_dit_builtin_loads_as_a_dit_with_its_sampler():
     assert not spec.sampler.clip_sample and spec.sampler.timestep_spacing == "trailing"
     assert not spec.sampler.set_alpha_to_one
     # the scale it samples best at (README's sweep), not DiTPipeline's 4.0
-    assert spec.default_guidance_scale == 1.5
+    assert spec.default_guidance_scale == 1.75
     assert make_spec("mnist-dit", guidance_scale=2.0).default_guidance_scale == 2.0
 
 
