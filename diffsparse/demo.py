@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="out/demo")
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance scale (default: the model's; mnist-dit 1.75)")
+                   help="classifier-free guidance scale (default: the model's own, recorded in its bundle)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

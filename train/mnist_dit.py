@@ -39,10 +39,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffsparse.models.zoo import BUILTINS
+
 logger = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
 NULL_CLASS = 10  # the extra LabelEmbedding row used as "no class" for CFG
+GUIDANCE = BUILTINS["mnist-dit"].guidance_scale  # the shipped model's default, kept in one place
 
 
 @dataclass
@@ -298,7 +301,7 @@ def train(cfg: MnistDiTConfig, out_dir: str | os.PathLike, resume: bool = False)
 
 
 @torch.no_grad()
-def sample(model, labels, steps: int = 10, guidance: float = 1.75, seed: int = 0, batch_size: int = 250,
+def sample(model, labels, steps: int = 10, guidance: float = GUIDANCE, seed: int = 0, batch_size: int = 250,
            eta: float = 0.0) -> torch.Tensor:
     """DDIM + classifier-free guidance (null class 10). Returns images (N,1,32,32) in [-1, 1]."""
     labels = torch.as_tensor(labels, dtype=torch.long)
@@ -342,7 +345,7 @@ def save_grid(images, path: str | os.PathLike, nrow: int = 10) -> None:
     Image.fromarray(grid).resize((nrow * w * 2, rows * h * 2), Image.NEAREST).save(path)
 
 
-def sample_grid(model_dir, n_per_class: int = 10, steps: int = 10, guidance: float = 1.75, seed: int = 0,
+def sample_grid(model_dir, n_per_class: int = 10, steps: int = 10, guidance: float = GUIDANCE, seed: int = 0,
                 out_png: str | os.PathLike | None = None, threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``n_per_class`` images of each digit; optionally save a PNG grid (one column per digit,
     row i = i-th sample).  Returns ``(images, labels)``."""
@@ -355,7 +358,7 @@ def sample_grid(model_dir, n_per_class: int = 10, steps: int = 10, guidance: flo
     return images, labels
 
 
-def evaluate(model_dir, n_per_class: int = 50, steps: int = 10, guidance: float = 1.75, seed: int = 0,
+def evaluate(model_dir, n_per_class: int = 50, steps: int = 10, guidance: float = GUIDANCE, seed: int = 0,
              n_real: int = 1000, out_png: str | os.PathLike | None = None, threads: int = 1,
              data_dir: str | None = None) -> dict:
     """Sample ``n_per_class`` per digit and score with calibrate.metrics: class accuracy and MNIST-FID
@@ -422,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-per-class", type=int, default=50)
     # the shipped model's best setting (sweep in the README)
     p.add_argument("--sample-steps", type=int, default=10)
-    p.add_argument("--guidance", type=float, default=1.75)
+    p.add_argument("--guidance", type=float, default=GUIDANCE)
     for f in ("epochs", "max_steps", "batch_size", "lr", "warmup_steps", "num_layers", "num_attention_heads",
               "attention_head_dim", "seed", "threads", "log_every", "ckpt_every", "ema_decay", "data_dir"):
         d = getattr(defaults, f)
