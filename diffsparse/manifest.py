@@ -86,6 +86,8 @@ class Manifest:
     # built from it [{key, file, sha256, bytes, precision, profiles}], one per TensorRT version + GPU
     universal: dict[str, Any] | None = None
     engines: list[dict[str, Any]] = field(default_factory=list)
+    # False: the schedule never reuses tokens, so the graphs carry no layer cache (the plain model)
+    layer_cache: bool = True
     tool: str = ""
     created: str = ""
 
@@ -96,7 +98,7 @@ class Manifest:
             "batch_size": self.batch_size, "guidance": self.guidance, "guidance_scale": self.guidance_scale,
             "spec_options": self.spec_options,
             "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
-            "cache": [t.to_dict() for t in self.cache],
+            "cache": [t.to_dict() for t in self.cache], "layer_cache": self.layer_cache,
             "schedule": self.schedule.to_dict(), "sampler": self.sampler.to_dict(),
             "graphs": [vars(g) for g in self.graphs], "steps": self.steps,
             "weights": self.weights, "macs": self.macs, "source": self.source,
@@ -118,7 +120,7 @@ class Manifest:
                     guidance_scale=None if d.get("guidance_scale") is None else float(d["guidance_scale"]),
                     inputs=[TensorSpec.from_dict(t) for t in d["inputs"]],
                     outputs=[TensorSpec.from_dict(t) for t in d["outputs"]],
-                    cache=[TensorSpec.from_dict(t) for t in d["cache"]],
+                    cache=[TensorSpec.from_dict(t) for t in d["cache"]], layer_cache=bool(d.get("layer_cache", True)),
                     schedule=schedule, sampler=SamplerPlan.from_dict(d["sampler"]),
                     graphs=[GraphEntry(**g) for g in d["graphs"]], steps=list(d["steps"]),
                     weights=dict(d["weights"]), macs=dict(d["macs"]), source=dict(d.get("source", {})),
@@ -128,6 +130,9 @@ class Manifest:
             raise
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{source}: malformed manifest ({type(e).__name__}: {e}); re-export the bundle") from None
+        if not m.layer_cache and m.schedule.reuses_tokens:
+            raise BundleError(f"{source}: the schedule reuses tokens but the bundle records no layer cache; "
+                              "re-export the bundle")
         m.check_consistent(source)
         return m
 

@@ -129,6 +129,13 @@ class Schedule:
         n = self.num_tokens if n is None else n
         return sorted({int(round(s * n)) for s in self.candidates})
 
+    @property
+    def reuses_tokens(self) -> bool:
+        """Whether any step reuses any layer's tokens. A schedule that never does (dense) needs no
+        layer cache: its graphs are the plain model, so a dense baseline pays nothing for caching."""
+        dense = self.dense_keep()
+        return any(row != dense for row in self.keep)
+
     def step_signature(self, t: int) -> tuple[int, ...]:
         """Steps with the same signature compile to the same graph (deduplicated on export)."""
         return tuple(self.keep[t])

@@ -129,6 +129,9 @@ def _replace(tmp: Path, out: Path) -> None:
 def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, Any],
            config: ExportConfig) -> Manifest:
     selector = schedule.selector
+    # a schedule that never reuses exports the plain model; the universal graph TensorRT is built
+    # from always carries the cache, so a bundle with engines keeps it (runtime/backends/tensorrt.py)
+    layer_cache = schedule.reuses_tokens or config.tensorrt is not None
     plan = spec.sampler_plan(schedule.num_steps)
     store = WeightStore(folder / "weights.bin")
     if is_lazy(spec.model):  # larger than memory: initialised straight into the bundle's weights
@@ -138,7 +141,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
     for i, sig in enumerate(signatures):
         t0 = time.perf_counter()
         # weights go to the store first: a >2 GB model cannot be serialised for shape inference
-        model = export_step(spec, list(sig), selector, store)
+        model = export_step(spec, list(sig), selector, store, layer_cache=layer_cache)
         if config.check_tensorrt:
             problems = tensorrt_problems(model)
             if problems:
@@ -172,7 +175,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
         batch_size=spec.batch_size, guidance=spec.guidance, spec_options=dict(spec.options),
         guidance_scale=spec.default_guidance_scale,
         inputs=spec.step_inputs(),
-        outputs=spec.step_outputs(), cache=spec.cache_buffers(selector), schedule=schedule, sampler=plan,
+        outputs=spec.step_outputs(), cache=spec.cache_buffers(selector, layer_cache), layer_cache=layer_cache, schedule=schedule, sampler=plan,
         graphs=graphs, steps=steps, weights=weights,
         macs={"dense_total": dense, "total": total, "ratio": total / dense,
               "per_step": [spec.step_macs(row) for row in schedule.keep]},

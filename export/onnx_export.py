@@ -134,12 +134,12 @@ def trace_to_onnx(module: torch.nn.Module, args: tuple, input_names: list[str], 
 
 
 def export_step(spec: ModelSpec, keep: list[int], selector: SelectorConfig,
-                store: WeightStore | None = None) -> onnx.ModelProto:
+                store: WeightStore | None = None, layer_cache: bool = True) -> onnx.ModelProto:
     """Trace the cached step for `keep`: the ONNX model, its large weights in `store` if given,
-    else in the model."""
-    module = spec.build_step(keep, selector)
+    else in the model. layer_cache False: a dense step without the layer cache (the plain model)."""
+    module = spec.build_step(keep, selector, layer_cache)
     inputs = spec.step_inputs()
-    cache = spec.cache_buffers(selector)
+    cache = spec.cache_buffers(selector, layer_cache)
     g = torch.Generator().manual_seed(0)
     args = tuple(sample_tensor(t, g) for t in inputs + cache)
     input_names = [t.name for t in inputs + cache]

@@ -40,16 +40,17 @@ def reference_inputs(spec: ModelSpec, manifest: Manifest, seed: int = 0) -> dict
     rng = np.random.default_rng(seed)
     conditioning = spec.example_conditioning(rng)
     latent = initial_noise(seed, spec.batch_size, spec.latent_shape)
-    dense = spec.build_step(spec.dense_keep(), selector)
+    layer_cache = manifest.layer_cache
+    dense = spec.build_step(spec.dense_keep(), selector, layer_cache)
     feeds0 = spec.feeds(StepCall(float(plan.timesteps[0]), plan.coefficients[0]), conditioning, 4.0)
     specs = spec.step_inputs()
     with torch.inference_mode():
         args = [torch.from_numpy(latent)] + [torch.from_numpy(feeds0[s.name]) for s in specs[1:]]
-        out = dense(*args, *spec.zero_cache(selector))
+        out = dense(*args, *spec.zero_cache(selector, layer_cache))
     t = min(1, len(plan.timesteps) - 1)
     feeds = spec.feeds(StepCall(float(plan.timesteps[t]), plan.coefficients[t]), conditioning, 4.0)
     feeds[specs[0].name] = out[0].numpy()
-    for buf, value in zip(spec.cache_buffers(selector), out[1:]):
+    for buf, value in zip(spec.cache_buffers(selector, layer_cache), out[1:]):
         feeds[buf.name] = value.numpy()
     return feeds
 
@@ -125,7 +126,7 @@ def verify_graphs(folder: str | Path, spec: ModelSpec) -> list[float]:
     out_names = [s.name for s in manifest.outputs] + [next_name(c.name) for c in manifest.cache]
     errors = []
     for g, sess in zip(manifest.graphs, backend.sessions):
-        module = spec.build_step(g.keep, selector)
+        module = spec.build_step(g.keep, selector, manifest.layer_cache)
         ref = _run_torch(module, feeds, in_names, out_names)
         # the exporter drops inputs a graph does not read (e.g. reuse counts of a full step)
         declared = {i.name for i in sess.get_inputs()}

@@ -73,10 +73,12 @@ def profile_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="torch backend precision")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the memory footprint (each bundle loaded and run once more in a fresh process)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg = ProfileConfig(runs=args.runs, warmup=args.warmup, backend=args.backend, device=args.device,
-                        threads=args.threads, dtype=args.dtype)
+                        threads=args.threads, dtype=args.dtype, memory=not args.no_memory)
     try:
         report = profile(args.bundle, args.baseline, cfg)
     except USER_ERRORS as e:

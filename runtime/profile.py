@@ -2,9 +2,9 @@
 runs interleaved so that machine noise hits both alike. Writes JSON, a Markdown summary, and PNG
 plots (the K(t, l) heatmap as in the paper's Fig. 3, and per-step latency).
 
-Memory: `loaded_bytes` is the growth of the process's resident set from before a bundle is loaded
-to after its first generation (sessions, shared weights, arenas, cache buffers); the sparse bundle
-is loaded first so its figure does not include the baseline's.
+Memory: each bundle's footprint is measured in a fresh process (`memory_footprint` run through
+`fresh_process`), because resident-set growth inside a process that has already run other bundles
+depends on what its allocators kept, and moved by tens of MB between identical runs.
 """
 
 from __future__ import annotations
@@ -35,11 +35,7 @@ class ProfileConfig:
     dtype: str = "float32"
     seed: int = 0
     guidance_scale: float | None = None  # None: the model's default (recorded in the bundle)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+    memory: bool = True  # measure each bundle's memory footprint in a fresh process (a few seconds each)
 
 
 def memory_status() -> dict[str, int]:
@@ -55,24 +51,45 @@ def memory_status() -> dict[str, int]:
     return out
 
 
-def load_footprint(folder: str | Path, threads: int | None = None) -> dict[str, Any]:
-    """Memory taken by loading a bundle on ONNX Runtime CPU (every step session created, cache
-    buffers allocated), as the growth of private and file-backed resident memory. Run it in a fresh
-    process for a clean figure (`benchmarks/cpu_sparse_vs_dense.py` does)."""
-    from diffsparse.runtime.backends.ort import OrtBackend
+def memory_footprint(folder: str | Path, cfg: ProfileConfig | None = None, generate: bool = True) -> dict[str, Any]:
+    """Resident memory a bundle takes in this process, split as `memory_status` does: after loading
+    (sessions or modules, shared weights, cache buffers) and, with `generate`, after one generation
+    (adding the backends' activation arenas). The libraries are imported and the spec built before
+    the baseline, so the figures are the bundle's, not torch's or onnxruntime's. For a figure that
+    does not depend on what ran before, call it in a fresh process (`fresh_process`)."""
+    import onnxruntime  # noqa: F401 -- imported before the baseline: library code is not the bundle's
+    import torch  # noqa: F401
     from diffsparse.runtime.bundle import Bundle
 
+    cfg = cfg or ProfileConfig()
     bundle = Bundle(folder, verify=False)
+    conditioning = bundle.spec.example_conditioning(np.random.default_rng(cfg.seed))
     before = memory_status()
     t0 = time.perf_counter()
-    backend = OrtBackend(bundle, threads=threads)
-    backend.load()
-    backend.allocate()
-    after = memory_status()
-    return {"sessions": len(backend.sessions), "load_seconds": time.perf_counter() - t0,
-            "weights_bytes": bundle.manifest.weights["bytes"],
-            "private_bytes": after["RssAnon"] - before["RssAnon"],
-            "file_backed_bytes": after["RssFile"] - before["RssFile"]}
+    pipe = Pipeline.from_bundle(folder, backend=cfg.backend, device=cfg.device, threads=cfg.threads,
+                                dtype=cfg.dtype, verify=False)
+    pipe.backend.prepare()
+    loaded = memory_status()
+    out: dict[str, Any] = {
+        "backend": pipe.backend.name, "graphs": len(bundle.manifest.graphs), "load_seconds": time.perf_counter() - t0,
+        "weights_bytes": bundle.manifest.weights["bytes"],
+        "private_bytes": loaded["RssAnon"] - before["RssAnon"],
+        "file_backed_bytes": loaded["RssFile"] - before["RssFile"]}
+    if generate:
+        pipe.generate(conditioning=conditioning, seed=cfg.seed, guidance_scale=cfg.guidance_scale, time_steps=False)
+        ran = memory_status()
+        out["run_private_bytes"] = ran["RssAnon"] - before["RssAnon"]
+        out["run_file_backed_bytes"] = ran["RssFile"] - before["RssFile"]
+    return out
+
+
+def fresh_process(fn, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) in a new (spawned) Python process; fn must be importable."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 def host_info() -> dict[str, Any]:
@@ -95,7 +112,6 @@ def host_info() -> dict[str, Any]:
 
 class _Subject:
     def __init__(self, folder: Path, cfg: ProfileConfig) -> None:
-        before = rss_bytes()
         t0 = time.perf_counter()
         self.pipe = Pipeline.from_bundle(folder, backend=cfg.backend, device=cfg.device, threads=cfg.threads,
                                          dtype=cfg.dtype)
@@ -107,7 +123,7 @@ class _Subject:
         self.runs: list[list[float]] = []
         self.totals: list[float] = []
         self.generate(record=False)
-        self.loaded_bytes = rss_bytes() - before
+        self.memory = fresh_process(memory_footprint, folder, cfg) if cfg.memory else None
 
     def generate(self, record: bool = True) -> None:
         r = self.pipe.generate(conditioning=self.conditioning, seed=self.cfg.seed,
@@ -129,7 +145,7 @@ class _Subject:
             "per_step_ms": [1000 * x for x in per_step.tolist()],
             "total_ms": 1000 * statistics.median(self.totals), "total_ms_runs": [1000 * x for x in self.totals],
             "macs_per_step": m.macs["per_step"], "macs_total": m.macs["total"], "dense_macs_total": m.macs["dense_total"],
-            "macs_ratio": m.macs["ratio"], "load_seconds": self.load_seconds, "loaded_bytes": self.loaded_bytes,
+            "macs_ratio": m.macs["ratio"], "load_seconds": self.load_seconds, "memory": self.memory,
             "weights_bytes": m.weights["bytes"], "macs_breakdown": bundle.spec.macs_breakdown(m.schedule),
         }
 
@@ -190,7 +206,7 @@ def markdown_summary(report: dict[str, Any]) -> str:
         f"| GMACs | {s['macs_total'] / 1e9:.2f} | {b['macs_total'] / 1e9:.2f} |",
         f"| MACs ratio vs dense | {s['macs_ratio']:.3f} | {b['macs_ratio']:.3f} |",
         f"| weights on disk (MB) | {s['weights_bytes'] * mb:.1f} | {b['weights_bytes'] * mb:.1f} |",
-        f"| loaded memory (MB) | {s['loaded_bytes'] * mb:.1f} | {b['loaded_bytes'] * mb:.1f} |", "",
+        *_memory_rows(s["memory"], b["memory"]), "",
         f"**Speed-up {report['speedup']:.2f}x** wall-clock for **{report['macs_speedup']:.2f}x** fewer MACs "
         f"(efficiency {report['efficiency']:.2f} = speed-up / MACs speed-up). "
         f"Process peak RSS {report['peak_rss_bytes'] * mb:.0f} MB.", "",
@@ -198,6 +214,16 @@ def markdown_summary(report: dict[str, Any]) -> str:
         *macs_by_kind(s["macs_breakdown"]),
     ]
     return "\n".join(lines)
+
+
+def _memory_rows(sparse: dict | None, base: dict | None) -> list[str]:
+    if not sparse or not base:
+        return []
+    mb = 1 / 2**20
+    rows = [("memory after load: private (MB)", "private_bytes"),
+            ("memory after load: file-backed (MB)", "file_backed_bytes"),
+            ("memory after one generation: private (MB)", "run_private_bytes")]
+    return [f"| {label} | {sparse[key] * mb:.1f} | {base[key] * mb:.1f} |" for label, key in rows if key in sparse]
 
 
 def macs_by_kind(breakdown: dict[str, Any]) -> list[str]:

@@ -206,11 +206,13 @@ class ModelSpec(abc.ABC):
                 bufs.append(TensorSpec(f"inp.{layer.name}", (r, n, d)))
         return bufs
 
-    def cache_buffers(self, selector: SelectorConfig) -> list[TensorSpec]:
-        """Every tensor carried from one step to the next: the layers' token cache, then the
-        sampler's state (multistep solvers)."""
+    def cache_buffers(self, selector: SelectorConfig, layer_cache: bool = True) -> list[TensorSpec]:
+        """Every tensor carried from one step to the next: the layers' token cache (unless
+        `layer_cache` is False: a schedule that never reuses tokens), then the sampler's state
+        (multistep solvers)."""
         shape = (self.batch_size, *self.latent_shape)
-        return self.layer_cache_buffers(selector) + [TensorSpec(f"sampler.{n}", shape) for n in self.sampler.state]
+        layers = self.layer_cache_buffers(selector) if layer_cache else []
+        return layers + [TensorSpec(f"sampler.{n}", shape) for n in self.sampler.state]
 
     @abc.abstractmethod
     def conditioning_inputs(self) -> list[TensorSpec]:
@@ -218,8 +220,9 @@ class ModelSpec(abc.ABC):
         or text embeddings; these are also step inputs under the same names."""
 
     @abc.abstractmethod
-    def build_step(self, keep: Sequence[int], selector: SelectorConfig) -> nn.Module:
-        """The token-cached step for one sparsity pattern; forward(*inputs, *cache) -> (*outputs, *cache')."""
+    def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True) -> nn.Module:
+        """The token-cached step for one sparsity pattern; forward(*inputs, *cache) -> (*outputs, *cache').
+        layer_cache False (dense steps of a schedule that never reuses): no layer cache in or out."""
 
     def build_universal_step(self, selector: SelectorConfig) -> nn.Module:
         """One step module for every sparsity pattern: each layer's K is the length of a carrier
@@ -309,8 +312,8 @@ class ModelSpec(abc.ABC):
     def check_schedule(self, schedule: Schedule, num_steps: int | None = None) -> None:
         schedule.check_fits(self.family, self.layers, self.num_tokens, num_steps, self.dense_keep())
 
-    def zero_cache(self, selector: SelectorConfig) -> list[torch.Tensor]:
-        return [torch.zeros(b.shape, dtype=b.torch_dtype) for b in self.cache_buffers(selector)]
+    def zero_cache(self, selector: SelectorConfig, layer_cache: bool = True) -> list[torch.Tensor]:
+        return [torch.zeros(b.shape, dtype=b.torch_dtype) for b in self.cache_buffers(selector, layer_cache)]
 
 
 _REGISTRY: dict[str, type[ModelSpec]] = {}

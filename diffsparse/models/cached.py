@@ -41,16 +41,18 @@ class CachedStep(nn.Module):
     #: (`k.<layer>`) instead of a constant, and K = 0 and K = N take the general path
     dynamic_k: bool = False
 
-    def __init__(self, spec, keep: list[int], selector: SelectorConfig) -> None:
+    def __init__(self, spec, keep: list[int], selector: SelectorConfig, layer_cache: bool = True) -> None:
         super().__init__()
         if len(keep) != len(spec.layers):
             raise ValueError(f"keep has {len(keep)} entries for {len(spec.layers)} layers")
+        if not layer_cache and list(keep) != spec.dense_keep():
+            raise ValueError("a step that reuses tokens needs the layer cache (layer_cache=True)")
         self.spec = spec
         self.model = spec.model
         self.keep = list(keep)
         self.selector = selector
         self.input_names = [t.name for t in spec.step_inputs()]
-        self.cache_names = [b.name for b in spec.cache_buffers(selector)]
+        self.cache_names = [b.name for b in spec.cache_buffers(selector, layer_cache)]
         self.sampler_names = [f"sampler.{n}" for n in spec.sampler.state]
         self.halves = spec.halves
         self.layer_index = {layer: i for i, layer in enumerate(spec.layers)}
@@ -147,6 +149,8 @@ class CachedStep(nn.Module):
     def _bookkeep(self, layer: LayerRef, h: torch.Tensor, idx: torch.Tensor | None, full: bool,
                   state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
         """Reuse counts and (for the cosine score) the cached layer input."""
+        if f"reuse.{layer.name}" not in state:  # no layer cache: nothing to keep
+            return
         reuse = state[f"reuse.{layer.name}"]
         new[f"reuse.{layer.name}"] = torch.zeros_like(reuse) if full else tc.next_reuse(reuse, idx)
         if self.selector.score == "cosine":

@@ -70,8 +70,8 @@ class DiTSpec(ModelSpec):
     def conditioning_inputs(self) -> list[TensorSpec]:
         return [TensorSpec("class_labels", (self.batch_size,), "int32")]
 
-    def build_step(self, keep: Sequence[int], selector: SelectorConfig) -> nn.Module:
-        return DiTCachedStep(self, list(keep), selector)
+    def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True) -> nn.Module:
+        return DiTCachedStep(self, list(keep), selector, layer_cache)
 
     def build_masked_step(self, token_counts: Sequence[int], selector: SelectorConfig) -> nn.Module:
         from diffsparse.models.dit_masked import DiTMaskedStep

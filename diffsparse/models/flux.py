@@ -165,9 +165,9 @@ class FluxSpec(ModelSpec):
                 bufs.append(TensorSpec(f"inp.{layer.name}", (r, n, d)))
         return bufs
 
-    def build_step(self, keep: Sequence[int], selector: SelectorConfig) -> nn.Module:
+    def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True) -> nn.Module:
         self._check_selector(selector)
-        return FluxCachedStep(self, list(keep), selector)
+        return FluxCachedStep(self, list(keep), selector, layer_cache)
 
     # ---- cost ------------------------------------------------------------------------------
     def layer_macs(self, layer: LayerRef, keep: int) -> int:
@@ -206,8 +206,8 @@ class FluxCachedStep(CachedStep):
         -> (next_latent, *cache')
     """
 
-    def __init__(self, spec: FluxSpec, keep: list[int], selector: SelectorConfig) -> None:
-        super().__init__(spec, keep, selector)
+    def __init__(self, spec: FluxSpec, keep: list[int], selector: SelectorConfig, layer_cache: bool = True) -> None:
+        super().__init__(spec, keep, selector, layer_cache)
         self.heads = _Unprojected(spec.heads)
         gh, gw = spec.grid
         img_ids = torch.zeros(gh, gw, 3)

@@ -119,8 +119,8 @@ class PixArtSpec(ModelSpec):
             out += [TensorSpec(embeds, (b, m, self.caption_channels)), TensorSpec(mask, (b, m))]
         return out
 
-    def build_step(self, keep: Sequence[int], selector: SelectorConfig) -> nn.Module:
-        return PixArtCachedStep(self, list(keep), selector)
+    def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True) -> nn.Module:
+        return PixArtCachedStep(self, list(keep), selector, layer_cache)
 
     def check_conditioning(self, conditioning: dict[str, np.ndarray]) -> None:
         super().check_conditioning(conditioning)

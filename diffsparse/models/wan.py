@@ -131,13 +131,13 @@ class WanSpec(ModelSpec):
             embeds.append(TensorSpec("negative_prompt_embeds", shape))
         return embeds
 
-    def build_step(self, keep: Sequence[int], selector: SelectorConfig) -> nn.Module:
+    def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True) -> nn.Module:
         rows_per_frame, cols = self.video_grid[1:]
         if selector.lambdas[3] != 0.0 and selector.window > 1 and (rows_per_frame % selector.window
                                                                     or cols % selector.window):
             raise SpecError(f"the spatial-bonus window {selector.window} must divide each frame's token grid "
                              f"{rows_per_frame}x{cols} so that its tiles stay inside a frame")
-        return WanCachedStep(self, list(keep), selector)
+        return WanCachedStep(self, list(keep), selector, layer_cache)
 
     # ---- cost ------------------------------------------------------------------------------
     def layer_macs(self, layer: LayerRef, keep: int) -> int:
@@ -181,8 +181,8 @@ class WanCachedStep(CachedStep):
             *cache) -> (next_latent, *cache')
     """
 
-    def __init__(self, spec: WanSpec, keep: list[int], selector: SelectorConfig) -> None:
-        super().__init__(spec, keep, selector)
+    def __init__(self, spec: WanSpec, keep: list[int], selector: SelectorConfig, layer_cache: bool = True) -> None:
+        super().__init__(spec, keep, selector, layer_cache)
         # the rotary tables of every video token (N, head_dim/2), in float32 for the graph;
         # diffusers keeps (N, head_dim) float64 tables with each frequency repeated twice
         cos, sin = self.model.rope(torch.empty((1, *spec.latent_shape), device="meta"))

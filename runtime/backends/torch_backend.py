@@ -55,7 +55,9 @@ class TorchBackend(Backend):
             raise BackendError("CUDA graphs need static buffers (static=True)")
         self.input_specs = spec.step_inputs()
         self.latent_spec = self.input_specs[0]
-        self.cache_specs = spec.cache_buffers(schedule.selector)
+        # a schedule that never reuses runs the plain model: no layer cache to carry
+        self.layer_cache = schedule.reuses_tokens
+        self.cache_specs = spec.cache_buffers(schedule.selector, self.layer_cache)
 
     @property
     def device(self) -> str:
@@ -64,7 +66,7 @@ class TorchBackend(Backend):
     # ---- load -> allocate ----------------------------------------------------------------------
     def load(self) -> None:
         self.spec.model.to(self._device)
-        self.modules = [self.spec.build_step(list(sig), self.schedule.selector)
+        self.modules = [self.spec.build_step(list(sig), self.schedule.selector, self.layer_cache)
                         for sig in self.schedule.distinct_signatures()]
 
     def allocate(self) -> None:

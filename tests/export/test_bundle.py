@@ -31,6 +31,31 @@ def test_identical_steps_share_a_graph(tiny_bundles, tiny_schedules):
             assert m.graphs[step["graph"]].keep == sched.keep[step["index"]]
 
 
+def test_dense_bundle_is_the_plain_model(tiny_bundles, tiny_spec):
+    """A schedule that never reuses exports graphs without the layer cache: the dense baseline
+    pays nothing for caching (no cache outputs, no attention map for token scores)."""
+    dense, toca = Manifest.load(tiny_bundles["dense"]), Manifest.load(tiny_bundles["toca"])
+    assert not dense.layer_cache and dense.cache == []
+    assert toca.layer_cache and len(toca.cache) == len(tiny_spec.cache_buffers(toca.schedule.selector))
+    model = onnx.load(str(tiny_bundles["dense"] / dense.graphs[0].file), load_external_data=False)
+    assert [o.name for o in model.graph.output] == ["next_latent"]
+    assert not {"TopK", "ScatterElements", "GatherElements"} & set(dense.graphs[0].ops)
+
+
+def test_manifest_without_layer_cache_for_a_sparse_schedule_is_refused(tiny_bundles, tmp_path):
+    import shutil
+
+    from diffsparse.manifest import BundleError
+
+    folder = tmp_path / "b"
+    shutil.copytree(tiny_bundles["toca"], folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["layer_cache"] = False
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="reuses tokens but the bundle records no layer cache"):
+        Manifest.load(folder, verify=False)
+
+
 def test_weights_are_stored_once(tiny_bundles, tiny_spec):
     folder = tiny_bundles["toca"]
     m = Manifest.load(folder)

@@ -50,7 +50,10 @@ def test_dense_weights_reproduce_dense_sampling(tiny_spec):
     labels = np.array([1, 2])
     ref = _reference(spec, dense_schedule(spec, STEPS), labels, 1, 3.0)
     noise = torch.from_numpy(initial_noise(1, 2, spec.latent_shape))
-    np.testing.assert_allclose(sampler.teacher(noise, {"class_labels": labels}, 3.0).numpy(), ref, atol=2e-5)
+    # the reference is the plain model (fused attention), the teacher an explicit softmax: float32
+    # rounding on a latent of magnitude ~100 after 6 unclipped steps
+    np.testing.assert_allclose(sampler.teacher(noise, {"class_labels": labels}, 3.0).numpy(), ref,
+                               atol=1e-6 * float(np.abs(ref).max()))
 
 
 def test_gradient_wrt_mask_weights_matches_finite_differences(tiny_spec):
