@@ -222,7 +222,8 @@ def _memory_rows(sparse: dict | None, base: dict | None) -> list[str]:
     mb = 1 / 2**20
     rows = [("memory after load: private (MB)", "private_bytes"),
             ("memory after load: file-backed (MB)", "file_backed_bytes"),
-            ("memory after one generation: private (MB)", "run_private_bytes")]
+            ("memory after one generation: private (MB)", "run_private_bytes"),
+            ("memory after one generation: file-backed (MB)", "run_file_backed_bytes")]
     return [f"| {label} | {sparse[key] * mb:.1f} | {base[key] * mb:.1f} |" for label, key in rows if key in sparse]
 
 
