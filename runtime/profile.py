@@ -56,30 +56,40 @@ def memory_footprint(folder: str | Path, cfg: ProfileConfig | None = None, gener
     (sessions or modules, shared weights, cache buffers) and, with `generate`, after one generation
     (adding the backends' activation arenas). The libraries are imported and the spec built before
     the baseline, so the figures are the bundle's, not torch's or onnxruntime's. For a figure that
-    does not depend on what ran before, call it in a fresh process (`fresh_process`)."""
+    does not depend on what ran before, call it in a fresh process (`fresh_process`). On CUDA also
+    the device memory of torch's allocator (torch and TensorRT backends; onnxruntime-gpu keeps its
+    own arena, not counted): after loading, and the peak of one generation."""
     import onnxruntime  # noqa: F401 -- imported before the baseline: library code is not the bundle's
-    import torch  # noqa: F401
+    import torch
     from diffsparse.runtime.bundle import Bundle
 
     cfg = cfg or ProfileConfig()
     bundle = Bundle(folder, verify=False)
     conditioning = bundle.spec.example_conditioning(np.random.default_rng(cfg.seed))
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    device_before = torch.cuda.memory_allocated() if cuda else 0
     before = memory_status()
     t0 = time.perf_counter()
     pipe = Pipeline.from_bundle(folder, backend=cfg.backend, device=cfg.device, threads=cfg.threads,
                                 dtype=cfg.dtype, verify=False)
     pipe.backend.prepare()
     loaded = memory_status()
+    cuda = pipe.backend.device.startswith("cuda")
     out: dict[str, Any] = {
         "backend": pipe.backend.name, "graphs": len(bundle.manifest.graphs), "load_seconds": time.perf_counter() - t0,
         "weights_bytes": bundle.manifest.weights["bytes"],
         "private_bytes": loaded["RssAnon"] - before["RssAnon"],
         "file_backed_bytes": loaded["RssFile"] - before["RssFile"]}
+    if cuda:
+        out["device_bytes"] = torch.cuda.memory_allocated() - device_before
+        torch.cuda.reset_peak_memory_stats()
     if generate:
         pipe.generate(conditioning=conditioning, seed=cfg.seed, guidance_scale=cfg.guidance_scale, time_steps=False)
         ran = memory_status()
         out["run_private_bytes"] = ran["RssAnon"] - before["RssAnon"]
         out["run_file_backed_bytes"] = ran["RssFile"] - before["RssFile"]
+        if cuda:
+            out["run_device_peak_bytes"] = torch.cuda.max_memory_allocated() - device_before
     return out
 
 
@@ -223,7 +233,9 @@ def _memory_rows(sparse: dict | None, base: dict | None) -> list[str]:
     rows = [("memory after load: private (MB)", "private_bytes"),
             ("memory after load: file-backed (MB)", "file_backed_bytes"),
             ("memory after one generation: private (MB)", "run_private_bytes"),
-            ("memory after one generation: file-backed (MB)", "run_file_backed_bytes")]
+            ("memory after one generation: file-backed (MB)", "run_file_backed_bytes"),
+            ("device memory after load (MB)", "device_bytes"),
+            ("device memory, peak of one generation (MB)", "run_device_peak_bytes")]
     return [f"| {label} | {sparse[key] * mb:.1f} | {base[key] * mb:.1f} |" for label, key in rows if key in sparse]
 
 

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from diffsparse.runtime.profile import ProfileConfig, markdown_summary, profile, write_report
 
 
@@ -27,6 +29,15 @@ def test_profile_report_compares_in_one_run(tiny_bundles, tmp_path):
     md = paths["md"].read_text()
     assert "Speed-up" in md and "k_heatmap.png" in md and "| SA | 2 |" in md
     assert "| memory after load: private (MB) |" in md
+
+
+@pytest.mark.gpu
+def test_memory_footprint_counts_device_memory_on_cuda(tiny_bundles):
+    from diffsparse.runtime.profile import fresh_process, memory_footprint
+
+    cfg = ProfileConfig(backend="torch", device="cuda")
+    mem = fresh_process(memory_footprint, tiny_bundles["toca"], cfg)
+    assert mem["device_bytes"] > 0 and mem["run_device_peak_bytes"] >= mem["device_bytes"]
 
 
 def test_profile_without_memory_measurement(tiny_bundles):
