@@ -37,7 +37,8 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args()
     rows = [dense_macs(name, *setting) for name, setting in MODELS.items()]
-    print("| model | params | tokens N | cacheable layers L | steps (CFG) | dense TMACs / step | dense TMACs / image | removable by token reuse |")
+    print("| model | params | tokens N | cacheable layers L | steps (CFG) | dense TMACs / step | dense TMACs / image "
+          "| removable by token reuse |")
     print("|---|---:|---:|---:|---|---:|---:|---:|")
     for r in rows:
         cfg = "CFG" if r["guidance"] else "no CFG"

@@ -90,8 +90,8 @@ def bench_model(name: str, cfg: dict, args) -> dict:
     for run in range(args.warmup + args.runs):
         for key, pipe in pipes.items():  # interleaved: machine noise hits every variant alike
             t0 = time.perf_counter()
-            result = pipe.generate(conditioning=conditioning, seed=0, guidance_scale=cfg.get("guidance_scale", spec.default_guidance_scale),
-                                   time_steps=False)
+            result = pipe.generate(conditioning=conditioning, seed=0, time_steps=False,
+                                   guidance_scale=cfg.get("guidance_scale", spec.default_guidance_scale))
             seconds = time.perf_counter() - t0
             if run >= args.warmup:
                 times[key].append(seconds)

@@ -4,7 +4,7 @@ For each target ratio: the ToCa-style hand schedule; the DiffSparse schedule tra
 dstrain's defaults (two stages, distillation loss = classifier features + L2) at exactly the ToCa
 schedule's MACs; FORA-style whole-layer reuse and fewer sampling steps at the nearest MACs;
 optionally random search and a GA (--search). Every schedule is exported to a bundle and scored
-with dseval's metrics on ONNX Runtime CPU (n per class, seed 0, the model's guidance 1.75): accuracy, MNIST-FID
+with dseval's metrics on ONNX Runtime CPU (n per class, seed 0, the model's default guidance): accuracy, MNIST-FID
 against the 10,000 real test images, PSNR/SSIM against the dense bundle.
 
     python benchmarks/mnist_schedules.py --out out/mnist-schedules --threads 2

@@ -57,7 +57,9 @@ class DistillLoss(nn.Module):
         if self.cfg.ssim:
             terms["ssim"] = 1.0 - ssim_per_image(student, teacher).mean()
         if self.cfg.lpips:
-            rgb = lambda x: x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            def rgb(x):
+                return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
             terms["lpips"] = self.lpips(rgb(student), rgb(teacher)).mean()
         weights = {"l2": self.cfg.l2, "features": self.cfg.features, "ssim": self.cfg.ssim, "lpips": self.cfg.lpips}
         total = sum(weights[k] * v for k, v in terms.items())

@@ -215,7 +215,8 @@ def make_spec(source: str | Path, batch_size: int = 1, guidance: bool = True, se
     sampler = cls.make_sampler({**sched_cfg, **(sampler_overrides or {})})
     builtin = BUILTINS.get(str(source), BuiltinModel(family, type(model).__name__))
     return cls(model, batch_size=batch_size, guidance=guidance, sampler=sampler,
-               options={**builtin.options, **(options or {})}, guidance_scale=guidance_scale if guidance_scale is not None else builtin.guidance_scale)
+               options={**builtin.options, **(options or {})},
+               guidance_scale=guidance_scale if guidance_scale is not None else builtin.guidance_scale)
 
 
 def spec_from_config(family: str, diffusers_class: str, config: dict[str, Any], batch_size: int,
