@@ -19,10 +19,10 @@ TENSORRT_OPS = frozenset([
     "ConstantOfShape", "Conv", "Cos", "Div", "Einsum", "Equal", "Erf", "Exp", "Expand", "Flatten",
     "Floor", "Gather", "GatherElements", "GatherND", "Gelu", "Gemm", "Greater", "GreaterOrEqual",
     "Identity", "LayerNormalization", "Less", "LessOrEqual", "Log", "MatMul", "Max", "Mean", "Min",
-    "Mod", "Mul", "Neg", "Not", "Or", "Pow", "Range", "Reciprocal", "ReduceMax", "ReduceMean",
-    "ReduceMin", "ReduceSum", "Relu", "Reshape", "Resize", "ScatterElements", "ScatterND", "Shape",
-    "Sigmoid", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile", "TopK",
-    "Transpose", "Trilu", "Unsqueeze", "Where", "Xor",
+    "Mod", "Mul", "Neg", "Not", "Or", "Pow", "Range", "Reciprocal", "ReduceL2", "ReduceMax",
+    "ReduceMean", "ReduceMin", "ReduceSum", "Relu", "Reshape", "Resize", "ScatterElements",
+    "ScatterND", "Shape", "Sigmoid", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub",
+    "Tanh", "Tile", "TopK", "Transpose", "Trilu", "Unsqueeze", "Where", "Xor",
 ])
 
 INT32_INDEX_OPS = ("GatherElements", "ScatterElements", "Gather")
