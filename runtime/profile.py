@@ -66,8 +66,7 @@ def memory_footprint(folder: str | Path, cfg: ProfileConfig | None = None, gener
     cfg = cfg or ProfileConfig()
     bundle = Bundle(folder, verify=False)
     conditioning = bundle.spec.example_conditioning(np.random.default_rng(cfg.seed))
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    device_before = torch.cuda.memory_allocated() if cuda else 0
+    device_before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     before = memory_status()
     t0 = time.perf_counter()
     pipe = Pipeline.from_bundle(folder, backend=cfg.backend, device=cfg.device, threads=cfg.threads,

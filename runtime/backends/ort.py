@@ -94,10 +94,9 @@ class OrtBackend(Backend):
             graph = onnx.load(str(path), load_external_data=False).graph
             opts = ort.SessionOptions()
             opts.add_session_config_entry("session.disable_prepacking", "1")
-            if self._device == "cpu":
-                opts.add_session_config_entry("session.use_env_allocators", "1")
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if self._device == "cpu":
+                opts.add_session_config_entry("session.use_env_allocators", "1")
                 # a memory pattern is one planned block per session, kept after its first run: with
                 # one session per distinct step it grew a 6-graph dit-small bundle's run memory by
                 # 37% (and the demo's dense one by 125 MB) at no measured speed gain
