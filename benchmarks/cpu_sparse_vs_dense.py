@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 from diffsparse.export.bundle import ExportConfig, export_bundle
-from diffsparse.runtime.profile import ProfileConfig, fresh_process, macs_by_kind, memory_footprint, profile, write_report
+from diffsparse.runtime.bundle import Bundle
+from diffsparse.runtime.profile import ProfileConfig, fresh_process, memory_footprint, profile
+from diffsparse.runtime.report import macs_by_kind, write_report
 
 from diffsparse.builtin_schedules import dense_schedule, toca_schedule
 from diffsparse.models.zoo import make_spec
@@ -74,21 +76,19 @@ def main() -> None:
     report = profile(out / "bundle-sparse", out / "bundle-dense",
                      ProfileConfig(runs=args.runs, warmup=args.warmup, threads=args.threads))
     sizes_file = out / "export_sizes.json"
-    report["export"] = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
+    report.extra["export"] = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
              for k, v in vars(args).items() if v not in (None, False)]
-    report["command"] = "python benchmarks/cpu_sparse_vs_dense.py " + " ".join(flags)
+    report.extra["command"] = "python benchmarks/cpu_sparse_vs_dense.py " + " ".join(flags)
     paths = write_report(report, out / "report")
     print(paths["md"].read_text())
-    print(json.dumps({"speedup": report["speedup"], "macs_speedup": report["macs_speedup"],
-                      "efficiency": report["efficiency"], "target_efficiency": 0.85}))
+    print(json.dumps({"speedup": report.speedup, "macs_speedup": report.macs_speedup,
+                      "efficiency": report.efficiency, "target_efficiency": 0.85}))
 
 
 def export_report(out: Path, sizes: dict, threads: int | None) -> None:
     """Sizes, load memory (each bundle loaded in a fresh process) and MACs per layer, as
     out/report/export.json and export.md."""
-    from diffsparse.runtime.bundle import Bundle
-
     report = {"export": sizes, "load": {}, "macs": {}}
     for name in sizes:
         folder = out / f"bundle-{name}"

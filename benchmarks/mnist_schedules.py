@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from diffsparse.train.trainer import TrainConfig
 
+from diffsparse.mnist.metrics import require_classifier
+
 log = logging.getLogger("mnist_schedules")
 
 
@@ -47,7 +49,7 @@ def build_schedules(ratio: float, args, out: Path) -> dict:
         from diffsparse.train.search import genetic_search, loss_fitness, random_search
 
         noise, cond = trainer._batch(0)
-        fit = loss_fitness(trainer.sampler, trainer.loss_fn, noise, cond, trainer.cfg.guidance_scale)
+        fit = loss_fitness(trainer.rollout, trainer.loss_fn, noise, cond, trainer.cfg.guidance_scale)
         shape = tuple(trainer.costs.layer_cost.shape)
         keep, _, _ = random_search(trainer.budget, trainer.units, shape, fit, args.search_iterations)
         scheds["random"] = _like(scheds["toca"], keep, "random", spec)
@@ -85,6 +87,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=None,
                    help="recompute only these methods and keep the other rows of OUT/results.json")
     args = p.parse_args()
+    require_classifier()  # dseval's metrics and the distillation loss need it: fail before hours of work
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("diffsparse.train.trainer").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -93,7 +96,7 @@ def main() -> None:
     from diffsparse.calibrate.evaluate import EvalConfig, evaluate_bundle, generate_set
     from diffsparse.export.bundle import ExportConfig, export_bundle
     from diffsparse.models.zoo import make_spec
-    from diffsparse.runtime.profile import plot_k_heatmap
+    from diffsparse.runtime.report import plot_k_heatmap
 
     out = Path(args.out)
     (out / "schedules").mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from diffsparse.manifest import BundleError
+from diffsparse.mnist.dataset import MnistDataError, load_mnist_test
+from diffsparse.mnist.metrics import ClassifierUnavailable, evaluate_images, require_classifier
+from diffsparse.runtime.backends.base import BackendError
+from diffsparse.runtime.bundle import Bundle
+from diffsparse.runtime.pipeline import Pipeline
+
 log = logging.getLogger(__name__)
 
 
@@ -39,31 +46,27 @@ class EvalConfig:
 
 def generate_set(bundle: str | Path, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray, float, float]:
     """(images in [-1, 1], labels, seconds, the guidance scale used)."""
-    from diffsparse.runtime.pipeline import Pipeline
-
     labels = np.tile(np.arange(10), cfg.n_per_class)
     pipe = Pipeline.from_bundle(bundle, backend=cfg.backend)
-    scale = pipe.spec.default_guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
-    result = pipe.generate(labels, seed=cfg.seed, guidance_scale=scale)
+    result = pipe.generate(labels, seed=cfg.seed, guidance_scale=cfg.guidance_scale)
+    scale = result.guidance_scale
     return np.clip(result.samples, -1.0, 1.0), labels, result.total_seconds, scale
 
 
 def evaluate_bundle(bundle: str | Path, reference: str | Path | None = None, cfg: EvalConfig | None = None,
                     data_dir: str | None = None, reference_images: np.ndarray | None = None) -> dict[str, Any]:
     """Metrics of `bundle`; PSNR/SSIM against `reference` (a bundle, generated with the same
-    seeds and labels) or against `reference_images` already generated that way."""
-    from diffsparse.calibrate.metrics import evaluate_images
-    from diffsparse.train.mnist_data import load_mnist_test
-
+    seeds and labels) or against `reference_images` already generated that way. Checks first that
+    the classifier is installed and the real images load (ClassifierUnavailable / MnistDataError
+    otherwise), before generating anything."""
+    require_classifier()
+    real, _ = load_mnist_test(data_dir)
     cfg = cfg or EvalConfig()
     images, labels, seconds, scale = generate_set(bundle, cfg)
     ref_images = generate_set(reference, cfg)[0] if reference is not None else reference_images
-    real, _ = load_mnist_test(data_dir)
     if cfg.n_real < len(real):
         real = real[np.random.default_rng(1234).permutation(len(real))[: cfg.n_real]]
     metrics = evaluate_images(images, labels, reference_images=ref_images, real_images=real)
-    from diffsparse.runtime.bundle import Bundle
-
     m = Bundle(bundle, verify=False).manifest
     return {"bundle": str(bundle), "reference": str(reference) if reference else None,
             "schedule": m.schedule.provenance.get("method", ""), "macs_ratio": m.macs["ratio"],
@@ -83,16 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from diffsparse.runtime.backends.base import BackendError
-
-    from diffsparse.manifest import BundleError
-
     cfg = EvalConfig(n_per_class=args.n_per_class, seed=args.seed, guidance_scale=args.guidance_scale,
                      backend=args.backend)
     t0 = time.perf_counter()
     try:
         result = evaluate_bundle(args.bundle, args.reference, cfg)
-    except (BundleError, BackendError, ValueError, FileNotFoundError) as e:
+    except (ClassifierUnavailable, MnistDataError, BundleError, BackendError, ValueError, FileNotFoundError) as e:
         print(f"dseval: error: {e}", file=sys.stderr)
         return 2
     result["seconds"] = time.perf_counter() - t0

@@ -21,6 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from diffsparse.builtin_schedules import dense_schedule, resolve_schedule, shipped_schedules
+from diffsparse.export.bundle import ExportConfig, export_bundle
+from diffsparse.models.zoo import make_spec
+from diffsparse.runtime.pipeline import Pipeline
+from diffsparse.runtime.profile import ProfileConfig, profile
+from diffsparse.runtime.report import write_report
+
 log = logging.getLogger("diffsparse.demo")
 
 
@@ -39,12 +46,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="classifier-free guidance scale (default: the model's own, recorded in its bundle)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    from diffsparse.builtin_schedules import dense_schedule
-    from diffsparse.export.bundle import ExportConfig, export_bundle
-    from diffsparse.models.zoo import make_spec
-    from diffsparse.runtime.pipeline import Pipeline
-    from diffsparse.runtime.profile import ProfileConfig, profile, write_report
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     diff = float(np.abs(sparse.samples - dense.samples).max())
     report = profile(out / "bundle-sparse", out / "bundle-dense",
                      ProfileConfig(runs=args.runs, warmup=0, guidance_scale=args.guidance_scale))
-    report["sparse_vs_dense_max_abs_diff"] = diff
+    report.extra["sparse_vs_dense_max_abs_diff"] = diff
     paths = write_report(report, out / "report")
     print(paths["md"].read_text())
     print(f"digits: {out / 'digits.png'} (top: sparse, bottom: dense); report: {paths['md']} "
@@ -78,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sparse_schedule(args, spec):
-    from diffsparse.builtin_schedules import resolve_schedule, shipped_schedules
-
     name = args.schedule
     if name == "auto":
         learned = f"{args.model}-learned-{int(round(100 * args.ratio))}"

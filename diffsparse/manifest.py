@@ -1,26 +1,30 @@
 """The bundle manifest: one schema, written by `dsexport` and validated by the runtime on load.
 
-A bundle folder::
+The files of a bundle and the rules writer and reader share are in diffsparse/bundle_format.py.
 
-    manifest.json            this schema
-    weights.bin              every weight tensor once (ONNX external data shared by all graphs)
-    step_XXX.onnx            one graph per distinct step (steps with the same K(t, l) share one);
-                             beside weights.bin, which their external data names
-
-`manifest.json` (version 1)::
+`manifest.json` (version 2)::
 
     format, version, tool, created
-    family, diffusers_class, model_config          rebuild the model/spec
+    family, diffusers_class, model_config          rebuild the model/spec (structure only)
     batch_size, guidance                           static shapes the graphs were exported for
     guidance_scale                                 the scale generation uses unless told otherwise
-    inputs, outputs, cache                         [{name, shape, dtype}]: the step signature
+    inputs, outputs                                [{name, shape, dtype}]: the step signature
+    cache                                          [{name, shape, dtype}]: the cache layout
+                                                   (diffsparse/cache_layout.py); no layer entries
+                                                   when the schedule never reuses tokens
     schedule                                       the schedule file's content (same schema)
     sampler                                        SamplerPlan: timesteps, coefficients, config
-    graphs   [{file, sha256, bytes, keep, macs, ops}]
+    graphs   [{file, sha256, bytes, keep, macs, ops, parity_max_abs_err}]
     steps    [{index, timestep, graph}]            graph = index into graphs
-    weights  {file, sha256, bytes, tensors}
-    macs     {dense_total, total, ratio}
-    source   {model, seed}                         where the PyTorch reference model comes from
+    weights  {file, sha256, bytes, tensors, index, parameters}
+             index:      stored tensor -> [offset, bytes, dtype, shape] in the weights file
+             parameters: model parameter or buffer -> [stored tensor, transposed]: the model's
+                         own tensors, so the torch backend runs the bundle's weights
+    macs     {dense_total, total, ratio, per_step}
+    source   {model, seed}                         provenance only: nothing reads the model from it
+    universal, engines                             TensorRT (dsexport --tensorrt)
+
+Version 1 bundles (no parameter map, an unread sampler field) are refused with "re-export".
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffsparse.models.base import TensorSpec
+from diffsparse.bundle_format import MANIFEST_FILE
+from diffsparse.cache_layout import CacheLayout
 from diffsparse.sampler import SamplerPlan
 from diffsparse.schedule import Schedule, ScheduleError
+from diffsparse.tensors import TensorSpec
 
 FORMAT = "diffsparse-bundle"
-VERSION = 1
-MANIFEST = "manifest.json"
+VERSION = 2
 
 
 class BundleError(ValueError):
@@ -72,7 +77,7 @@ class Manifest:
     guidance: bool
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    cache: list[TensorSpec]
+    cache: CacheLayout
     schedule: Schedule
     sampler: SamplerPlan
     graphs: list[GraphEntry]
@@ -86,10 +91,27 @@ class Manifest:
     # built from it [{key, file, sha256, bytes, precision, profiles}], one per TensorRT version + GPU
     universal: dict[str, Any] | None = None
     engines: list[dict[str, Any]] = field(default_factory=list)
-    # False: the schedule never reuses tokens, so the graphs carry no layer cache (the plain model)
-    layer_cache: bool = True
     tool: str = ""
     created: str = ""
+
+    @property
+    def layer_cache(self) -> bool:
+        """Whether the graphs carry the layer cache (False: the plain model, a dense schedule)."""
+        return self.cache.has_layer_cache
+
+    @property
+    def step_graphs(self) -> list[int]:
+        """The graph index of each step, in step order."""
+        return [s["graph"] for s in self.steps]
+
+    @property
+    def parameters(self) -> dict[str, list]:
+        """Model parameter/buffer name -> [stored tensor name, transposed] (weights.bin)."""
+        return self.weights["parameters"]
+
+    def engine(self, key: str) -> dict[str, Any] | None:
+        """The entry of the engine built for engine key `key`, if any."""
+        return next((e for e in self.engines if e["key"] == key), None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,7 +120,7 @@ class Manifest:
             "batch_size": self.batch_size, "guidance": self.guidance, "guidance_scale": self.guidance_scale,
             "spec_options": self.spec_options,
             "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
-            "cache": [t.to_dict() for t in self.cache], "layer_cache": self.layer_cache,
+            "cache": self.cache.to_list(),
             "schedule": self.schedule.to_dict(), "sampler": self.sampler.to_dict(),
             "graphs": [vars(g) for g in self.graphs], "steps": self.steps,
             "weights": self.weights, "macs": self.macs, "source": self.source,
@@ -120,7 +142,7 @@ class Manifest:
                     guidance_scale=None if d.get("guidance_scale") is None else float(d["guidance_scale"]),
                     inputs=[TensorSpec.from_dict(t) for t in d["inputs"]],
                     outputs=[TensorSpec.from_dict(t) for t in d["outputs"]],
-                    cache=[TensorSpec.from_dict(t) for t in d["cache"]], layer_cache=bool(d.get("layer_cache", True)),
+                    cache=CacheLayout.from_tensors([TensorSpec.from_dict(t) for t in d["cache"]]),
                     schedule=schedule, sampler=SamplerPlan.from_dict(d["sampler"]),
                     graphs=[GraphEntry(**g) for g in d["graphs"]], steps=list(d["steps"]),
                     weights=dict(d["weights"]), macs=dict(d["macs"]), source=dict(d.get("source", {})),
@@ -134,6 +156,7 @@ class Manifest:
             raise BundleError(f"{source}: the schedule reuses tokens but the bundle records no layer cache; "
                               "re-export the bundle")
         m.check_consistent(source)
+        m.check_weights(source)
         return m
 
     def check_consistent(self, source: str) -> None:
@@ -147,8 +170,20 @@ class Manifest:
             if self.graphs[s["graph"]].keep != self.schedule.keep[s["index"]]:
                 raise BundleError(f"{source}: step {s['index']}'s graph does not match the schedule's K for it")
 
+    def check_weights(self, source: str) -> None:
+        """Every parameter names a stored tensor of its shape (transposed where marked)."""
+        index = self.weights.get("index")
+        params = self.weights.get("parameters")
+        if not isinstance(index, dict) or not isinstance(params, dict):
+            raise BundleError(f"{source}: the weights entry has no tensor index or parameter map; re-export the bundle")
+        for name, entry in params.items():
+            stored = entry[0] if isinstance(entry, list) and len(entry) == 2 else None
+            if not isinstance(stored, str) or stored not in index:
+                raise BundleError(f"{source}: parameter {name} names {stored}, which weights.bin does not hold; "
+                                  "re-export the bundle")
+
     def save(self, folder: Path) -> Path:
-        path = folder / MANIFEST
+        path = folder / MANIFEST_FILE
         path.write_text(json.dumps(self.to_dict(), indent=1))
         return path
 
@@ -158,10 +193,10 @@ class Manifest:
         folder = Path(folder)
         if not folder.is_dir():
             raise BundleError(f"bundle folder {folder} does not exist")
-        path = folder / MANIFEST
+        path = folder / MANIFEST_FILE
         if not path.is_file():
             partial = "" if not folder.name.startswith(".") else " (it looks like an unfinished export)"
-            raise BundleError(f"{folder} has no {MANIFEST}: not a diffsparse bundle, or its export did not "
+            raise BundleError(f"{folder} has no {MANIFEST_FILE}: not a diffsparse bundle, or its export did not "
                               f"finish{partial}; run dsexport again")
         try:
             data = json.loads(path.read_text())

@@ -1,27 +1,29 @@
 """Samplers whose per-step update runs inside the exported step graph.
 
-Three kinds, one interface (`kind`, `from_scheduler_config`, `plan`, `update`, `state`):
-  * ``ddim``       DDIM, eta = 0, epsilon prediction (DiT);
-  * ``dpmpp_2m``   DPM-Solver++ multistep, order 2, midpoint (PixArt-α);
-  * ``flow_euler`` flow-matching Euler (FLUX.1, Wan2.1).
-Every update is linear in (sample, model output, sampler state) with per-step coefficients that
-the plan computes once on the host from diffusers' own scheduler, so the graph only multiplies
-and adds. Multistep state (DPM-Solver++'s previous x0) travels with the token cache.
+`Sampler` is the interface; one class per kind implements it (`SAMPLERS` maps kind -> class):
+  * ``ddim``       `DDIMSampler`       DDIM, eta = 0, epsilon prediction (DiT);
+  * ``dpmpp_2m``   `DPMSolverSampler`  DPM-Solver++ multistep, order 2, midpoint (PixArt-α);
+  * ``flow_euler`` `FlowMatchSampler`  flow-matching Euler (FLUX.1, Wan2.1).
+A sampler is a frozen dataclass of its settings (the supported subset of one diffusers scheduler's
+config). Every update is linear in (sample, model output, sampler state) with per-step
+coefficients that `Sampler.plan` computes once on the host from diffusers' own scheduler, so the
+graph only multiplies and adds. Multistep state (DPM-Solver++'s previous x0) travels with the
+token cache.
 
 Why inside the graph: the runtime then passes the latent from one step's output straight to the
 next step's input (device-side, no host round trip), and each step graph takes its step-specific
 constants as a small input tensor, so steps with the same sparsity pattern share one graph.
 
-DDIM (eta = 0, epsilon prediction), bit-for-bit the arithmetic of diffusers' `DDIMScheduler.step`:
-    x0   = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)          [clipped to ±r if clip_sample]
-    x_t' = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps
-with coefficients [sqrt(a_t), sqrt(1 - a_t), sqrt(a_prev), sqrt(1 - a_prev)] per step.
+Names: a *sampler* is an instance of one of these classes (`ModelSpec.sampler`); its *plan*
+(`SamplerPlan`, the manifest's "sampler" entry) is what it computed for T steps; the plan's
+`config` is the sampler's settings, from which `sampler_config(kind, config)` rebuilds it.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,14 +34,105 @@ class SamplerError(ValueError):
 
 
 @dataclass(frozen=True)
-class DDIMConfig:
-    """The DDIMScheduler settings we support (defaults are diffusers' DiT pipeline ones).
+class SamplerPlan:
+    """A sampler planned for T steps: what the runtime feeds each step (the manifest's "sampler").
 
+    kind          the sampler's kind (a `SAMPLERS` key).
+    timesteps     (T,) float32: the model timestep of each step.
+    coefficients  (T, C) float32: each step's update coefficients, C = the sampler's num_coefficients.
+    config        the sampler's settings (its dataclass fields, `asdict(sampler)`): what
+                  `sampler_config(kind, config)` / `ModelSpec.make_sampler` rebuilds the sampler
+                  from, e.g. for DDIM's clipping (clip_sample, clip_sample_range). Not a diffusers
+                  scheduler config, though it is read the same way.
+    """
+
+    kind: str
+    timesteps: np.ndarray
+    coefficients: np.ndarray
+    config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "timesteps": self.timesteps.tolist(),
+                "coefficients": self.coefficients.tolist(), "config": dict(self.config)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplerPlan:
+        """The inverse of `to_dict`: exactly its keys; a missing or an unknown one is an error."""
+        if not isinstance(data, dict):
+            raise SamplerError(f"a sampler plan is a JSON object, got {type(data).__name__}")
+        keys = list(cls.__dataclass_fields__)
+        missing, unknown = [k for k in keys if k not in data], sorted(set(data) - set(keys))
+        if missing or unknown:
+            raise SamplerError(f"sampler plan: missing key(s) {missing}, unknown key(s) {unknown} "
+                               f"(it has exactly {keys})")
+        return cls(kind=data["kind"], timesteps=np.asarray(data["timesteps"], dtype=np.float32),
+                   coefficients=np.asarray(data["coefficients"], dtype=np.float32), config=dict(data["config"]))
+
+
+class Sampler(ABC):
+    """The interface every family's sampler implements.
+
+    An implementation is a frozen dataclass whose fields are its settings, the supported subset of
+    one diffusers scheduler's config; `asdict(sampler)` is the plan's `config`, and
+    `from_scheduler_config` of it gives the same sampler back. Class attributes:
+
+    kind              the registry key (`SAMPLERS`) and the plan's `kind`.
+    state             names of the latent-shaped tensors the update carries from one step to the
+                      next (e.g. ("prev_x0",)); they travel with the token cache as "sampler.<name>"
+                      and start at zero. () when the sampler is single-step.
+    num_coefficients  C, the length of one step's coefficient vector (the plan's coefficients are (T, C)).
+
+    The split: `plan` runs once on the host (float64/float32 as diffusers does) and reduces each
+    step of diffusers' `step` to C numbers; `update` runs inside the step graph and only multiplies
+    and adds (and, for DDIM with clip_sample, clamps).
+    """
+
+    kind: ClassVar[str]
+    state: ClassVar[tuple[str, ...]]
+    num_coefficients: ClassVar[int]
+
+    @classmethod
+    @abstractmethod
+    def from_scheduler_config(cls, config: dict[str, Any]) -> Sampler:
+        """The sampler from a diffusers scheduler config (`scheduler_config.json`) or from a plan's
+        `config`. Keys that are not settings are ignored; settings this sampler does not implement
+        (another prediction type, thresholding, ...) raise SamplerError."""
+
+    @abstractmethod
+    def plan(self, num_steps: int, image_seq_len: int | None = None) -> SamplerPlan:
+        """Timesteps (T,) and coefficients (T, num_coefficients) for `num_steps` steps, exactly as
+        diffusers' scheduler computes them. image_seq_len: the image token count, for samplers
+        whose schedule depends on the resolution (ignored by the others)."""
+
+    @abstractmethod
+    def update(self, sample: torch.Tensor, model_output: torch.Tensor, coef: torch.Tensor,
+               state: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One step inside the graph: x_t, the model output at x_t, coef = plan.coefficients[i] and
+        the state tensors in `state` order -> (x_t', the new state tensors in the same order)."""
+
+    @abstractmethod
+    def scheduler(self):
+        """The diffusers scheduler these settings describe (the reference `plan` and `update` match)."""
+
+
+@dataclass(frozen=True)
+class DDIMSampler(Sampler):
+    """DDIM (eta = 0, epsilon prediction), bit-for-bit the arithmetic of diffusers' `DDIMScheduler.step`:
+        x0   = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)          [clipped to ±r if clip_sample]
+        x_t' = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps
+    with coefficients [sqrt(a_t), sqrt(1 - a_t), sqrt(a_prev), sqrt(1 - a_prev)] per step (a = alphas_cumprod).
+
+    The DDIMScheduler settings we support (defaults are diffusers' DiT pipeline ones):
     num_train_timesteps, beta_start, beta_end, beta_schedule: the training noise schedule.
-    clip_sample / clip_sample_range: clamp the predicted x0 (useful in pixel space).
+    clip_sample / clip_sample_range: clamp the predicted x0 to ±r (useful in pixel space); the
+        clamp is part of `update`, read from these settings (not from the plan's coefficients).
     set_alpha_to_one: alpha used after the last step (1.0, or alphas_cumprod[0]).
     steps_offset, timestep_spacing: how inference timesteps are spread (diffusers semantics).
     """
+
+    kind = "ddim"
+    state = ()
+    num_coefficients = 4
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
@@ -52,95 +145,44 @@ class DDIMConfig:
     timestep_spacing: str = "leading"
 
     @classmethod
-    def from_scheduler_config(cls, config: dict[str, Any]) -> DDIMConfig:
+    def from_scheduler_config(cls, config: dict[str, Any]) -> DDIMSampler:
         if config.get("prediction_type", "epsilon") != "epsilon":
             raise SamplerError(f"prediction_type {config['prediction_type']!r} is not yet supported (epsilon only)")
         if config.get("thresholding", False):
             raise SamplerError("dynamic thresholding is not yet supported; use clip_sample instead")
         if config.get("rescale_betas_zero_snr", False):
             raise SamplerError("rescale_betas_zero_snr is not yet supported")
-        fields = cls.__dataclass_fields__
-        return cls(**{k: config[k] for k in fields if k in config})
+        return cls(**{k: config[k] for k in cls.__dataclass_fields__ if k in config})
 
     def scheduler(self):
         from diffusers import DDIMScheduler
 
         return DDIMScheduler(**asdict(self), prediction_type="epsilon")
 
+    def plan(self, num_steps: int, image_seq_len: int | None = None) -> SamplerPlan:
+        """Timesteps and coefficients exactly as `DDIMScheduler.set_timesteps` + `step` compute them
+        (image_seq_len is not used)."""
+        sched = self.scheduler()
+        sched.set_timesteps(num_steps)
+        acp = sched.alphas_cumprod.to(torch.float32)
+        final = sched.final_alpha_cumprod.to(torch.float32)
+        stride = self.num_train_timesteps // num_steps
+        coefs = []
+        for t in sched.timesteps.tolist():
+            prev = t - stride
+            a_t = acp[t]
+            a_prev = acp[prev] if prev >= 0 else final
+            coefs.append([a_t.sqrt(), (1 - a_t).sqrt(), a_prev.sqrt(), (1 - a_prev).sqrt()])
+        coefficients = torch.tensor(coefs, dtype=torch.float32).numpy()
+        return SamplerPlan(kind=self.kind, timesteps=sched.timesteps.numpy().astype(np.float32),
+                           coefficients=coefficients, config=asdict(self))
 
-@dataclass(frozen=True)
-class SamplerPlan:
-    """What the runtime feeds each step: the model timestep and the update coefficients."""
-
-    kind: str
-    timesteps: np.ndarray          # (T,) model timesteps, float32
-    coefficients: np.ndarray       # (T, 4) float32
-    clip_sample_range: float | None
-    config: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "timesteps": self.timesteps.tolist(),
-                "coefficients": self.coefficients.tolist(),
-                "clip_sample_range": self.clip_sample_range, "config": dict(self.config)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SamplerPlan:
-        return cls(kind=data["kind"], timesteps=np.asarray(data["timesteps"], dtype=np.float32),
-                   coefficients=np.asarray(data["coefficients"], dtype=np.float32),
-                   clip_sample_range=data.get("clip_sample_range"), config=dict(data.get("config", {})))
-
-
-def ddim_plan(config: DDIMConfig, num_steps: int) -> SamplerPlan:
-    """Timesteps and coefficients exactly as `DDIMScheduler.set_timesteps` + `step` compute them."""
-    sched = config.scheduler()
-    sched.set_timesteps(num_steps)
-    acp = sched.alphas_cumprod.to(torch.float32)
-    final = sched.final_alpha_cumprod.to(torch.float32)
-    stride = config.num_train_timesteps // num_steps
-    coefs = []
-    for t in sched.timesteps.tolist():
-        prev = t - stride
-        a_t = acp[t]
-        a_prev = acp[prev] if prev >= 0 else final
-        coefs.append([a_t.sqrt(), (1 - a_t).sqrt(), a_prev.sqrt(), (1 - a_prev).sqrt()])
-    coefficients = torch.tensor(coefs, dtype=torch.float32).numpy()
-    return SamplerPlan(kind="ddim", timesteps=sched.timesteps.numpy().astype(np.float32),
-                       coefficients=coefficients,
-                       clip_sample_range=float(config.clip_sample_range) if config.clip_sample else None,
-                       config=asdict(config))
-
-
-def ddim_update(sample: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor,
-                clip_sample_range: float | None) -> torch.Tensor:
-    """One DDIM step (eta = 0) with coef = [sqrt(a_t), sqrt(1-a_t), sqrt(a_prev), sqrt(1-a_prev)]."""
-    x0 = (sample - coef[1] * eps) / coef[0]
-    if clip_sample_range is not None:
-        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
-    return coef[2] * x0 + coef[3] * eps
-
-
-def initial_noise(seed: int, count: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Starting latents (count, *shape) for a seed, the same on every backend and batch size:
-    sample i is drawn from its own NumPy PCG64 stream seeded with (seed, i)."""
-    return np.stack([np.random.default_rng([seed, i]).standard_normal(shape, dtype=np.float32)
-                     for i in range(count)]) if count else np.zeros((0, *shape), np.float32)
-
-
-# ---- one interface for all kinds ---------------------------------------------------------------
-# DDIM keeps its original free functions (ddim_plan / ddim_update); these methods make it fit the
-# same interface as the other kinds.
-DDIMConfig.kind = "ddim"
-DDIMConfig.state = ()
-DDIMConfig.num_coefficients = 4
-DDIMConfig.plan = lambda self, num_steps, image_seq_len=None: ddim_plan(self, num_steps)
-
-
-def _ddim_update(self, sample, model_output, coef, state):
-    clip = self.clip_sample_range if self.clip_sample else None
-    return ddim_update(sample, model_output, coef, clip), []
-
-
-DDIMConfig.update = _ddim_update
+    def update(self, sample, model_output, coef, state):
+        """coef = [sqrt(a_t), sqrt(1-a_t), sqrt(a_prev), sqrt(1-a_prev)]; no state."""
+        x0 = (sample - coef[1] * model_output) / coef[0]
+        if self.clip_sample:
+            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        return coef[2] * x0 + coef[3] * model_output, []
 
 
 def _check_prediction(config: dict[str, Any], expected: str) -> None:
@@ -149,10 +191,19 @@ def _check_prediction(config: dict[str, Any], expected: str) -> None:
 
 
 @dataclass(frozen=True)
-class DPMSolverConfig:
+class DPMSolverSampler(Sampler):
     """DPM-Solver++ (data prediction), multistep order 2 with the midpoint rule — diffusers'
     `DPMSolverMultistepScheduler` defaults as PixArt-α's pipeline uses them. Epsilon prediction.
 
+    With λ = log(α/σ), h = λ_t − λ_s and x0 = (x_s − σ_s ε) / α_s, one step from s to t is
+        first order:  x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) x0
+        second order: x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) (x0 + ½ (x0 − x0_prev) / r),
+                      r = (λ_s − λ_prev) / h
+    (diffusers' midpoint rule); the first step is first order, and so is the last one under
+    lower_order_final (T < 15), euler_at_final or a zero final sigma. The state is the
+    previous step's x0 ("prev_x0", zero before the first step, where its coefficient is 0).
+
+    Settings:
     lower_order_final: first-order last step(s) when fewer than 15 steps (diffusers' rule).
     final_sigmas_type: "zero" ends exactly at sigma 0 (first-order last step), or "sigma_min".
     """
@@ -172,7 +223,7 @@ class DPMSolverConfig:
     final_sigmas_type: str = "zero"
 
     @classmethod
-    def from_scheduler_config(cls, config: dict[str, Any]) -> DPMSolverConfig:
+    def from_scheduler_config(cls, config: dict[str, Any]) -> DPMSolverSampler:
         _check_prediction(config, "epsilon")
         unsupported = {"algorithm_type": "dpmsolver++", "solver_type": "midpoint", "thresholding": False,
                        "use_karras_sigmas": False, "use_lu_lambdas": False, "use_exponential_sigmas": False,
@@ -220,16 +271,16 @@ class DPMSolverConfig:
             del second_last  # order 2 is the maximum here, so diffusers' "lower order second" is a no-op
             coefs.append([alpha[i], sigma[i], c_sample, c_x0, c_prev])
         return SamplerPlan(kind=self.kind, timesteps=sched.timesteps.numpy().astype(np.float32),
-                           coefficients=np.asarray(coefs, dtype=np.float32), clip_sample_range=None,
-                           config=asdict(self))
+                           coefficients=np.asarray(coefs, dtype=np.float32), config=asdict(self))
 
     def update(self, sample, model_output, coef, state):
+        """coef = [α_s, σ_s, c_sample, c_x0, c_prev] (see `plan`); state = [x0_prev] -> [x0]."""
         x0 = (sample - coef[1] * model_output) / coef[0]
         return coef[2] * sample + coef[3] * x0 + coef[4] * state[0], [x0]
 
 
 @dataclass(frozen=True)
-class FlowMatchConfig:
+class FlowMatchSampler(Sampler):
     """Flow-matching Euler (diffusers' `FlowMatchEulerDiscreteScheduler`): x' = x + (σ' − σ)·v.
 
     shift: the static time shift σ ← shift·σ / (1 + (shift − 1)·σ) (FLUX.1-schnell 1.0; Wan2.1
@@ -238,6 +289,8 @@ class FlowMatchConfig:
         dependent shift mu, computed from the image token count the way FluxPipeline does.
     schnell_sigmas: FluxPipeline's linspace(1, 1/T, T) sigmas before shifting (otherwise the
         scheduler's own spacing).
+    The timesteps and coefficients ignore image_seq_len unless use_dynamic_shifting is set, when it
+    is required.
     """
 
     kind = "flow_euler"
@@ -254,7 +307,7 @@ class FlowMatchConfig:
     schnell_sigmas: bool = True
 
     @classmethod
-    def from_scheduler_config(cls, config: dict[str, Any]) -> FlowMatchConfig:
+    def from_scheduler_config(cls, config: dict[str, Any]) -> FlowMatchSampler:
         _check_prediction(config, "flow_prediction")
         config = dict(config)
         if "flow_shift" in config and "shift" not in config:  # Wan's UniPC / DPM configs
@@ -289,17 +342,25 @@ class FlowMatchConfig:
         s = sched.sigmas.to(torch.float32).numpy()
         coefs = np.stack([s[:-1], s[1:] - s[:-1]], axis=1).astype(np.float32)
         return SamplerPlan(kind=self.kind, timesteps=sched.timesteps.numpy().astype(np.float32),
-                           coefficients=coefs, clip_sample_range=None, config=asdict(self))
+                           coefficients=coefs, config=asdict(self))
 
     def update(self, sample, model_output, coef, state):
+        """coef = [σ, σ' − σ], model_output the velocity v; no state."""
         return sample + coef[1] * model_output, []
 
 
-SAMPLERS = {c.kind: c for c in (DDIMConfig, DPMSolverConfig, FlowMatchConfig)}
+SAMPLERS: dict[str, type[Sampler]] = {c.kind: c for c in (DDIMSampler, DPMSolverSampler, FlowMatchSampler)}
 
 
-def sampler_config(kind: str, config: dict[str, Any]):
-    """The sampler config of `kind` from a diffusers scheduler config (or our own saved one)."""
+def sampler_config(kind: str, config: dict[str, Any]) -> Sampler:
+    """The sampler of `kind` from a diffusers scheduler config or a plan's `config` (its settings)."""
     if kind not in SAMPLERS:
         raise SamplerError(f"sampler {kind!r} is not supported; supported: {sorted(SAMPLERS)}")
     return SAMPLERS[kind].from_scheduler_config(config)
+
+
+def initial_noise(seed: int, count: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Starting latents (count, *shape) for a seed, the same on every backend and batch size:
+    sample i is drawn from its own NumPy PCG64 stream seeded with (seed, i)."""
+    return np.stack([np.random.default_rng([seed, i]).standard_normal(shape, dtype=np.float32)
+                     for i in range(count)]) if count else np.zeros((0, *shape), np.float32)

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffsparse import __version__
+
 FORMAT = "diffsparse-schedule"
 VERSION = 1
 # SA self-attention, CA cross-attention, MLP feed-forward (image tokens), TMLP feed-forward of a
@@ -298,8 +300,6 @@ def _describe_layers(layers: Sequence[LayerRef]) -> str:
 
 
 def provenance(method: str, **extra: Any) -> dict[str, Any]:
-    from diffsparse import __version__
-
     return {"method": method, "tool": f"diffsparse {__version__}",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}
 

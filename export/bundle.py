@@ -18,15 +18,21 @@ from typing import Any
 
 import numpy as np
 import onnx
-from diffsparse.export.onnx_export import export_step
-from diffsparse.export.trt_compat import TOPK_MAX, operator_set, tensorrt_problems
-from diffsparse.export.weights import WeightStore
 
 from diffsparse import __version__
+from diffsparse.bundle_format import (UNIVERSAL_FILE, WEIGHTS_FILE, current_engine_key, engine_file, graph_file,
+                                      needs_layer_cache, step_graph_indices, timing_cache_file)
+from diffsparse.export.onnx_export import export_step
+from diffsparse.export.tensorrt import TensorRTUnavailable, build_engine, check_available, step_profiles
+from diffsparse.export.trt_compat import operator_set, tensorrt_problems
+from diffsparse.export.universal import export_universal_step
+from diffsparse.export.verify import SelectionMismatch, verify_graphs
+from diffsparse.export.weights import WeightStore
 from diffsparse.manifest import GraphEntry, Manifest, sha256_file
 from diffsparse.models.base import ModelSpec
 from diffsparse.models.lazy import is_lazy
 from diffsparse.schedule import Schedule
+from diffsparse.tokencache import TOPK_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +66,11 @@ def export_bundle(spec: ModelSpec, schedule: Schedule, out: str | Path, source: 
         raise ExportError(f"{out} already exists; pass overwrite (dsexport --overwrite) to replace it")
     spec.check_schedule(schedule)
     if config.tensorrt is not None:  # fail before any work
-        from diffsparse.export.tensorrt import TensorRTUnavailable, check_available
-
         if not spec.supports_universal_step:
             raise ExportError(f"TensorRT engines are not yet supported for the {spec.family!r} family")
         widest = max(spec.layer_tokens(layer) for layer in spec.layers)
-        if widest > TOPK_MAX:  # the universal graph runs TopK at every K up to N (export/universal.py)
-            raise ExportError(f"TensorRT engines are not yet supported for layers of more than {TOPK_MAX} tokens "
+        if widest > TOPK_LIMIT:  # the universal graph runs TopK at every K up to N (export/universal.py)
+            raise ExportError(f"TensorRT engines are not yet supported for layers of more than {TOPK_LIMIT} tokens "
                               f"(TensorRT's TopK limit; this model has {widest}): use ONNX Runtime for it")
         try:
             check_available()
@@ -86,9 +90,6 @@ def export_bundle(spec: ModelSpec, schedule: Schedule, out: str | Path, source: 
     return manifest
 
 
-UNIVERSAL = "universal.onnx"
-
-
 def _check_disk_space(spec: ModelSpec, folder: Path) -> None:
     """Fail before writing anything when the bundle's weights cannot fit: a streamed model writes
     tens of GB before the first graph is traced."""
@@ -105,15 +106,13 @@ def _file_entry(folder: Path, rel: str) -> dict[str, Any]:
 
 def _build_engines(spec: ModelSpec, schedule: Schedule, folder: Path, precision: str):
     """The TensorRT engine of this machine's TensorRT + GPU from the universal graph."""
-    from diffsparse.export.tensorrt import build_engine, current_engine_key, step_profiles
-
     key = current_engine_key()
-    rel = f"engines/{key}/universal.plan"
-    build_engine(folder / UNIVERSAL, step_profiles(spec, schedule), folder / rel, precision,
-                 timing_cache=folder / "engines" / key / "timing.cache")
+    rel = engine_file(key)
+    build_engine(folder / UNIVERSAL_FILE, step_profiles(spec, schedule), folder / rel, precision,
+                 timing_cache=folder / timing_cache_file(key))
     engine = {**_file_entry(folder, rel), "key": key, "precision": precision,
               "profiles": len(schedule.distinct_signatures())}
-    return _file_entry(folder, UNIVERSAL), [engine]
+    return _file_entry(folder, UNIVERSAL_FILE), [engine]
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -129,11 +128,9 @@ def _replace(tmp: Path, out: Path) -> None:
 def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, Any],
            config: ExportConfig) -> Manifest:
     selector = schedule.selector
-    # a schedule that never reuses exports the plain model; the universal graph TensorRT is built
-    # from always carries the cache, so a bundle with engines keeps it (runtime/backends/tensorrt.py)
-    layer_cache = schedule.reuses_tokens or config.tensorrt is not None
+    layer_cache = needs_layer_cache(schedule, tensorrt=config.tensorrt is not None)
     plan = spec.sampler_plan(schedule.num_steps)
-    store = WeightStore(folder / "weights.bin")
+    store = WeightStore(folder / WEIGHTS_FILE)
     if is_lazy(spec.model):  # larger than memory: initialised straight into the bundle's weights
         store.adopt(spec.model, spec.sliced_parameters())
     graphs: list[GraphEntry] = []
@@ -146,17 +143,17 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
             problems = tensorrt_problems(model)
             if problems:
                 raise ExportError(f"step graph {i} is outside TensorRT's supported subset: " + "; ".join(problems))
-        rel = f"step_{i:03d}.onnx"
+        rel = graph_file(i)
         onnx.save(model, str(folder / rel))
         graphs.append(GraphEntry(file=rel, sha256="", bytes=0, keep=list(sig),
                                  macs=spec.step_macs(sig), ops=operator_set(model)))
         log.info("exported graph %d/%d in %.1fs", i + 1, len(signatures), time.perf_counter() - t0)
     if config.tensorrt is not None:
-        from diffsparse.export.universal import export_universal_step
-
         universal = export_universal_step(spec, selector, store=store)  # same weights: stored once
-        onnx.save(universal, str(folder / UNIVERSAL))
+        onnx.save(universal, str(folder / UNIVERSAL_FILE))
+    parameters = store.parameter_map(spec.model)
     weights = store.close()
+    weights["parameters"] = parameters
     weights["sha256"] = sha256_file(folder / weights["file"])
     universal_entry, engines = None, []
     if config.tensorrt is not None:
@@ -164,8 +161,8 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
     for g in graphs:
         g.sha256 = sha256_file(folder / g.file)
         g.bytes = (folder / g.file).stat().st_size
-    steps = [{"index": t, "timestep": float(plan.timesteps[t]), "graph": signatures.index(schedule.step_signature(t))}
-             for t in range(schedule.num_steps)]
+    steps = [{"index": t, "timestep": float(plan.timesteps[t]), "graph": g}
+             for t, g in enumerate(step_graph_indices(schedule))]
     dense = spec.dense_macs(schedule.num_steps)
     total = spec.schedule_macs(schedule)
     diffusers_class = type(spec.model).__name__
@@ -175,7 +172,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
         batch_size=spec.batch_size, guidance=spec.guidance, spec_options=dict(spec.options),
         guidance_scale=spec.default_guidance_scale,
         inputs=spec.step_inputs(),
-        outputs=spec.step_outputs(), cache=spec.cache_buffers(selector, layer_cache), layer_cache=layer_cache,
+        outputs=spec.step_outputs(), cache=spec.cache_layout(selector, layer_cache),
         schedule=schedule, sampler=plan,
         graphs=graphs, steps=steps, weights=weights,
         macs={"dense_total": dense, "total": total, "ratio": total / dense,
@@ -184,8 +181,6 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     manifest.save(folder)
     if config.verify:
-        from diffsparse.export.verify import SelectionMismatch, verify_graphs
-
         try:
             errors = verify_graphs(folder, spec)
         except SelectionMismatch as e:

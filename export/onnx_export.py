@@ -12,16 +12,12 @@ import onnx_ir as ir
 import torch
 from diffsparse.export.weights import WeightStore
 
-from diffsparse.models.base import ModelSpec, TensorSpec
+from diffsparse.models.base import ModelSpec
+from diffsparse.tensors import TensorSpec
 from diffsparse.schedule import SelectorConfig
 
 log = logging.getLogger(__name__)
 OPSET = 18
-
-
-def next_name(name: str) -> str:
-    """Graph output name for the updated cache buffer `name` (ONNX names must be unique)."""
-    return f"next.{name}"
 
 
 def _dynamo_translations() -> dict:
@@ -139,11 +135,12 @@ def export_step(spec: ModelSpec, keep: list[int], selector: SelectorConfig,
     else in the model. layer_cache False: a dense step without the layer cache (the plain model)."""
     module = spec.build_step(keep, selector, layer_cache)
     inputs = spec.step_inputs()
-    cache = spec.cache_buffers(selector, layer_cache)
+    layout = spec.cache_layout(selector, layer_cache)
+    cache = layout.tensors
     g = torch.Generator().manual_seed(0)
     args = tuple(sample_tensor(t, g) for t in inputs + cache)
     input_names = [t.name for t in inputs + cache]
-    output_names = [t.name for t in spec.step_outputs()] + [next_name(t.name) for t in cache]
+    output_names = [t.name for t in spec.step_outputs()] + layout.output_names
     # The family's spec picks the exporter that works for it (DESIGN.md: TorchScript fails on
     # aten::rms_norm, dynamo's PixArt graph is rejected by ONNX Runtime).
     return trace_to_onnx(module, args, input_names, output_names, dynamo=spec.onnx_exporter == "dynamo",

@@ -16,11 +16,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 from pathlib import Path
 
-from diffsparse.export.universal import carrier_name
+import torch
 
+from diffsparse.cache_layout import carrier_name
 from diffsparse.models.base import ModelSpec
 from diffsparse.schedule import Schedule
 
@@ -37,24 +37,8 @@ def check_available() -> None:
     missing = [m for m in ("tensorrt", "polygraphy") if importlib.util.find_spec(m) is None]
     if missing:
         raise TensorRTUnavailable(f"building TensorRT engines needs {' and '.join(missing)}: {INSTALL}")
-    import torch
-
     if not torch.cuda.is_available():
         raise TensorRTUnavailable("building TensorRT engines needs a CUDA GPU visible to torch")
-
-
-def engine_key(trt_version: str, gpu_name: str, capability: tuple[int, int]) -> str:
-    """The folder engines built by one TensorRT version for one GPU model live in."""
-    gpu = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
-    return f"trt-{trt_version}-{gpu}-sm{capability[0]}{capability[1]}"
-
-
-def current_engine_key() -> str:
-    check_available()
-    import tensorrt as trt
-    import torch
-
-    return engine_key(trt.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())
 
 
 def step_profiles(spec: ModelSpec, schedule: Schedule) -> list[dict[str, tuple[int, ...]]]:
@@ -68,6 +52,7 @@ def build_engine(onnx_path: Path, profiles: list[dict[str, tuple[int, ...]]], ou
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     check_available()
+    # optional heavy dependency, present on GPU machines only
     from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
 
     trt_profiles = []

@@ -11,7 +11,8 @@ from __future__ import annotations
 import onnx
 from onnx import numpy_helper
 
-TOPK_MAX = 3840
+from diffsparse.tokencache import TOPK_LIMIT
+
 
 # Operators of TensorRT's ONNX operator support matrix that our step graphs may use.
 TENSORRT_OPS = frozenset([
@@ -76,8 +77,8 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
             k = constants.get(node.input[1])
             if k is None:
                 problems.append(f"TopK {node.name} has a non-constant K")
-            elif int(k.reshape(-1)[0]) > TOPK_MAX:
-                problems.append(f"TopK {node.name} has K={int(k.reshape(-1)[0])} > {TOPK_MAX}")
+            elif int(k.reshape(-1)[0]) > TOPK_LIMIT:
+                problems.append(f"TopK {node.name} has K={int(k.reshape(-1)[0])} > {TOPK_LIMIT}")
         if node.op_type in INT32_INDEX_OPS and node.input[1] not in constants:
             idx = node.input[1]
             if dtypes.get(idx) != onnx.TensorProto.INT32:

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffsparse.export.onnx_export import next_name, sample_tensor, trace_to_onnx
 
+from diffsparse.cache_layout import carrier_name
+from diffsparse.export.onnx_export import sample_tensor, trace_to_onnx
 from diffsparse.models.base import ModelSpec
 from diffsparse.schedule import SelectorConfig
-
-
-def carrier_name(layer) -> str:
-    return f"k.{layer.name}"
 
 
 def k_carriers(spec: ModelSpec, keep: list[int]) -> dict[str, np.ndarray]:
@@ -39,13 +36,14 @@ def export_universal_step(spec: ModelSpec, selector: SelectorConfig, trace_keep:
     module = spec.build_universal_step(selector)
     n = spec.dense_keep()
     trace_keep = trace_keep or [max(2, k // 2) for k in n]
-    inputs, cache = spec.step_inputs(), spec.cache_buffers(selector)
+    inputs, layout = spec.step_inputs(), spec.cache_layout(selector)
+    cache = layout.tensors
     g = torch.Generator().manual_seed(0)
     carriers = [torch.from_numpy(v) for v in k_carriers(spec, trace_keep).values()]
     args = (*[sample_tensor(t, g) for t in inputs], *carriers, *[sample_tensor(t, g) for t in cache])
     k_names = [carrier_name(l) for l in spec.layers]
     input_names = [t.name for t in inputs] + k_names + [t.name for t in cache]
-    output_names = [t.name for t in spec.step_outputs()] + [next_name(t.name) for t in cache]
+    output_names = [t.name for t in spec.step_outputs()] + layout.output_names
     # torch.export specialises sizes 0 and 1, so the declared range starts at 2; the graph has no
     # guard on it and runs K = 0 and 1 as well (tested)
     dims = [torch.export.Dim(f"K_{l.name}", min=2, max=max(2, k)) for l, k in zip(spec.layers, n)]

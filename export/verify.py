@@ -18,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffsparse.export.onnx_export import next_name
 
+from diffsparse import tokencache as tc
+from diffsparse.cache_layout import Role, output_name
 from diffsparse.manifest import Manifest
 from diffsparse.models.base import ModelSpec, StepCall
+from diffsparse.runtime.backends.ort import OrtBackend
+from diffsparse.runtime.bundle import Bundle
 from diffsparse.sampler import initial_noise
 
 log = logging.getLogger(__name__)
@@ -41,17 +44,21 @@ def reference_inputs(spec: ModelSpec, manifest: Manifest, seed: int = 0) -> dict
     conditioning = spec.example_conditioning(rng)
     latent = initial_noise(seed, spec.batch_size, spec.latent_shape)
     layer_cache = manifest.layer_cache
+    # the spec's own layout for this selector: the universal-graph tests pass a manifest whose
+    # recorded cache is another selector's
+    layout = spec.cache_layout(selector, layer_cache)
     dense = spec.build_step(spec.dense_keep(), selector, layer_cache)
-    feeds0 = spec.feeds(StepCall(float(plan.timesteps[0]), plan.coefficients[0]), conditioning, 4.0)
+    scale = spec.resolve_guidance_scale(None)
+    feeds0 = spec.feeds(StepCall(float(plan.timesteps[0]), plan.coefficients[0]), conditioning, scale)
     specs = spec.step_inputs()
     with torch.inference_mode():
         args = [torch.from_numpy(latent)] + [torch.from_numpy(feeds0[s.name]) for s in specs[1:]]
-        out = dense(*args, *spec.zero_cache(selector, layer_cache))
+        out = dense(*args, *layout.zeros())
     t = min(1, len(plan.timesteps) - 1)
-    feeds = spec.feeds(StepCall(float(plan.timesteps[t]), plan.coefficients[t]), conditioning, 4.0)
+    feeds = spec.feeds(StepCall(float(plan.timesteps[t]), plan.coefficients[t]), conditioning, scale)
     feeds[specs[0].name] = out[0].numpy()
-    for buf, value in zip(spec.cache_buffers(selector, layer_cache), out[1:]):
-        feeds[buf.name] = value.numpy()
+    for name, value in zip(layout.names, out[1:]):
+        feeds[name] = value.numpy()
     return feeds
 
 
@@ -70,12 +77,15 @@ def _run_torch(module, feeds: dict[str, np.ndarray], in_names: list[str], out_na
     return {n: r.numpy() for n, r in zip(out_names, ref)}
 
 
-def graph_selection(spec: ModelSpec, keep: list[int], outputs: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
+def graph_selection(spec: ModelSpec, keep: list[int], outputs: dict[str, np.ndarray],
+                    layout) -> dict[int, np.ndarray]:
     """Per partial layer index, the tokens (B, K) a step recomputed, from its reuse-count outputs."""
     chosen = {}
     for i, (layer, k) in enumerate(zip(spec.layers, keep)):
-        reuse = outputs.get(next_name(f"reuse.{layer.name}"))
-        if reuse is None or not 0 < k < spec.layer_tokens(layer):
+        if not layout.has(Role.REUSE, layer) or not 0 < k < spec.layer_tokens(layer):
+            continue
+        reuse = outputs.get(output_name(layout.name(Role.REUSE, layer)))
+        if reuse is None:
             continue
         hit = reuse == 0
         if (hit.sum(axis=1) != k).any():
@@ -87,8 +97,6 @@ def graph_selection(spec: ModelSpec, keep: list[int], outputs: dict[str, np.ndar
 def check_ties(spec: ModelSpec, keep: list[int], scores: dict[int, torch.Tensor],
                imposed: dict[int, np.ndarray]) -> int:
     """Tokens picked differently from the PyTorch step's own TopK; raises unless each is a near tie."""
-    from diffsparse import tokencache as tc
-
     flips = 0
     for i, idx in imposed.items():
         s = scores[i].double().numpy()
@@ -111,9 +119,6 @@ def check_ties(spec: ModelSpec, keep: list[int], scores: dict[int, torch.Tensor]
 def verify_graphs(folder: str | Path, spec: ModelSpec) -> list[float]:
     """Per graph, the parity error of ONNX Runtime against the PyTorch step (see `compare`), with
     rounding ties in token selection resolved the graph's way (module docstring)."""
-    from diffsparse.runtime.backends.ort import OrtBackend
-    from diffsparse.runtime.bundle import Bundle
-
     folder = Path(folder)
     # the runtime's own sessions: weights shared from one memory map of weights.bin, as served
     # (and a model larger than memory still loads)
@@ -122,8 +127,8 @@ def verify_graphs(folder: str | Path, spec: ModelSpec) -> list[float]:
     manifest = backend.bundle.manifest
     feeds = reference_inputs(spec, manifest)
     selector = manifest.schedule.selector
-    in_names = [s.name for s in manifest.inputs] + [c.name for c in manifest.cache]
-    out_names = [s.name for s in manifest.outputs] + [next_name(c.name) for c in manifest.cache]
+    in_names = [s.name for s in manifest.inputs] + manifest.cache.names
+    out_names = [s.name for s in manifest.outputs] + manifest.cache.output_names
     errors = []
     for g, sess in zip(manifest.graphs, backend.sessions):
         module = spec.build_step(g.keep, selector, manifest.layer_cache)
@@ -133,7 +138,7 @@ def verify_graphs(folder: str | Path, spec: ModelSpec) -> list[float]:
         got = dict(zip(out_names, sess.run(out_names, {n: feeds[n] for n in in_names if n in declared})))
         err = compare(got, ref)
         if err > 1e-4:
-            imposed = graph_selection(spec, g.keep, got)
+            imposed = graph_selection(spec, g.keep, got, manifest.cache)
             module.forced_selection = {i: torch.from_numpy(v) for i, v in imposed.items()}
             module.record_scores = {}
             ref = _run_torch(module, feeds, in_names, out_names)

@@ -22,6 +22,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from diffsparse.models.lazy import materialize
+
 # Initializers smaller than this stay inside the graph (shapes, scalars, small constants).
 MIN_SHARED_BYTES = 1024
 ALIGN = 64
@@ -38,12 +40,17 @@ class WeightStore:
         self._by_offset: dict[int, str] = {}
         self._adopted: dict[tuple, str] = {}  # (address, bytes, dtype, shape) of adopted tensors
 
-    def _add(self, array: np.ndarray) -> str:
-        array = np.ascontiguousarray(array)
+    @staticmethod
+    def _content_name(array: np.ndarray) -> tuple[str, memoryview]:
+        """The stored name of a tensor's content (hash of bytes, dtype and shape), and its bytes."""
         data = memoryview(array.reshape(-1)).cast("B")
         digest = hashlib.sha256(data)
         digest.update(str((array.dtype.str, array.shape)).encode())
-        name = f"w.{digest.hexdigest()[:20]}"
+        return f"w.{digest.hexdigest()[:20]}", data
+
+    def _add(self, array: np.ndarray) -> str:
+        array = np.ascontiguousarray(array)
+        name, data = self._content_name(array)
         if name not in self.index:
             pad = (-self._offset) % ALIGN
             self._file.write(b"\0" * pad)
@@ -63,8 +70,6 @@ class WeightStore:
         parameter is written, then replaced by a copy-on-write memory map of its bytes here.
         Small ones (inlined in the graphs) and those named in `in_memory` (read by the graphs only
         in slices, which the exporter stores) stay in memory."""
-        from diffsparse.models.lazy import materialize
-
         def keep(name: str, tensor: torch.Tensor) -> torch.Tensor:
             array = tensor.numpy()
             if name in in_memory or array.nbytes < MIN_SHARED_BYTES:
@@ -78,6 +83,33 @@ class WeightStore:
             return view
 
         materialize(model, keep)
+
+    def parameter_map(self, model: torch.nn.Module) -> dict[str, list]:
+        """Where each of the model's parameters and buffers lies in the store: name ->
+        [stored tensor, transposed]. The graphs hold most weights already, as they are or (the
+        TorchScript exporter's MatMul) transposed; what no graph holds whole (small tensors inlined
+        in the graphs, tables read in slices) is added. So the bundle carries the model itself and
+        the torch backend runs it from weights.bin, without a second copy of the weights."""
+        out: dict[str, list] = {}
+        tensors = dict(model.named_parameters())
+        tensors.update(model.named_buffers())
+        for name, tensor in tensors.items():
+            stored = self._adopted.get(self._address(tensor))
+            transposed = False
+            if stored is None:
+                array = np.ascontiguousarray(tensor.detach().cpu().numpy())
+                stored = self._stored(array)
+                if stored is None and array.ndim == 2:
+                    stored = self._stored(np.ascontiguousarray(array.T))
+                    transposed = stored is not None
+                if stored is None:
+                    stored = self._add(array)
+            out[name] = [stored, transposed]
+        return out
+
+    def _stored(self, array: np.ndarray) -> str | None:
+        name, _ = self._content_name(array)
+        return name if name in self.index else None
 
     def externalize_ir(self, model) -> None:
         """Point the large initializers of an onnx_ir model at the store (writing those not in it

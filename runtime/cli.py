@@ -11,6 +11,9 @@ import numpy as np
 from diffsparse.runtime.backends.base import BackendError
 from diffsparse.runtime.backends.select import BACKENDS, DEVICES
 from diffsparse.runtime.backends.torch_backend import DTYPES
+from diffsparse.runtime.pipeline import Pipeline
+from diffsparse.runtime.profile import ProfileConfig, profile
+from diffsparse.runtime.report import write_report
 
 from diffsparse.manifest import BundleError
 from diffsparse.schedule import ScheduleError
@@ -40,8 +43,6 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=int, default=4, help="pixel upscaling of the grid")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from diffsparse.runtime.pipeline import Pipeline
-
     try:
         pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, dtype=args.dtype)
         conditioning = None
@@ -61,8 +62,6 @@ def run_main(argv: list[str] | None = None) -> int:
 
 
 def profile_main(argv: list[str] | None = None) -> int:
-    from diffsparse.runtime.profile import ProfileConfig, profile, write_report
-
     p = argparse.ArgumentParser(prog="dsprofile", description="Profile a bundle against a baseline bundle in one run.")
     p.add_argument("bundle")
     p.add_argument("--baseline", required=True, help="baseline bundle, e.g. the dense schedule")

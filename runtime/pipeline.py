@@ -15,11 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from diffsparse.runtime.backends.base import Backend, BackendError
-from diffsparse.runtime.backends.select import resolve, tensorrt_installed
-from diffsparse.runtime.bundle import Bundle
+from PIL import Image
 
+from diffsparse.bundle_format import current_engine_key, step_graph_indices
+from diffsparse.manifest import BundleError
 from diffsparse.models.base import ModelSpec, StepCall
+from diffsparse.models.zoo import make_spec
+from diffsparse.runtime.backends.base import Backend
+from diffsparse.runtime.backends.ort import OrtBackend
+from diffsparse.runtime.backends.select import resolve, tensorrt_installed
+from diffsparse.runtime.backends.tensorrt import TensorRTBackend
+from diffsparse.runtime.backends.torch_backend import TorchBackend
+from diffsparse.runtime.bundle import Bundle
 from diffsparse.sampler import SamplerPlan, initial_noise
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,7 @@ class GenerationResult:
     total_seconds: float
     backend: str = ""
     device: str = ""
+    guidance_scale: float | None = None  # the scale the samples were generated with
 
     def images(self) -> np.ndarray:
         """uint8 images (n, H, W, C) from samples in [-1, 1]. Latent-space models need their VAE
@@ -43,9 +51,7 @@ class GenerationResult:
         x = np.clip((x + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
         return x.transpose(0, 2, 3, 1)
 
-    def grid(self, columns: int | None = None, scale: int = 1):
-        from PIL import Image
-
+    def grid(self, columns: int | None = None, scale: int = 1) -> Image.Image:
         imgs = self.images()
         n, h, w, c = imgs.shape
         columns = columns or n
@@ -74,40 +80,34 @@ class Pipeline:
                     threads: int | None = None, verify: bool = True, dtype: str = "float32") -> Pipeline:
         """backend: "auto" (the fastest available on the device), "onnxruntime", "torch" or
         "tensorrt"; device: "cpu", "cuda" or "auto" (CUDA when torch sees a GPU). dtype (torch
-        backend): "float32", "bfloat16" or "float16"."""
+        backend): "float32", "bfloat16" or "float16". Every backend runs the bundle itself: its
+        graphs, its engine, or (torch) the model rebuilt from its manifest with the weights of
+        its weights.bin."""
         asked = backend
         backend, device = resolve(backend, device)
         bundle = Bundle(folder, verify=verify)
         m = bundle.manifest
-        steps = [s["graph"] for s in m.steps]
         if asked == "auto" and device == "cuda" and m.engines and tensorrt_installed():
-            from diffsparse.export.tensorrt import current_engine_key
-
-            if any(e["key"] == current_engine_key() for e in m.engines):
+            if m.engine(current_engine_key()) is not None:
                 backend = "tensorrt"
         if backend == "tensorrt":
-            from diffsparse.runtime.backends.tensorrt import TensorRTBackend
-
-            return cls(TensorRTBackend(bundle, device=device), bundle.spec, m.sampler, steps)
+            return cls(TensorRTBackend(bundle, device=device), bundle.spec, m.sampler, m.step_graphs)
         if backend == "torch":
-            return cls.from_model(m.source.get("model"), m.schedule, batch_size=m.batch_size,
-                                  guidance=m.guidance, seed=m.source.get("seed", 0), device=device,
-                                  sampler=m.sampler.config, options=m.spec_options, dtype=dtype,
-                                  guidance_scale=m.guidance_scale)
-        from diffsparse.runtime.backends.ort import OrtBackend
-
-        return cls(OrtBackend(bundle, device=device, threads=threads), bundle.spec, m.sampler, steps)
+            spec = bundle.model_spec()
+            torch_backend = TorchBackend(spec, m.schedule, device=device, dtype=dtype, layer_cache=m.layer_cache)
+            if torch_backend.cache_layout != m.cache:
+                raise BundleError(f"bundle {bundle.folder}: its cache layout is not the one this diffsparse builds for "
+                                  "its model and schedule; re-export the bundle")
+            return cls(torch_backend, spec, m.sampler, m.step_graphs)
+        return cls(OrtBackend(bundle, device=device, threads=threads), bundle.spec, m.sampler, m.step_graphs)
 
     @classmethod
     def from_model(cls, model, schedule, batch_size: int = 1, guidance: bool = True, seed: int = 0,
                    device: str = "cpu", sampler: dict | None = None, options: dict | None = None,
                    dtype: str = "float32", static: bool = True, guidance_scale: float | None = None) -> Pipeline:
-        """The PyTorch pipeline: same schedule, same sampler, the token-cached step modules over
-        static ping-pong buffers (CUDA graphs on a GPU); static=False runs them eagerly."""
-        from diffsparse.models.zoo import make_spec
-
-        if model is None:
-            raise BackendError("the torch backend needs the model: this bundle records no source")
+        """The PyTorch pipeline of a model (built-in name or diffusers folder): same schedule,
+        same sampler, the token-cached step modules over static ping-pong buffers (CUDA graphs
+        on a GPU); static=False runs them eagerly."""
         spec = make_spec(model, batch_size=batch_size, guidance=guidance, seed=seed, sampler_overrides=sampler,
                          options=options, guidance_scale=guidance_scale)
         return cls.from_spec(spec, schedule, device=device, dtype=dtype, static=static)
@@ -117,12 +117,8 @@ class Pipeline:
                   static: bool = True, cuda_graphs: bool | None = None) -> Pipeline:
         """The PyTorch pipeline over an already built spec (several pipelines can share its
         model); cuda_graphs None = on whenever static buffers run on CUDA."""
-        from diffsparse.runtime.backends.torch_backend import TorchBackend
-
-        sigs = schedule.distinct_signatures()
-        steps = [sigs.index(schedule.step_signature(t)) for t in range(schedule.num_steps)]
         backend = TorchBackend(spec, schedule, device=device, dtype=dtype, static=static, cuda_graphs=cuda_graphs)
-        return cls(backend, spec, spec.sampler_plan(schedule.num_steps), steps)
+        return cls(backend, spec, spec.sampler_plan(schedule.num_steps), step_graph_indices(schedule))
 
     def generate(self, class_labels: Sequence[int] | None = None, seed: int = 0, guidance_scale: float | None = None,
                  conditioning: dict[str, np.ndarray] | None = None, time_steps: bool = True) -> GenerationResult:
@@ -139,8 +135,7 @@ class Pipeline:
             raise ValueError("no conditioning given: pass class_labels or conditioning="
                              f"{{{', '.join(repr(t.name) for t in self.spec.conditioning_inputs())}: ...}}")
         conditioning = {k: np.asarray(v) for k, v in conditioning.items()}
-        if guidance_scale is None:
-            guidance_scale = self.spec.default_guidance_scale
+        guidance_scale = self.spec.resolve_guidance_scale(guidance_scale)
         counts = {k: (v.shape[0] if v.ndim else 0) for k, v in conditioning.items()}
         n = next(iter(counts.values()))
         if n == 0 or any(c != n for c in counts.values()):
@@ -170,7 +165,7 @@ class Pipeline:
         total = time.perf_counter() - t_start
         labels = conditioning.get("class_labels")
         return GenerationResult(np.concatenate(outs), labels, per_step.tolist(), total,
-                                backend=backend.name, device=backend.device)
+                                backend=backend.name, device=backend.device, guidance_scale=guidance_scale)
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:

@@ -1,15 +1,18 @@
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
 
 from diffsparse.sampler import (
-    DDIMConfig,
-    DPMSolverConfig,
-    FlowMatchConfig,
+    SAMPLERS,
+    DDIMSampler,
+    DPMSolverSampler,
+    FlowMatchSampler,
+    Sampler,
     SamplerError,
+    SamplerPlan,
     sampler_config,
-    ddim_plan,
-    ddim_update,
     initial_noise,
 )
 
@@ -17,8 +20,8 @@ from diffsparse.sampler import (
 @pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("steps", [10, 50])
 def test_ddim_update_matches_diffusers(clip, steps):
-    cfg = DDIMConfig(clip_sample=clip)
-    plan = ddim_plan(cfg, steps)
+    cfg = DDIMSampler(clip_sample=clip)
+    plan = cfg.plan(steps)
     sched = cfg.scheduler()
     sched.set_timesteps(steps)
     np.testing.assert_array_equal(plan.timesteps, sched.timesteps.numpy().astype(np.float32))
@@ -28,15 +31,16 @@ def test_ddim_update_matches_diffusers(clip, steps):
     for i, t in enumerate(sched.timesteps):
         eps = torch.randn(2, 4, 8, 8, generator=g) * 2
         x = sched.step(eps, t, x).prev_sample
-        ours = ddim_update(ours, eps, torch.from_numpy(plan.coefficients[i]), plan.clip_sample_range)
+        ours, state = cfg.update(ours, eps, torch.from_numpy(plan.coefficients[i]), [])
+        assert state == []
     assert torch.allclose(ours, x, atol=1e-5, rtol=1e-5)
 
 
 def test_unsupported_scheduler_settings():
     with pytest.raises(SamplerError, match="v_prediction"):
-        DDIMConfig.from_scheduler_config({"prediction_type": "v_prediction"})
+        DDIMSampler.from_scheduler_config({"prediction_type": "v_prediction"})
     with pytest.raises(SamplerError, match="thresholding"):
-        DDIMConfig.from_scheduler_config({"thresholding": True})
+        DDIMSampler.from_scheduler_config({"thresholding": True})
 
 
 def test_initial_noise_is_per_sample():
@@ -61,7 +65,7 @@ def _run_both(cfg, plan, sched, shape=(2, 4, 8, 8), eps_fn=None):
 
 @pytest.mark.parametrize("steps", [8, 20])
 def test_dpm_solver_update_matches_diffusers(steps):
-    cfg = DPMSolverConfig()
+    cfg = DPMSolverSampler()
     plan = cfg.plan(steps)
     sched = cfg.scheduler()
     sched.set_timesteps(steps)
@@ -72,8 +76,8 @@ def test_dpm_solver_update_matches_diffusers(steps):
     assert float((ours - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 
-@pytest.mark.parametrize("cfg, seq", [(FlowMatchConfig(), None), (FlowMatchConfig(shift=3.0, schnell_sigmas=False), None),
-                                      (FlowMatchConfig(use_dynamic_shifting=True), 1024)])
+@pytest.mark.parametrize("cfg, seq", [(FlowMatchSampler(), None), (FlowMatchSampler(shift=3.0, schnell_sigmas=False), None),
+                                      (FlowMatchSampler(use_dynamic_shifting=True), 1024)])
 def test_flow_euler_update_matches_diffusers(cfg, seq):
     plan = cfg.plan(4, image_seq_len=seq)
     sched = cfg.scheduler()
@@ -86,11 +90,61 @@ def test_flow_euler_update_matches_diffusers(cfg, seq):
 
 def test_sampler_configs_reject_what_they_do_not_support():
     with pytest.raises(SamplerError, match="solver_order 2"):
-        DPMSolverConfig.from_scheduler_config({"solver_order": 3})
+        DPMSolverSampler.from_scheduler_config({"solver_order": 3})
     with pytest.raises(SamplerError, match="algorithm_type"):
-        DPMSolverConfig.from_scheduler_config({"algorithm_type": "sde-dpmsolver++"})
+        DPMSolverSampler.from_scheduler_config({"algorithm_type": "sde-dpmsolver++"})
     with pytest.raises(SamplerError, match="not supported"):
         sampler_config("heun", {})
-    assert FlowMatchConfig.from_scheduler_config({"flow_shift": 3.0, "prediction_type": "flow_prediction"}).shift == 3.0
+    assert FlowMatchSampler.from_scheduler_config({"flow_shift": 3.0, "prediction_type": "flow_prediction"}).shift == 3.0
     with pytest.raises(SamplerError, match="image token count"):
-        FlowMatchConfig(use_dynamic_shifting=True).plan(4)
+        FlowMatchSampler(use_dynamic_shifting=True).plan(4)
+
+
+@pytest.mark.parametrize("kind", sorted(SAMPLERS))
+def test_registered_samplers_implement_the_protocol(kind):
+    cls = SAMPLERS[kind]
+    assert issubclass(cls, Sampler) and not cls.__abstractmethods__ and cls.kind == kind
+    for name in ("kind", "state", "num_coefficients"):   # class attributes, not settings
+        assert name in vars(cls) and name not in cls.__dataclass_fields__
+    assert isinstance(cls.state, tuple) and all(isinstance(n, str) for n in cls.state)
+    sampler = cls()
+    assert isinstance(sampler, Sampler) and sampler_config(kind, {}) == sampler
+    plan = sampler.plan(5, image_seq_len=256)
+    assert plan.kind == kind and plan.timesteps.shape == (5,) and plan.timesteps.dtype == np.float32
+    assert plan.coefficients.shape == (5, cls.num_coefficients) and plan.coefficients.dtype == np.float32
+    # the plan's config is the sampler's settings: the sampler rebuilds from it
+    assert plan.config == asdict(sampler) and sampler_config(kind, plan.config) == sampler
+    assert cls.from_scheduler_config(plan.config) == sampler
+    x = torch.randn(1, 2, 3, 3)
+    out, state = sampler.update(x, 0.5 * x, torch.from_numpy(plan.coefficients[1]),
+                                [torch.zeros_like(x) for _ in cls.state])
+    assert out.shape == x.shape and len(state) == len(cls.state)
+    assert all(s.shape == x.shape for s in state)
+    assert type(sampler.scheduler()).__name__.endswith("Scheduler")
+
+
+@pytest.mark.parametrize("kind", sorted(SAMPLERS))
+def test_plan_round_trips_through_to_dict(kind):
+    import json
+
+    sampler = SAMPLERS[kind](**({"clip_sample": True, "clip_sample_range": 2.0} if kind == "ddim" else {}))
+    plan = sampler.plan(7, image_seq_len=256)
+    data = json.loads(json.dumps(plan.to_dict()))           # as the manifest stores it
+    back = SamplerPlan.from_dict(data)
+    assert back.kind == plan.kind and back.config == plan.config
+    np.testing.assert_array_equal(back.timesteps, plan.timesteps)
+    np.testing.assert_array_equal(back.coefficients, plan.coefficients)
+    assert back.timesteps.dtype == back.coefficients.dtype == np.float32
+    assert back.to_dict() == data
+    assert sampler_config(back.kind, back.config) == sampler   # e.g. DDIM's clipping comes from config
+
+
+def test_plan_from_dict_reads_exactly_its_keys():
+    data = DDIMSampler().plan(3).to_dict()
+    assert set(data) == {"kind", "timesteps", "coefficients", "config"}
+    with pytest.raises(SamplerError, match="unknown key.*clip_sample_range"):
+        SamplerPlan.from_dict({**data, "clip_sample_range": 1.0})   # the field older manifests wrote
+    with pytest.raises(SamplerError, match="missing key.*config"):
+        SamplerPlan.from_dict({k: v for k, v in data.items() if k != "config"})
+    with pytest.raises(SamplerError, match="JSON object"):
+        SamplerPlan.from_dict([data])

@@ -16,8 +16,13 @@ import sys
 from pathlib import Path
 
 import torch
+
+from diffsparse.builtin_schedules import toca_schedule
+from diffsparse.models.zoo import make_spec
+from diffsparse.schedule import Schedule, ScheduleError, provenance
 from diffsparse.train.losses import DistillLossConfig
-from diffsparse.train.trainer import TrainConfig
+from diffsparse.train.search import fewer_steps_schedule, fora_schedule, genetic_search, loss_fitness, random_search
+from diffsparse.train.trainer import ScheduleTrainer, TrainConfig
 
 log = logging.getLogger("dstrain")
 METHODS = ("diffsparse", "random", "genetic", "fora", "fewer-steps", "toca")
@@ -82,9 +87,6 @@ def _world() -> tuple[int, int]:
 
 
 def run(args) -> Path:
-    from diffsparse.builtin_schedules import toca_schedule
-    from diffsparse.models.zoo import make_spec
-
     cfg = config_from_args(args)
     rank, world = _world()
     device = args.device
@@ -96,13 +98,9 @@ def run(args) -> Path:
     if args.method == "toca":
         sched = toca_schedule(spec, cfg.num_steps, cfg.ratio)
     elif args.method in ("fora", "fewer-steps"):
-        from diffsparse.train.search import fewer_steps_schedule, fora_schedule
-
         make = fora_schedule if args.method == "fora" else fewer_steps_schedule
         sched = make(spec, cfg.num_steps, cfg.ratio)
     elif args.method == "diffsparse":
-        from diffsparse.train.trainer import ScheduleTrainer
-
         trainer = ScheduleTrainer(spec, cfg, work, world=(rank, world), device=device)
         if args.resume and trainer.resume():
             log.info("resumed from %s: stage %d, iteration %d", trainer.checkpoint_path(), trainer.state.stage,
@@ -118,22 +116,15 @@ def run(args) -> Path:
 
 
 def _search(spec, cfg: TrainConfig, args, device: str):
-    from diffsparse.train.search import genetic_search, loss_fitness, random_search
-    from diffsparse.train.trainer import ScheduleTrainer
-
-    from diffsparse.schedule import provenance
-
     trainer = ScheduleTrainer(spec, cfg, None, device=device)
     noise, cond = trainer._batch(0)
-    fitness = loss_fitness(trainer.sampler, trainer.loss_fn, noise, cond, trainer.cfg.guidance_scale)
+    fitness = loss_fitness(trainer.rollout, trainer.loss_fn, noise, cond, trainer.cfg.guidance_scale)
     shape = tuple(trainer.costs.layer_cost.shape)
     if args.method == "random":
         keep, best, trace = random_search(trainer.budget, trainer.units, shape, fitness, args.search_iterations, cfg.seed)
     else:
         keep, best, trace = genetic_search(trainer.budget, trainer.units, shape, fitness, args.population,
                                            args.generations, seed=cfg.seed, initial=[trainer.init_schedule.keep])
-    from diffsparse.schedule import Schedule
-
     sched = Schedule(family=spec.family, num_tokens=spec.num_tokens, layers=spec.layers, keep=keep,
                      candidates=trainer.candidates, selector=trainer.selector,
                      provenance=provenance(args.method, fitness="distillation loss on one batch",
@@ -147,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from diffsparse.schedule import ScheduleError
-
     try:
         run(args)
     except (ScheduleError, ValueError, FileNotFoundError, RuntimeError) as e:

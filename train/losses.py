@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from diffsparse.mnist.metrics import classifier_input, load_classifier, ssim_per_image
+
 
 @dataclass
 class DistillLossConfig:
@@ -33,14 +35,10 @@ class DistillLoss(nn.Module):
             raise ValueError("every distillation loss weight is 0: enable at least one of features, l2, ssim, lpips")
         self.classifier = None
         if cfg.features:
-            from diffsparse.calibrate.metrics import load_classifier
-
             self.classifier = load_classifier().requires_grad_(False).eval()
         self.lpips = _load_lpips(cfg.lpips_weights) if cfg.lpips else None
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        from diffsparse.calibrate.metrics import classifier_input, ssim_per_image
-
         teacher = teacher.detach()
         terms: dict[str, torch.Tensor] = {}
         if self.cfg.l2:

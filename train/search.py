@@ -123,13 +123,13 @@ def genetic_search(budget: Budget, units: int, shape: tuple[int, int, int], fitn
     return pop[i], float(scores[i]), trace
 
 
-def loss_fitness(sampler, loss_fn, latents: torch.Tensor, conditioning, guidance_scale: float) -> Fitness:
+def loss_fitness(rollout, loss_fn, latents: torch.Tensor, conditioning, guidance_scale: float) -> Fitness:
     """Fitness = distillation loss of an allocation on a fixed batch (teacher sampled once)."""
-    teacher = sampler.teacher(latents, conditioning, guidance_scale)
+    teacher = rollout.teacher(latents, conditioning, guidance_scale)
 
     @torch.no_grad()
     def fitness(keep) -> float:
-        student = sampler.sample(latents, conditioning, guidance_scale, sampler.weights_for(keep))
+        student = rollout.sample(latents, conditioning, guidance_scale, rollout.weights_for(keep))
         return float(loss_fn(student, teacher)[0])
 
     return fitness

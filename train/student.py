@@ -1,16 +1,18 @@
-"""Multi-step sampling through the masked (trainable) step: the student, and the dense teacher."""
+"""The training rollout: T steps through the masked (trainable) step, for the student and the dense
+teacher. (Not a `diffsparse.sampler.Sampler`: that is the per-step update this rollout runs inside
+each step; this is the loop over the steps.)"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from diffsparse.models.base import ModelSpec
+from diffsparse.models.base import ModelSpec, StepCall
 from diffsparse.sampler import SamplerPlan
 from diffsparse.schedule import SelectorConfig
 
 
-class ScheduleSampler:
+class ScheduleRollout:
     """Runs T steps of `spec.build_masked_step` with per-step candidate weights (T, L, |S|).
 
     The cache starts at zero and is carried in memory; gradients flow through every step (the
@@ -41,11 +43,9 @@ class ScheduleSampler:
     def sample(self, latents: torch.Tensor, conditioning: dict[str, np.ndarray], guidance_scale: float,
                weights: torch.Tensor) -> torch.Tensor:
         if weights.shape[0] != self.num_steps:
-            raise ValueError(f"weights cover {weights.shape[0]} steps, the sampler has {self.num_steps}")
-        from diffsparse.models.base import StepCall
-
+            raise ValueError(f"weights cover {weights.shape[0]} steps, the rollout has {self.num_steps}")
         x, dev = latents, latents.device
-        cache = [c.to(dev) for c in self.spec.zero_cache(self.selector)]
+        cache = self.spec.cache_layout(self.selector).zeros(dev)
         weights = weights.to(dev)
         for t in range(self.num_steps):
             call = StepCall(float(self.plan.timesteps[t]), self.plan.coefficients[t])

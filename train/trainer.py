@@ -36,8 +36,9 @@ from diffsparse.train.costs import (
     allocate_unified,
 )
 from diffsparse.train.losses import DistillLoss, DistillLossConfig
-from diffsparse.train.student import ScheduleSampler
+from diffsparse.train.student import ScheduleRollout
 
+from diffsparse.builtin_schedules import dense_schedule, toca_schedule
 from diffsparse.models.base import ModelSpec
 from diffsparse.sampler import initial_noise
 from diffsparse.schedule import Schedule, provenance
@@ -86,13 +87,11 @@ class TrainState:
 class ScheduleTrainer:
     def __init__(self, spec: ModelSpec, cfg: TrainConfig, out_dir: str | os.PathLike | None = None,
                  world: tuple[int, int] = (0, 1), device: str = "cpu") -> None:
-        from diffsparse.builtin_schedules import dense_schedule, toca_schedule
-
         if spec.batch_size != cfg.batch_size:
             raise ValueError(f"the model spec has batch size {spec.batch_size} but the config asks for "
                              f"{cfg.batch_size}; build the spec with batch_size=cfg.batch_size")
         if cfg.guidance_scale is None:
-            cfg = dataclasses.replace(cfg, guidance_scale=spec.default_guidance_scale)
+            cfg = dataclasses.replace(cfg, guidance_scale=spec.resolve_guidance_scale(None))
         self.spec, self.cfg = spec, cfg
         self.rank, self.world_size = world
         self.out_dir = Path(out_dir) if out_dir else None
@@ -110,7 +109,7 @@ class ScheduleTrainer:
         else:
             self.units = self.budget.units_for_ratio(spec, cfg.num_steps, cfg.ratio)
         self.num_full = cfg.num_full_steps or sum(self.init_schedule.full_steps)
-        self.sampler = ScheduleSampler(spec, spec.sampler_plan(cfg.num_steps), self.budget.token_counts, self.selector)
+        self.rollout = ScheduleRollout(spec, spec.sampler_plan(cfg.num_steps), self.budget.token_counts, self.selector)
         self.device = torch.device(device)
         spec.model.to(self.device)
         self.loss_fn = DistillLoss(cfg.loss).to(self.device)
@@ -162,7 +161,7 @@ class ScheduleTrainer:
 
     def _teacher_for(self, index: int, noise, cond) -> torch.Tensor:
         if index not in self._teacher:
-            self._teacher[index] = self.sampler.teacher(noise, cond, self.cfg.guidance_scale)
+            self._teacher[index] = self.rollout.teacher(noise, cond, self.cfg.guidance_scale)
         return self._teacher[index]
 
     def batches_per_epoch(self) -> int:
@@ -174,7 +173,7 @@ class ScheduleTrainer:
         noise, cond = self._batch(index)
         teacher = self._teacher_for(index, noise, cond)
         alloc = self.allocation()
-        student = self.sampler.sample(noise, cond, self.cfg.guidance_scale, alloc.weights)
+        student = self.rollout.sample(noise, cond, self.cfg.guidance_scale, alloc.weights)
         loss, terms = self.loss_fn(student, teacher)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

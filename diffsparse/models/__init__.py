@@ -1,5 +1,15 @@
-"""Model families: one spec per family (importing this package registers them)."""
+"""Model families: one spec per family. Importing this package imports every family module, which
+registers its spec; `spec_class` and `registered_families` answer from that registry."""
 
-# importing each family module registers its spec
-from diffsparse.models import dit, flux, pixart, wan  # noqa: F401
-from diffsparse.models.base import ModelSpec, StepCall, TensorSpec, spec_class  # noqa: F401
+from diffsparse.models import dit, flux, pixart, wan  # noqa: F401  (each registers its spec)
+from diffsparse.models.base import _REGISTRY, ModelSpec
+
+
+def registered_families() -> dict[str, type[ModelSpec]]:
+    return dict(_REGISTRY)
+
+
+def spec_class(family: str) -> type[ModelSpec]:
+    if family not in _REGISTRY:
+        raise KeyError(f"model family {family!r} is not supported; supported: {sorted(_REGISTRY)}")
+    return _REGISTRY[family]

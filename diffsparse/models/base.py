@@ -1,7 +1,8 @@
 """The per-model *spec*: one object per model family that drives export, buffer allocation and the
-runtime (the way TensorRT's demo/Diffusion `base_model.py` does): input names and shapes, cache
-buffers, the cached step module, MACs, sample inputs and the sampler. Nothing outside a spec
-branches on the model family.
+runtime (the way TensorRT's demo/Diffusion `base_model.py` does): input names and shapes, which
+cache entries each layer keeps (`cache_roles`; names and shapes are the cache layout's,
+diffsparse/cache_layout.py), the cached step module, MACs, sample inputs, the sampler and the
+default guidance scale. Nothing outside a spec branches on the model family.
 """
 
 from __future__ import annotations
@@ -12,50 +13,17 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from torch import nn
 
+from diffsparse.cache_layout import CacheLayout, Role
 from diffsparse.sampler import SamplerPlan, sampler_config
 from diffsparse.schedule import LayerRef, Schedule, SelectorConfig
-
-DTYPES = {"float32": (np.float32, torch.float32), "int64": (np.int64, torch.int64),
-          "int32": (np.int32, torch.int32), "float16": (np.float16, torch.float16)}
+from diffsparse.tensors import TensorSpec
 
 
 class SpecError(ValueError):
     """A model that cannot be set up as asked: an unknown or invalid option, an unsupported
     configuration, guidance on a guidance-distilled model."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A named, statically shaped tensor of a step graph."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-
-    @property
-    def numpy_dtype(self):
-        return DTYPES[self.dtype][0]
-
-    @property
-    def torch_dtype(self):
-        return DTYPES[self.dtype][1]
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(self.numpy_dtype).itemsize
-
-    def zeros(self) -> np.ndarray:
-        return np.zeros(self.shape, dtype=self.numpy_dtype)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
-        return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"])
 
 
 @dataclass(frozen=True)
@@ -111,6 +79,11 @@ class ModelSpec(abc.ABC):
         if self.sampler.kind != self.sampler_kind:
             raise SpecError(f"the {self.family} family samples with {self.sampler_kind!r}, not {self.sampler.kind!r}")
 
+    def resolve_guidance_scale(self, scale: float | None) -> float:
+        """The guidance scale to sample with: `scale`, or when None the model's default (the one
+        home of that rule: generation, evaluation, schedule training and export checks ask here)."""
+        return self.default_guidance_scale if scale is None else float(scale)
+
     def int_option(self, name: str) -> int:
         """A positive integer option (token counts, sizes), or SpecError naming it."""
         value = self.options[name]
@@ -120,8 +93,8 @@ class ModelSpec(abc.ABC):
 
     @classmethod
     def make_sampler(cls, scheduler_config: dict[str, Any]):
-        """This family's sampler config from a diffusers scheduler config (unsupported settings
-        raise SamplerError). Keys of other schedulers are ignored."""
+        """This family's sampler (diffsparse/sampler.py) from a diffusers scheduler config
+        (unsupported settings raise SamplerError). Keys of other schedulers are ignored."""
         return sampler_config(cls.sampler_kind, scheduler_config)
 
     # ---- structure -------------------------------------------------------------------------
@@ -183,36 +156,28 @@ class ModelSpec(abc.ABC):
         """Tokens the layer runs over (its K is out of these); most families: num_tokens."""
         return self.num_tokens
 
-    def layer_cache_buffers(self, selector: SelectorConfig) -> list[TensorSpec]:
-        """The token cache of the cacheable layers, for families whose layers all run over the
-        num_tokens tokens at width `self.dim`: per layer its ungated output (rows, N, D) and reuse
-        counts (batch, N); per SA its keys and values, plus the attention each token received when
-        the score reads it; per CA the attention entropy when λ2 weighs it; the layer input for the
-        cosine score."""
-        r, b, n, d = self.rows, self.batch_size, self.num_tokens, self.dim
+    def cache_roles(self, layer: LayerRef, selector: SelectorConfig) -> list[Role]:
+        """Which cache entries a cacheable layer keeps (diffsparse/cache_layout.py has their shapes):
+        every layer its ungated output and reuse counts; a self-attention layer its keys and values,
+        plus the attention each token received when the score reads it; a cross-attention layer
+        the attention entropy when λ2 weighs it; every layer its input for the cosine score."""
         l1, l2 = selector.lambdas[:2]
-        bufs: list[TensorSpec] = []
-        for layer in self.layers:
-            bufs.append(TensorSpec(f"out.{layer.name}", (r, n, d)))
-            bufs.append(TensorSpec(f"reuse.{layer.name}", (b, n)))
-            if layer.kind == "SA":
-                bufs.append(TensorSpec(f"key.{layer.name}", (r, n, d)))
-                bufs.append(TensorSpec(f"value.{layer.name}", (r, n, d)))
-                if selector.score == "attention" and l1 != 0.0:
-                    bufs.append(TensorSpec(f"recv.{layer.name}", (b, n)))
-            if layer.kind == "CA" and l2 != 0.0:
-                bufs.append(TensorSpec(f"ent.{layer.name}", (b, n)))
-            if selector.score == "cosine":
-                bufs.append(TensorSpec(f"inp.{layer.name}", (r, n, d)))
-        return bufs
+        roles = [Role.OUT, Role.REUSE]
+        if layer.kind == "SA":
+            roles += [Role.KEY, Role.VALUE]
+            if selector.score == "attention" and l1 != 0.0:
+                roles.append(Role.RECV)
+        if layer.kind == "CA" and l2 != 0.0:
+            roles.append(Role.ENT)
+        if selector.score == "cosine":
+            roles.append(Role.INP)
+        return roles
 
-    def cache_buffers(self, selector: SelectorConfig, layer_cache: bool = True) -> list[TensorSpec]:
+    def cache_layout(self, selector: SelectorConfig, layer_cache: bool = True) -> CacheLayout:
         """Every tensor carried from one step to the next: the layers' token cache (unless
         `layer_cache` is False: a schedule that never reuses tokens), then the sampler's state
         (multistep solvers)."""
-        shape = (self.batch_size, *self.latent_shape)
-        layers = self.layer_cache_buffers(selector) if layer_cache else []
-        return layers + [TensorSpec(f"sampler.{n}", shape) for n in self.sampler.state]
+        return CacheLayout.for_spec(self, selector, layer_cache)
 
     @abc.abstractmethod
     def conditioning_inputs(self) -> list[TensorSpec]:
@@ -312,26 +277,12 @@ class ModelSpec(abc.ABC):
     def check_schedule(self, schedule: Schedule, num_steps: int | None = None) -> None:
         schedule.check_fits(self.family, self.layers, self.num_tokens, num_steps, self.dense_keep())
 
-    def zero_cache(self, selector: SelectorConfig, layer_cache: bool = True) -> list[torch.Tensor]:
-        return [torch.zeros(b.shape, dtype=b.torch_dtype) for b in self.cache_buffers(selector, layer_cache)]
 
-
+#: family name -> spec class; filled as each family module is imported (diffsparse/models/__init__.py
+#: imports them all and answers lookups)
 _REGISTRY: dict[str, type[ModelSpec]] = {}
 
 
 def register(cls: type[ModelSpec]) -> type[ModelSpec]:
     _REGISTRY[cls.family] = cls
     return cls
-
-
-def registered_families() -> dict[str, type[ModelSpec]]:
-    import diffsparse.models  # noqa: F401  (imports every family module, which registers it)
-
-    return dict(_REGISTRY)
-
-
-def spec_class(family: str) -> type[ModelSpec]:
-    registered_families()
-    if family not in _REGISTRY:
-        raise KeyError(f"model family {family!r} is not supported; supported: {sorted(_REGISTRY)}")
-    return _REGISTRY[family]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from diffsparse import tokencache as tc
+from diffsparse.cache_layout import CARRIED_ROLES, Role
 from diffsparse.schedule import LayerRef, SelectorConfig
 
 
@@ -52,8 +53,11 @@ class CachedStep(nn.Module):
         self.keep = list(keep)
         self.selector = selector
         self.input_names = [t.name for t in spec.step_inputs()]
-        self.cache_names = [b.name for b in spec.cache_buffers(selector, layer_cache)]
-        self.sampler_names = [f"sampler.{n}" for n in spec.sampler.state]
+        #: which cache entries this step reads and writes (diffsparse/cache_layout.py): every
+        #: entry name below comes from it, and whether an entry exists is asked of it
+        self.cache = spec.cache_layout(selector, layer_cache)
+        self.cache_names = self.cache.names
+        self.sampler_names = self.cache.sampler_names
         self.halves = spec.halves
         self.layer_index = {layer: i for i, layer in enumerate(spec.layers)}
         self.eval()
@@ -116,6 +120,12 @@ class CachedStep(nn.Module):
         """Whether the layer's K is statically k (never in a universal step)."""
         return not self.dynamic_k and self.keep[index] == k
 
+    def _store(self, new: dict[str, torch.Tensor], role: Role, layer: LayerRef, value: torch.Tensor) -> None:
+        """Write the layer's new entry of `role`, if the cache keeps one (a dense step without the
+        layer cache keeps none)."""
+        if self.cache.has(role, layer):
+            new[self.cache.name(role, layer)] = value
+
     def _latest(self, key: str, state, new) -> torch.Tensor:
         return new.get(key, state[key])
 
@@ -123,38 +133,38 @@ class CachedStep(nn.Module):
                state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
         """The selector's score (B, N) of every token for this layer (higher = recompute first).
         `sa` is the self-attention layer whose signals (attention received, values) score it."""
-        sel = self.selector
+        sel, cache = self.selector, self.cache
+        reuse = state[cache.name(Role.REUSE, layer)]
         if sel.lambdas[0] == 0.0:
-            main = torch.zeros_like(state[f"reuse.{layer.name}"])
+            main = torch.zeros_like(reuse)
         elif sel.score == "attention":
-            main = self._latest(f"recv.{sa.name}", state, new)
+            main = self._latest(cache.name(Role.RECV, sa), state, new)
         elif sel.score == "value_norm":
-            main = tc.value_norm_score(self._latest(f"value.{sa.name}", state, new), self.halves)
+            main = tc.value_norm_score(self._latest(cache.name(Role.VALUE, sa), state, new), self.halves)
         elif sel.score == "l2norm":
             main = tc.token_norm_score(h, self.halves)
         else:
-            main = tc.token_change_score(h, state[f"inp.{layer.name}"], self.halves)
+            main = tc.token_change_score(h, state[cache.name(Role.INP, layer)], self.halves)
         entropy = None
-        ent_key = self._entropy_key(layer)
-        if sel.lambdas[1] != 0.0 and ent_key in state:
-            entropy = self._latest(ent_key, state, new)
-        return tc.composite_score(main, state[f"reuse.{layer.name}"], sel, self.spec.score_grid(layer),
-                                  entropy=entropy)
+        ent_layer = self._entropy_layer(layer)
+        if sel.lambdas[1] != 0.0 and cache.has(Role.ENT, ent_layer):
+            entropy = self._latest(cache.name(Role.ENT, ent_layer), state, new)
+        return tc.composite_score(main, reuse, sel, self.spec.score_grid(layer), entropy=entropy)
 
-    def _entropy_key(self, layer: LayerRef) -> str:
-        """The cache entry holding the cross-attention entropy s2 that scores this layer's tokens:
-        by default that of the block's cross-attention layer."""
-        return f"ent.{LayerRef(layer.block, 'CA').name}"
+    def _entropy_layer(self, layer: LayerRef) -> LayerRef:
+        """The layer whose cross-attention entropy s2 scores this layer's tokens: by default the
+        block's cross-attention layer (no score term where it keeps no entropy entry)."""
+        return LayerRef(layer.block, "CA")
 
     def _bookkeep(self, layer: LayerRef, h: torch.Tensor, idx: torch.Tensor | None, full: bool,
                   state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
         """Reuse counts and (for the cosine score) the cached layer input."""
-        if f"reuse.{layer.name}" not in state:  # no layer cache: nothing to keep
+        if not self.cache.has(Role.REUSE, layer):  # no layer cache: nothing to keep
             return
-        reuse = state[f"reuse.{layer.name}"]
-        new[f"reuse.{layer.name}"] = torch.zeros_like(reuse) if full else tc.next_reuse(reuse, idx)
-        if self.selector.score == "cosine":
-            key = f"inp.{layer.name}"
+        key = self.cache.name(Role.REUSE, layer)
+        new[key] = torch.zeros_like(state[key]) if full else tc.next_reuse(state[key], idx)
+        if self.cache.has(Role.INP, layer):
+            key = self.cache.name(Role.INP, layer)
             if full:
                 new[key] = h
             elif idx is None:
@@ -163,13 +173,12 @@ class CachedStep(nn.Module):
                 ridx = tc.rows_index(idx, self.halves)
                 new[key] = tc.scatter_tokens(state[key], ridx, tc.gather_tokens(h, ridx))
 
-    def _reuse_all(self, layer: LayerRef, h, state, new, keys=("out", "key", "value", "recv", "ent")) -> torch.Tensor:
-        """K = 0: every cached entry of the layer carries over unchanged."""
-        for key in keys:
-            if f"{key}.{layer.name}" in state:
-                new[f"{key}.{layer.name}"] = state[f"{key}.{layer.name}"]
+    def _reuse_all(self, layer: LayerRef, h, state, new, roles=CARRIED_ROLES) -> torch.Tensor:
+        """K = 0: the layer's cached entries of `roles` carry over unchanged."""
+        for key in self.cache.layer_entries(layer, roles):
+            new[key] = state[key]
         self._bookkeep(layer, h, None, False, state, new)
-        return state[f"out.{layer.name}"]
+        return state[self.cache.name(Role.OUT, layer)]
 
     # -- layers ------------------------------------------------------------------------------
     def _qkv(self, attn, x: torch.Tensor, ridx: torch.Tensor | None):
@@ -178,23 +187,26 @@ class CachedStep(nn.Module):
         return attn.to_q(x), attn.to_k(x), attn.to_v(x)
 
     def _self_attention(self, index, layer, attn, attn_in: Callable, h, state, new) -> torch.Tensor:
-        name = layer.name
+        cache = self.cache
         if self._is(index, 0):
             return self._reuse_all(layer, h, state, new)
         q, keys, values, idx, ridx = self._fresh_qkv(index, layer, attn, attn_in, h, state, new)
         # the attention map is materialised only when the selector reads it (attention received);
         # otherwise the attention runs fused
-        fresh, probs = self._attend(attn, q, keys, values, need_probs=f"recv.{name}" in state)
-        new[f"key.{name}"], new[f"value.{name}"] = keys, values
-        if f"recv.{name}" in state:
+        need_recv = cache.has(Role.RECV, layer)
+        fresh, probs = self._attend(attn, q, keys, values, need_probs=need_recv)
+        self._store(new, Role.KEY, layer, keys)
+        self._store(new, Role.VALUE, layer, values)
+        if need_recv:
+            recv_key = cache.name(Role.RECV, layer)
             if self.dynamic_k:  # K = 0 computes no queries: keep what was received before
                 count = self._k_count(index)
-                recv = torch.where(count > 0, tc.attention_received(probs, self.halves, count), state[f"recv.{name}"])
+                recv = torch.where(count > 0, tc.attention_received(probs, self.halves, count), state[recv_key])
             else:
                 recv = tc.attention_received(probs, self.halves)
-            new[f"recv.{name}"] = recv
-        out = fresh if idx is None else tc.scatter_tokens(state[f"out.{name}"], ridx, fresh)
-        new[f"out.{name}"] = out
+            new[recv_key] = recv
+        out = fresh if idx is None else tc.scatter_tokens(state[cache.name(Role.OUT, layer)], ridx, fresh)
+        self._store(new, Role.OUT, layer, out)
         self._bookkeep(layer, h, idx, idx is None, state, new)
         return out
 
@@ -202,15 +214,14 @@ class CachedStep(nn.Module):
         """Queries of the K selected tokens (all N when K = N) and every token's keys/values: the
         selected tokens' fresh ones scattered into the layer's key/value cache. Returns
         (q, keys, values, idx, ridx); idx/ridx None when all tokens were computed."""
-        name = layer.name
         if self._is(index, h.shape[1]):
             q, keys, values = self._qkv(attn, attn_in(h), None)
             return q, keys, values, None, None
         idx = self._select(index, layer, layer, h, state, new)
         ridx = tc.rows_index(idx, self.halves)
         q, fresh_k, fresh_v = self._qkv(attn, attn_in(tc.gather_tokens(h, ridx)), ridx)
-        keys = tc.scatter_tokens(state[f"key.{name}"], ridx, fresh_k)
-        values = tc.scatter_tokens(state[f"value.{name}"], ridx, fresh_v)
+        keys = tc.scatter_tokens(state[self.cache.name(Role.KEY, layer)], ridx, fresh_k)
+        values = tc.scatter_tokens(state[self.cache.name(Role.VALUE, layer)], ridx, fresh_v)
         return q, keys, values, idx, ridx
 
     def _attend(self, attn, q, keys, values, need_probs: bool = True, bias: torch.Tensor | None = None):
@@ -237,7 +248,6 @@ class CachedStep(nn.Module):
 
     def _token_layer(self, index, layer, sa, fn: Callable, fn_in: Callable, h, state, new) -> torch.Tensor:
         """A layer computed per token: out = fn(fn_in(h)) at the selected tokens, cache elsewhere."""
-        key = f"out.{layer.name}"
         if self._is(index, 0):
             return self._reuse_all(layer, h, state, new)
         if self._is(index, h.shape[1]):
@@ -246,8 +256,9 @@ class CachedStep(nn.Module):
         else:
             idx = self._select(index, layer, sa, h, state, new)
             ridx = tc.rows_index(idx, self.halves)
-            out = tc.scatter_tokens(state[key], ridx, fn(fn_in(tc.gather_tokens(h, ridx)), idx))
-        new[key] = out
+            cached = state[self.cache.name(Role.OUT, layer)]
+            out = tc.scatter_tokens(cached, ridx, fn(fn_in(tc.gather_tokens(h, ridx)), idx))
+        self._store(new, Role.OUT, layer, out)
         self._bookkeep(layer, h, idx, idx is None, state, new)
         return out
 
@@ -260,8 +271,8 @@ class CachedStep(nn.Module):
         (R, M, D_ctx); context_bias (R, 1, 1, M) masks padded text (0 or -inf). The text keys and
         values are the same at every step, but are recomputed per step: caching them across steps
         would make them graph inputs the runtime must fill."""
-        ent_key = f"ent.{layer.name}"
-        need_probs = ent_key in state
+        need_probs = self.cache.has(Role.ENT, layer)
+        ent_key = self.cache.name(Role.ENT, layer) if need_probs else None
         keys, values = attn.to_k(context), attn.to_v(context)
         entropy: list[torch.Tensor] = []
 

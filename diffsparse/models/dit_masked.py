@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from diffsparse import tokencache as tc
-from diffsparse.models.dit import DiTCachedStep
+from diffsparse.cache_layout import Role
+from diffsparse.models.dit_step import DiTCachedStep
 from diffsparse.schedule import LayerRef
 
 
@@ -58,29 +59,31 @@ class DiTMaskedStep(DiTCachedStep):
         return tc.rows_index(m, self.halves).unsqueeze(-1)
 
     def _bookkeep_mask(self, layer: LayerRef, h, hard, state, new) -> None:
-        reuse = state[f"reuse.{layer.name}"]
-        new[f"reuse.{layer.name}"] = (reuse + 1.0) * (1.0 - hard)
-        if self.selector.score == "cosine":
-            key = f"inp.{layer.name}"
+        key = self.cache.name(Role.REUSE, layer)
+        new[key] = (state[key] + 1.0) * (1.0 - hard)
+        if self.cache.has(Role.INP, layer):
+            key = self.cache.name(Role.INP, layer)
             hr = self._rows(hard)
             new[key] = hr * h.detach() + (1.0 - hr) * state[key]
 
     # -- layers --------------------------------------------------------------------------------
     def _self_attention(self, index, layer, attn, attn_in, h, state, new) -> torch.Tensor:
-        name = layer.name
+        cache = self.cache
+        key_k, key_v, key_out = (cache.name(role, layer) for role in (Role.KEY, Role.VALUE, Role.OUT))
         m = self._mask(index, layer, layer, h, state, new)
         hard = (m.detach() > 0.5).to(h.dtype)
         mr = self._rows(m)
         x = attn_in(h)
-        keys = mr * attn.to_k(x) + (1.0 - mr) * state[f"key.{name}"]
-        values = mr * attn.to_v(x) + (1.0 - mr) * state[f"value.{name}"]
+        keys = mr * attn.to_k(x) + (1.0 - mr) * state[key_k]
+        values = mr * attn.to_v(x) + (1.0 - mr) * state[key_v]
         # the same attention kernel as the exported step: explicit only when the score reads the map
-        fresh, probs = self._attend(attn, attn.to_q(x), keys, values,
-                                    need_probs=f"recv.{name}" in state)
-        out = mr * fresh + (1.0 - mr) * state[f"out.{name}"]
-        new[f"key.{name}"], new[f"value.{name}"], new[f"out.{name}"] = keys, values, out
-        if self.selector.score == "attention":
-            new[f"recv.{name}"] = self._received(probs.detach(), hard, state[f"recv.{name}"])
+        need_recv = cache.has(Role.RECV, layer)
+        fresh, probs = self._attend(attn, attn.to_q(x), keys, values, need_probs=need_recv)
+        out = mr * fresh + (1.0 - mr) * state[key_out]
+        new[key_k], new[key_v], new[key_out] = keys, values, out
+        if need_recv:
+            key_recv = cache.name(Role.RECV, layer)
+            new[key_recv] = self._received(probs.detach(), hard, state[key_recv])
         self._bookkeep_mask(layer, h, hard, state, new)
         return out
 
@@ -97,7 +100,7 @@ class DiTMaskedStep(DiTCachedStep):
         return torch.where(some, recv, previous)
 
     def _mlp(self, index, layer, sa, ff, mlp_in, h, state, new) -> torch.Tensor:
-        key = f"out.{layer.name}"
+        key = self.cache.name(Role.OUT, layer)
         m = self._mask(index, layer, sa, h, state, new)
         hard = (m.detach() > 0.5).to(h.dtype)
         mr = self._rows(m)

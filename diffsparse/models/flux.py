@@ -55,7 +55,9 @@ from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 from diffsparse import tokencache as tc
-from diffsparse.models.base import ModelSpec, SpecError, TensorSpec, register
+from diffsparse.cache_layout import Role
+from diffsparse.models.base import ModelSpec, SpecError, register
+from diffsparse.tensors import TensorSpec
 from diffsparse.models.cached import CachedStep
 from diffsparse.schedule import LayerRef, SelectorConfig
 
@@ -145,25 +147,21 @@ class FluxSpec(ModelSpec):
             raise NotImplementedError("the value_norm score is not yet supported for FLUX (its text MLP has no "
                                       "cached values); use attention, l2norm or cosine")
 
-    def layer_cache_buffers(self, selector: SelectorConfig) -> list[TensorSpec]:
+    def cache_roles(self, layer: LayerRef, selector: SelectorConfig) -> list[Role]:
+        """FLUX's joint attention runs over text and image tokens at once: the self-attention layer
+        keeps the image tokens' keys and values and the text-attention entropy (s2); it writes the
+        attention received (s1) of both its image tokens and the text tokens (the text MLP's)."""
         self._check_selector(selector)
-        r, b, d = self.rows, self.batch_size, self.dim
-        recv = selector.score == "attention" and selector.lambdas[0] != 0.0
-        bufs: list[TensorSpec] = []
-        for layer in self.layers:
-            n = self.layer_tokens(layer)
-            bufs.append(TensorSpec(f"out.{layer.name}", (r, n, d)))
-            bufs.append(TensorSpec(f"reuse.{layer.name}", (b, n)))
-            if layer.kind == "SA":
-                bufs.append(TensorSpec(f"key.{layer.name}", (r, n, d)))
-                bufs.append(TensorSpec(f"value.{layer.name}", (r, n, d)))
-                if selector.lambdas[1] != 0.0:
-                    bufs.append(TensorSpec(f"ent.{layer.name}", (b, n)))
-            if recv and layer.kind in ("SA", "TMLP"):  # written by the block's joint attention
-                bufs.append(TensorSpec(f"recv.{layer.name}", (b, n)))
-            if selector.score == "cosine":
-                bufs.append(TensorSpec(f"inp.{layer.name}", (r, n, d)))
-        return bufs
+        roles = [Role.OUT, Role.REUSE]
+        if layer.kind == "SA":
+            roles += [Role.KEY, Role.VALUE]
+            if selector.lambdas[1] != 0.0:
+                roles.append(Role.ENT)
+        if selector.score == "attention" and selector.lambdas[0] != 0.0 and layer.kind in ("SA", "TMLP"):
+            roles.append(Role.RECV)
+        if selector.score == "cosine":
+            roles.append(Role.INP)
+        return roles
 
     def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True) -> nn.Module:
         self._check_selector(selector)
@@ -219,10 +217,10 @@ class FluxCachedStep(CachedStep):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     # -- helpers -----------------------------------------------------------------------------
-    def _entropy_key(self, layer: LayerRef) -> str:
+    def _entropy_layer(self, layer: LayerRef) -> LayerRef:
         if layer.kind == "TMLP":
-            return f"ent.{layer.name}"  # no such entry: text tokens have no text-attention entropy
-        return f"ent.{LayerRef(min(layer.block, self.spec.num_double - 1), 'SA').name}"
+            return layer  # keeps no entropy entry: text tokens have no text-attention entropy
+        return LayerRef(min(layer.block, self.spec.num_double - 1), "SA")
 
     def _rotary_qkv(self, x, to_qkv, norms, cos, sin):
         """Projected q, k (per-head RMS-normed, rotated) and v (R, M, D) of the tokens x (R, M, D).
@@ -251,7 +249,7 @@ class FluxCachedStep(CachedStep):
     def _joint_attention(self, index, layer, attn, img_in, txt_in, h, c, state, new):
         """Double-stream attention -> (image output (R, N, D), text output (R, T, D)), both ungated."""
         t = c.shape[1]
-        name = layer.name
+        cache = self.cache
         tq, tk, tv = self._rotary_qkv(txt_in(c), (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
                                       (attn.norm_added_q, attn.norm_added_k), self.rope_cos[:t], self.rope_sin[:t])
         idx = ridx = None
@@ -259,21 +257,24 @@ class FluxCachedStep(CachedStep):
         # A universal step takes the general path, which with K = 0 at run time gives the same.
         reuse_all = self._is(index, 0)
         if reuse_all:
-            img_out = self._reuse_all(layer, h, state, new, keys=("out", "key", "value", "ent"))
-            q, keys, values = tq, state[f"key.{name}"], state[f"value.{name}"]
+            # attention received is rewritten below from the text queries
+            img_out = self._reuse_all(layer, h, state, new, roles=(Role.OUT, Role.KEY, Role.VALUE, Role.ENT))
+            q, keys, values = tq, state[cache.name(Role.KEY, layer)], state[cache.name(Role.VALUE, layer)]
         else:
             iq, keys, values, idx, ridx = self._fresh_qkv(index, layer, attn, img_in, h, state, new)
-            new[f"key.{name}"], new[f"value.{name}"] = keys, values
+            self._store(new, Role.KEY, layer, keys)
+            self._store(new, Role.VALUE, layer, values)
             q = torch.cat([tq, iq], dim=1)
-        ent_key, recv_key = f"ent.{name}", f"recv.{name}"
-        need_probs = (not reuse_all and ent_key in state) or recv_key in state
+        has_ent, has_recv = cache.has(Role.ENT, layer), cache.has(Role.RECV, layer)
+        need_probs = (not reuse_all and has_ent) or has_recv
         o, probs = self._attend(self.heads, q, torch.cat([tk, keys], 1), torch.cat([tv, values], 1), need_probs)
         txt_out = attn.to_add_out(o[:, :t])
         if not reuse_all:
             fresh = attn.to_out[0](o[:, t:])
-            img_out = fresh if idx is None else tc.scatter_tokens(state[f"out.{name}"], ridx, fresh)
-            new[f"out.{name}"] = img_out
-            if ent_key in state:
+            img_out = fresh if idx is None else tc.scatter_tokens(state[cache.name(Role.OUT, layer)], ridx, fresh)
+            self._store(new, Role.OUT, layer, img_out)
+            if has_ent:
+                ent_key = cache.name(Role.ENT, layer)
                 # over every query, then the image rows: with K = 0 at run time (universal step)
                 # ONNX Runtime's reductions of an empty tensor keep the reduced axis
                 to_text = probs[..., :t]
@@ -281,11 +282,12 @@ class FluxCachedStep(CachedStep):
                 new[ent_key] = ent if idx is None else tc.scatter_tokens(
                     state[ent_key].unsqueeze(-1), idx, ent.unsqueeze(-1)).squeeze(-1)
             self._bookkeep(layer, h, idx, idx is None, state, new)
-        if recv_key in state:
+        if has_recv:
             # the query count as a tensor in a universal step (text queries + K read off the carrier)
             count = (self._k_count(index) + t) if self.dynamic_k else None
             received = tc.attention_received(probs, self.halves, count)
-            new[recv_key], new[f"recv.{LayerRef(layer.block, 'TMLP').name}"] = received[:, t:], received[:, :t]
+            text_mlp = LayerRef(layer.block, "TMLP")
+            new[cache.name(Role.RECV, layer)], new[cache.name(Role.RECV, text_mlp)] = received[:, t:], received[:, :t]
         return img_out, txt_out
 
     def _double_block(self, b, block, h, c, temb, state, new):

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffsparse.models.base import ModelSpec, TensorSpec, register
+from diffsparse.models.base import ModelSpec, register
+from diffsparse.tensors import TensorSpec
 from diffsparse.models.cached import CachedStep
 from diffsparse.schedule import LayerRef, SelectorConfig
 

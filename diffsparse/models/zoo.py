@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from diffsparse.models import lazy
-from diffsparse.models.base import ModelSpec, registered_families, spec_class
+from diffsparse.models import registered_families, spec_class
+from diffsparse.models.base import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ BUILTINS: dict[str, BuiltinModel] = {
     "mnist-dit": BuiltinModel(
         "dit", "DiTTransformer2DModel", folder="mnist-dit", guidance_scale=1.75,  # lowest FID of the README's sweep
         description="class-conditional pixel-space DiT trained on MNIST (32x32, patch 2 = 256 tokens, "
-                    "6 blocks, width 96); trained by diffsparse.train.mnist_dit"),
+                    "6 blocks, width 96); trained by diffsparse.mnist.recipe"),
     "dit-tiny": BuiltinModel(
         "dit", "DiTTransformer2DModel",
         dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=2,

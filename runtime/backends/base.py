@@ -13,7 +13,7 @@ import abc
 
 import numpy as np
 
-from diffsparse.models.base import TensorSpec
+from diffsparse.tensors import TensorSpec
 
 
 class BackendError(RuntimeError):

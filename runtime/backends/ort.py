@@ -17,7 +17,10 @@ import os
 
 import numpy as np
 import onnx
+
+from diffsparse.cache_layout import output_name
 from diffsparse.runtime.backends.base import Backend, BackendError, check_latent
+from diffsparse.runtime.backends.select import check_ort_device
 from diffsparse.runtime.bundle import Bundle
 
 log = logging.getLogger(__name__)
@@ -56,9 +59,7 @@ class OrtBackend(Backend):
         self.bundle = bundle
         if device not in ("cpu", "cuda"):
             raise BackendError(f"onnxruntime device must be 'cpu' or 'cuda', got {device!r}")
-        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BackendError("onnxruntime on CUDA needs onnxruntime-gpu: pip uninstall onnxruntime && "
-                               "pip install onnxruntime-gpu (the two packages share a module name: never both)")
+        check_ort_device(device)
         self._device = device
         self.device_id = device_id
         self.threads = threads
@@ -66,7 +67,7 @@ class OrtBackend(Backend):
         m = bundle.manifest
         self.inputs = {t.name: t for t in m.inputs}
         self.latent_spec = m.inputs[0]
-        self.cache_specs = m.cache
+        self.cache_specs = m.cache.tensors
         self.output_latent = m.outputs[0].name
 
     @property
@@ -150,7 +151,7 @@ class OrtBackend(Backend):
         for spec in self.cache_specs:
             if spec.name in declared:
                 binding.bind_ortvalue_input(spec.name, src[spec.name])
-            binding.bind_ortvalue_output(f"next.{spec.name}", dst[spec.name])
+            binding.bind_ortvalue_output(output_name(spec.name), dst[spec.name])
         self.sessions[graph].run_with_iobinding(binding, self._run_options)
         self._last_binding = binding
         self._src = 1 - self._src

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 
+import onnxruntime
+import torch
+
 from diffsparse.runtime.backends.base import BackendError
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
@@ -12,8 +15,6 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -22,9 +23,14 @@ def tensorrt_installed() -> bool:
 
 
 def ort_providers() -> list[str]:
-    import onnxruntime
-
     return list(onnxruntime.get_available_providers())
+
+
+def check_ort_device(device: str) -> None:
+    """BackendError with the fix when ONNX Runtime cannot run on `device` here."""
+    if device == "cuda" and "CUDAExecutionProvider" not in ort_providers():
+        raise BackendError("onnxruntime on CUDA needs onnxruntime-gpu: pip uninstall onnxruntime && "
+                           "pip install onnxruntime-gpu (the two packages share a module name: never both)")
 
 
 def resolve(backend: str, device: str) -> tuple[str, str]:
@@ -52,7 +58,6 @@ def resolve(backend: str, device: str) -> tuple[str, str]:
         if device != "cuda" or not cuda_available():
             raise BackendError("the tensorrt backend runs on CUDA only: use device='cuda' on a machine with an "
                                "NVIDIA GPU and a CUDA build of torch")
-    if backend == "onnxruntime" and device == "cuda" and "CUDAExecutionProvider" not in ort_providers():
-        raise BackendError("onnxruntime on CUDA needs onnxruntime-gpu: pip uninstall onnxruntime && "
-                           "pip install onnxruntime-gpu (the two packages share a module name: never both)")
+    if backend == "onnxruntime":
+        check_ort_device(device)
     return backend, device

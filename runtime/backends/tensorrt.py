@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 
 import torch
-from diffsparse.export.tensorrt import current_engine_key
-from diffsparse.export.universal import carrier_name
+
+from diffsparse.bundle_format import EngineUnavailable, current_engine_key
+from diffsparse.cache_layout import carrier_name, is_carrier, output_name
 from diffsparse.runtime.backends.base import BackendError
 from diffsparse.runtime.backends.torch_backend import TorchBackend
 from diffsparse.runtime.bundle import Bundle
@@ -28,11 +29,10 @@ log = logging.getLogger(__name__)
 
 def find_engine(bundle: Bundle, key: str) -> dict:
     """The manifest entry of the engine built for `key`, or BackendError saying what was built."""
-    engines = bundle.manifest.engines
-    for entry in engines:
-        if entry["key"] == key:
-            return entry
-    built = ", ".join(e["key"] for e in engines) or "none"
+    entry = bundle.manifest.engine(key)
+    if entry is not None:
+        return entry
+    built = ", ".join(e["key"] for e in bundle.manifest.engines) or "none"
     raise BackendError(f"bundle {bundle.folder} has no TensorRT engine for this machine ({key}); it has: {built}. "
                        "Engines only run on the TensorRT version and GPU model they were built with: rebuild "
                        "with dsexport --tensorrt on this machine")
@@ -42,12 +42,20 @@ class TensorRTBackend(TorchBackend):
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle, device: str = "cuda") -> None:
-        super().__init__(bundle.spec, bundle.schedule, device=device, static=True, cuda_graphs=True)
+        # the engine holds the weights: the spec is only the model's structure
+        super().__init__(bundle.spec, bundle.schedule, device=device, static=True, cuda_graphs=True,
+                         layer_cache=bundle.manifest.layer_cache)
+        if self.cache_layout != bundle.manifest.cache:
+            raise BackendError(f"bundle {bundle.folder}: its cache layout is not the one this diffsparse builds for "
+                               "its model and schedule; re-export the bundle")
         self.bundle = bundle
-        self.engine_entry = find_engine(bundle, current_engine_key())
+        try:
+            self.engine_entry = find_engine(bundle, current_engine_key())
+        except EngineUnavailable as e:
+            raise BackendError(str(e)) from None
 
     def load(self) -> None:
-        import tensorrt as trt
+        import tensorrt as trt  # optional heavy dependency, present on GPU machines only
 
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         data = (self.bundle.folder / self.engine_entry["file"]).read_bytes()
@@ -73,10 +81,10 @@ class TensorRTBackend(TorchBackend):
         names = [self.latent_spec.name] + [s.name for s in self.cache_specs]
         addresses = {**{n: t.data_ptr() for n, t in self._inputs.items()},
                      **dict(zip(names, (t.data_ptr() for t in src))),
-                     "next_latent": dst[0].data_ptr(),
-                     **{f"next.{s.name}": t.data_ptr() for s, t in zip(self.cache_specs, dst[1:])}}
+                     self.bundle.manifest.outputs[0].name: dst[0].data_ptr(),
+                     **{output_name(s.name): t.data_ptr() for s, t in zip(self.cache_specs, dst[1:])}}
         for name in self._io:
-            ptr = self._zeros.data_ptr() if name.startswith("k.") else addresses.get(name)
+            ptr = self._zeros.data_ptr() if is_carrier(name) else addresses.get(name)
             if ptr is None:
                 raise BackendError(f"the engine has an input or output {name!r} the bundle does not describe")
             ctx.set_tensor_address(name, ptr)

@@ -22,9 +22,10 @@ import logging
 
 import numpy as np
 import torch
-from diffsparse.runtime.backends.base import Backend, BackendError, check_latent
 
+from diffsparse.bundle_format import needs_layer_cache
 from diffsparse.models.base import ModelSpec
+from diffsparse.runtime.backends.base import Backend, BackendError, check_latent
 from diffsparse.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, spec: ModelSpec, schedule: Schedule, device: str = "cpu", dtype: str = "float32",
-                 static: bool = True, cuda_graphs: bool | None = None) -> None:
+                 static: bool = True, cuda_graphs: bool | None = None, layer_cache: bool | None = None) -> None:
+        """layer_cache: whether the steps carry the layer cache; None = the bundle rule for this
+        schedule (`bundle_format.needs_layer_cache`); a bundle's backend passes its manifest's."""
         super().__init__()
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError("the torch backend was asked for CUDA but torch.cuda.is_available() is False: "
@@ -55,9 +58,9 @@ class TorchBackend(Backend):
             raise BackendError("CUDA graphs need static buffers (static=True)")
         self.input_specs = spec.step_inputs()
         self.latent_spec = self.input_specs[0]
-        # a schedule that never reuses runs the plain model: no layer cache to carry
-        self.layer_cache = schedule.reuses_tokens
-        self.cache_specs = spec.cache_buffers(schedule.selector, self.layer_cache)
+        self.layer_cache = needs_layer_cache(schedule) if layer_cache is None else layer_cache
+        self.cache_layout = spec.cache_layout(schedule.selector, self.layer_cache)
+        self.cache_specs = self.cache_layout.tensors
 
     @property
     def device(self) -> str:

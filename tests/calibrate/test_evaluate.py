@@ -3,12 +3,14 @@
 import json
 
 import pytest
+from diffsparse.calibrate import evaluate as evaluate_module
 from diffsparse.calibrate.evaluate import EvalConfig, evaluate_bundle
 from diffsparse.calibrate.evaluate import main as dseval
 from diffsparse.export.bundle import ExportConfig, export_bundle
-from diffsparse.train.mnist_dit import MnistDiTConfig, build_model, package_model
 
 from diffsparse.builtin_schedules import dense_schedule, toca_schedule
+from diffsparse.mnist import metrics
+from diffsparse.mnist.recipe import MnistDiTConfig, build_model, package_model
 from diffsparse.models.zoo import make_spec
 
 
@@ -44,3 +46,19 @@ def test_dseval_cli_writes_json(mnist_like_bundles, tmp_path, capsys):
     assert json.loads(out.read_text())["n"] == 10
     assert dseval([str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_dseval_checks_the_classifier_before_generating(monkeypatch, tmp_path, capsys):
+    """A missing digit-recognizer-py fails at once, naming the install command, not after sampling."""
+    def missing():
+        raise metrics.ClassifierUnavailable(f"not installed; install it with: {metrics.INSTALL_HINT}")
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a pipeline was built before the classifier check")
+
+    monkeypatch.setattr(metrics, "classifier_weights_path", missing)
+    monkeypatch.setattr(evaluate_module.Pipeline, "from_bundle", no_generation)
+    with pytest.raises(metrics.ClassifierUnavailable, match="pip install --no-deps digit-recognizer-py"):
+        evaluate_bundle(tmp_path / "any-bundle", cfg=EvalConfig(n_per_class=1))
+    assert dseval([str(tmp_path / "any-bundle")]) == 2
+    assert "pip install --no-deps digit-recognizer-py" in capsys.readouterr().err

@@ -6,11 +6,12 @@ import numpy as np
 import onnx
 import pytest
 from diffsparse.export.bundle import ExportConfig, ExportError, export_bundle
-from diffsparse.export.trt_compat import TOPK_MAX, tensorrt_problems
+from diffsparse.export.trt_compat import tensorrt_problems
+from diffsparse.tokencache import TOPK_LIMIT
 from diffsparse.export.verify import verify_graphs
 from onnx import TensorProto, helper
 
-from diffsparse.manifest import Manifest
+from diffsparse.manifest import VERSION, Manifest
 
 
 def test_every_graph_matches_pytorch(tiny_bundles, tiny_spec):
@@ -35,8 +36,8 @@ def test_dense_bundle_is_the_plain_model(tiny_bundles, tiny_spec):
     """A schedule that never reuses exports graphs without the layer cache: the dense baseline
     pays nothing for caching (no cache outputs, no attention map for token scores)."""
     dense, toca = Manifest.load(tiny_bundles["dense"]), Manifest.load(tiny_bundles["toca"])
-    assert not dense.layer_cache and dense.cache == []
-    assert toca.layer_cache and len(toca.cache) == len(tiny_spec.cache_buffers(toca.schedule.selector))
+    assert not dense.layer_cache and len(dense.cache) == 0
+    assert toca.layer_cache and toca.cache == tiny_spec.cache_layout(toca.schedule.selector)
     model = onnx.load(str(tiny_bundles["dense"] / dense.graphs[0].file), load_external_data=False)
     assert [o.name for o in model.graph.output] == ["next_latent"]
     assert not {"TopK", "ScatterElements", "GatherElements"} & set(dense.graphs[0].ops)
@@ -50,7 +51,7 @@ def test_manifest_without_layer_cache_for_a_sparse_schedule_is_refused(tiny_bund
     folder = tmp_path / "b"
     shutil.copytree(tiny_bundles["toca"], folder)
     data = json.loads((folder / "manifest.json").read_text())
-    data["layer_cache"] = False
+    data["cache"] = [c for c in data["cache"] if c["name"].startswith("sampler.")]  # no layer entries
     (folder / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(BundleError, match="reuses tokens but the bundle records no layer cache"):
         Manifest.load(folder, verify=False)
@@ -92,9 +93,9 @@ def _graph(nodes, inputs, outputs, inits=()):
 
 def test_tensorrt_check_catches_violations():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5000])
-    k = helper.make_tensor("k", TensorProto.INT64, [1], [TOPK_MAX + 1])
-    vals = helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, TOPK_MAX + 1])
-    idx = helper.make_tensor_value_info("i", TensorProto.INT64, [1, TOPK_MAX + 1])
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [TOPK_LIMIT + 1])
+    vals = helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, TOPK_LIMIT + 1])
+    idx = helper.make_tensor_value_info("i", TensorProto.INT64, [1, TOPK_LIMIT + 1])
     model = _graph([helper.make_node("TopK", ["x", "k"], ["v", "i"])], [x], [vals, idx], [k])
     assert any("K=3841" in p for p in tensorrt_problems(model))
 
@@ -148,7 +149,7 @@ def test_parity_failure_stops_the_export(tmp_path, tiny_spec, tiny_schedules, mo
 
 def test_manifest_records_what_the_runtime_needs(tiny_bundles):
     data = json.loads((tiny_bundles["toca"] / "manifest.json").read_text())
-    assert data["format"] == "diffsparse-bundle" and data["version"] == 1
+    assert data["format"] == "diffsparse-bundle" and data["version"] == VERSION
     assert data["schedule"]["format"] == "diffsparse-schedule"
     assert len(data["sampler"]["timesteps"]) == data["schedule"]["num_steps"]
     assert [i["name"] for i in data["inputs"]][:2] == ["latent", "timestep"]

@@ -4,7 +4,6 @@ import importlib.util
 
 import onnxruntime as ort
 import pytest
-from diffsparse.export.onnx_export import next_name
 from diffsparse.export.universal import export_universal_step, k_carriers
 from diffsparse.export.verify import _run_torch, compare, reference_inputs
 
@@ -31,8 +30,8 @@ def test_universal_graph_matches_every_step(model, tiny_bundles, tmp_path):
     sched = toca_schedule(spec, 6, 0.5, full_every=3, selector=selector)
     manifest.schedule, manifest.sampler = sched, spec.sampler_plan(6)
     feeds = reference_inputs(spec, manifest)
-    in_names = [t.name for t in spec.step_inputs()] + [c.name for c in spec.cache_buffers(selector)]
-    out_names = [t.name for t in spec.step_outputs()] + [next_name(c.name) for c in spec.cache_buffers(selector)]
+    in_names = [t.name for t in spec.step_inputs()] + spec.cache_layout(selector).names
+    out_names = [t.name for t in spec.step_outputs()] + spec.cache_layout(selector).output_names
     n = spec.dense_keep()
     patterns = [n, [0] * len(n), [k // 4 for k in n], [0 if i % 2 else k for i, k in enumerate(n)],
                 *[list(r) for r in sched.distinct_signatures()]]
@@ -49,7 +48,8 @@ def test_tensorrt_engine_keys_profiles_and_errors(tiny_bundles, tiny_spec, tiny_
     """What can be checked without TensorRT: engine keys, one static profile per distinct step,
     a clear error when building or loading is not possible here."""
     from diffsparse.export.bundle import ExportConfig, ExportError, export_bundle
-    from diffsparse.export.tensorrt import engine_key, step_profiles
+    from diffsparse.bundle_format import engine_key
+    from diffsparse.export.tensorrt import step_profiles
     from diffsparse.runtime import BackendError
     from diffsparse.runtime.backends.tensorrt import find_engine
     from diffsparse.runtime.bundle import Bundle

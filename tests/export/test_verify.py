@@ -3,15 +3,15 @@
 import numpy as np
 import pytest
 import torch
-from diffsparse.export.onnx_export import next_name
 from diffsparse.export.verify import SelectionMismatch, _run_torch, check_ties, graph_selection, reference_inputs
 
+from diffsparse.cache_layout import Role, output_name
 from diffsparse.manifest import Manifest
 
 
 def _names(manifest):
-    return ([s.name for s in manifest.inputs] + [c.name for c in manifest.cache],
-            [s.name for s in manifest.outputs] + [next_name(c.name) for c in manifest.cache])
+    return ([s.name for s in manifest.inputs] + manifest.cache.names,
+            [s.name for s in manifest.outputs] + manifest.cache.output_names)
 
 
 def test_an_imposed_selection_is_what_the_step_computes(tiny_bundles, tiny_spec):
@@ -22,7 +22,7 @@ def test_an_imposed_selection_is_what_the_step_computes(tiny_bundles, tiny_spec)
     in_names, out_names = _names(m)
     step = tiny_spec.build_step(g.keep, m.schedule.selector)
     step.record_scores = {}
-    own = graph_selection(tiny_spec, g.keep, _run_torch(step, feeds, in_names, out_names))
+    own = graph_selection(tiny_spec, g.keep, _run_torch(step, feeds, in_names, out_names), m.cache)
     assert own and set(own) == set(step.record_scores)
     i = min(own)
     # swap the lowest-scoring selected token of sample 0 for the best unselected one
@@ -34,7 +34,7 @@ def test_an_imposed_selection_is_what_the_step_computes(tiny_bundles, tiny_spec)
     swapped[i][0, chosen.index(worst)] = out
     step.forced_selection = {k: torch.from_numpy(v) for k, v in swapped.items()}
     outputs = _run_torch(step, feeds, in_names, out_names)
-    back = graph_selection(tiny_spec, g.keep, outputs)
+    back = graph_selection(tiny_spec, g.keep, outputs, m.cache)
     assert sorted(back[i][0].tolist()) == sorted(swapped[i][0].tolist())
     gap = float(scores[worst] - scores[out])
     assert gap > 0
@@ -58,8 +58,9 @@ def test_reuse_counts_must_show_k_recomputed_tokens(tiny_spec):
     keep = [2] + [tiny_spec.num_tokens] * (len(tiny_spec.layers) - 1)
     reuse = np.ones((1, tiny_spec.num_tokens), np.float32)
     reuse[0, [4, 9]] = 0
-    name = next_name(f"reuse.{tiny_spec.layers[0].name}")
-    assert graph_selection(tiny_spec, keep, {name: reuse})[0].tolist() == [[4, 9]]
+    layout = tiny_spec.cache_layout(tiny_spec.default_selector())
+    name = output_name(layout.name(Role.REUSE, tiny_spec.layers[0]))
+    assert graph_selection(tiny_spec, keep, {name: reuse}, layout)[0].tolist() == [[4, 9]]
     reuse[0, 11] = 0
     with pytest.raises(SelectionMismatch, match="recomputed \\[3\\] tokens, not K=2"):
-        graph_selection(tiny_spec, keep, {name: reuse})
+        graph_selection(tiny_spec, keep, {name: reuse}, layout)

@@ -24,9 +24,9 @@ def test_dense_step_without_layer_cache_is_the_same_step(model):
     sel = spec.default_selector()
     args = _step_args(spec)
     with torch.no_grad():
-        cached = spec.build_step(spec.dense_keep(), sel)(*args, *spec.zero_cache(sel))
+        cached = spec.build_step(spec.dense_keep(), sel)(*args, *spec.cache_layout(sel).zeros())
         plain_step = spec.build_step(spec.dense_keep(), sel, layer_cache=False)
-        plain = plain_step(*args, *spec.zero_cache(sel, layer_cache=False))
+        plain = plain_step(*args, *spec.cache_layout(sel, layer_cache=False).zeros())
     sampler_state = [f"sampler.{n}" for n in spec.sampler.state]
     assert plain_step.cache_names == sampler_state and len(plain) == 1 + len(sampler_state)
     assert len(cached) > len(plain)

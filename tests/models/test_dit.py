@@ -30,7 +30,7 @@ def test_dense_step_reproduces_diffusers_forward(tiny_spec):
     t = torch.tensor([981.0, 500.0, 20.0, 1.0])
     labels = torch.tensor([0, 3, 9, 10])  # 10 = the null class
     with torch.no_grad():
-        ours = step.forward_rows(x, t, labels, dict(zip(step.cache_names, spec.zero_cache(sel))), {})
+        ours = step.forward_rows(x, t, labels, dict(zip(step.cache_names, spec.cache_layout(sel).zeros())), {})
         ref = spec.model(x, timestep=t, class_labels=labels).sample
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
 
@@ -56,7 +56,7 @@ def test_dense_schedule_reproduces_diffusers_ddim_loop(guidance):
         cond, uncond = out.chunk(2)
         ref = sched.step(uncond + guidance * (cond - uncond), t, ref).prev_sample
 
-    ours, cache = x0.clone(), spec.zero_cache(sel)
+    ours, cache = x0.clone(), spec.cache_layout(sel).zeros()
     for i in range(steps):
         ours, cache = run_step(spec, dense, ours, i, labels, cache, guidance, plan)
     assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
@@ -65,7 +65,7 @@ def test_dense_schedule_reproduces_diffusers_ddim_loop(guidance):
 def _state_after_full_step(spec, sel, labels=np.array([1, 5])):
     dense = spec.build_step([spec.num_tokens] * len(spec.layers), sel)
     x = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 4, 16, 16), dtype=np.float32))
-    return run_step(spec, dense, x, 0, labels, spec.zero_cache(sel))
+    return run_step(spec, dense, x, 0, labels, spec.cache_layout(sel).zeros())
 
 
 @pytest.mark.parametrize("score", ["attention", "l2norm", "cosine"])
@@ -73,7 +73,7 @@ def test_sparse_step_keeps_exactly_k_fresh_tokens_shared_by_cfg_halves(tiny_spec
     spec = tiny_spec
     sel = SelectorConfig(score=score, lambdas=(1.0, 0.0, 0.25 / 3, 0.6), window=2)
     latent, cache = _state_after_full_step(spec, sel)
-    names = [b.name for b in spec.cache_buffers(sel)]
+    names = spec.cache_layout(sel).names
     keep = [16, 32, 0, 48]
     step = spec.build_step(keep, sel)
     _, new = run_step(spec, step, latent, 1, np.array([1, 5]), cache)
@@ -95,7 +95,7 @@ def test_batch_samples_select_their_own_tokens(tiny_spec):
     spec = tiny_spec
     sel = spec.default_selector()
     latent, cache = _state_after_full_step(spec, sel, labels=np.array([0, 9]))
-    names = [b.name for b in spec.cache_buffers(sel)]
+    names = spec.cache_layout(sel).names
     step = spec.build_step([16, 16, 16, 16], sel)
     _, new = run_step(spec, step, latent, 1, np.array([0, 9]), cache)
     reuse = dict(zip(names, new))["reuse.sa0"]

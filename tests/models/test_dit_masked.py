@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from diffsparse.runtime.pipeline import Pipeline
-from diffsparse.train.student import ScheduleSampler
+from diffsparse.train.student import ScheduleRollout
 
 from diffsparse.builtin_schedules import toca_schedule
 from diffsparse.sampler import initial_noise
@@ -22,10 +22,10 @@ def _reference(spec, sched, labels, seed, guidance):
     return pipe.generate(labels, seed=seed, guidance_scale=guidance).samples
 
 
-def _sampler(spec, selector=None):
+def _rollout(spec, selector=None):
     sched = toca_schedule(spec, STEPS, 0.5, full_every=3, selector=selector)
     counts = sched.allowed_keep()
-    return sched, ScheduleSampler(spec, spec.sampler_plan(STEPS), counts, sched.selector)
+    return sched, ScheduleRollout(spec, spec.sampler_plan(STEPS), counts, sched.selector)
 
 
 @pytest.mark.parametrize("score", ["attention", "l2norm", "cosine"])
@@ -33,42 +33,61 @@ def test_one_hot_weights_reproduce_the_cached_step(tiny_spec, score):
     """Masked mixing with a one-hot schedule == gather/compute/scatter with that schedule."""
     spec = tiny_spec
     sel = SelectorConfig(score=score, lambdas=spec.default_selector().lambdas, window=2)
-    sched, sampler = _sampler(spec, sel)
+    sched, rollout = _rollout(spec, sel)
     labels = np.array([3, 7])
     ref = _reference(spec, sched, labels, 5, 4.0)
     noise = torch.from_numpy(initial_noise(5, 2, spec.latent_shape))
     with torch.no_grad():
-        ours = sampler.sample(noise, {"class_labels": labels}, 4.0, sampler.weights_for(sched.keep))
+        ours = rollout.sample(noise, {"class_labels": labels}, 4.0, rollout.weights_for(sched.keep))
     np.testing.assert_allclose(ours.numpy(), ref, atol=2e-5)
+
+
+def test_attention_score_without_lambda1_keeps_no_received_attention(tiny_spec):
+    """Score "attention" with λ1 = 0 never reads attention received: the cache layout keeps no
+    `recv` entry and the masked step (which asks the layout, as the cached step does) runs fused
+    attention and still reproduces the exported path. Both run scaled_dot_product_attention over
+    different query counts, so they agree to float32 rounding, amplified by the unclipped steps:
+    compared over 3 steps, relative to the latent's size."""
+    spec = tiny_spec
+    sel = SelectorConfig(score="attention", lambdas=(0.0, *spec.default_selector().lambdas[1:]), window=2)
+    assert not any(e.role.value == "recv" for e in spec.cache_layout(sel))
+    sched = toca_schedule(spec, 3, 0.5, full_every=3, selector=sel)
+    rollout = ScheduleRollout(spec, spec.sampler_plan(3), sched.allowed_keep(), sel)
+    labels = np.array([3, 7])
+    ref = _reference(spec, sched, labels, 5, 4.0)
+    noise = torch.from_numpy(initial_noise(5, 2, spec.latent_shape))
+    with torch.no_grad():
+        ours = rollout.sample(noise, {"class_labels": labels}, 4.0, rollout.weights_for(sched.keep))
+    np.testing.assert_allclose(ours.numpy(), ref, atol=1e-4 * float(np.abs(ref).max()))
 
 
 def test_dense_weights_reproduce_dense_sampling(tiny_spec):
     from diffsparse.builtin_schedules import dense_schedule
 
     spec = tiny_spec
-    _, sampler = _sampler(spec)
+    _, rollout = _rollout(spec)
     labels = np.array([1, 2])
     ref = _reference(spec, dense_schedule(spec, STEPS), labels, 1, 3.0)
     noise = torch.from_numpy(initial_noise(1, 2, spec.latent_shape))
     # the reference is the plain model (fused attention), the teacher an explicit softmax: float32
     # rounding on a latent of magnitude ~100 after 6 unclipped steps
-    np.testing.assert_allclose(sampler.teacher(noise, {"class_labels": labels}, 3.0).numpy(), ref,
+    np.testing.assert_allclose(rollout.teacher(noise, {"class_labels": labels}, 3.0).numpy(), ref,
                                atol=1e-6 * float(np.abs(ref).max()))
 
 
 def test_gradient_wrt_mask_weights_matches_finite_differences(tiny_spec):
     """The loss is differentiated exactly with respect to the candidate weights (float64)."""
     spec = tiny_spec
-    sched, sampler = _sampler(spec)
+    sched, rollout = _rollout(spec)
     spec.model.double()
     try:
         labels = np.array([0, 4])
         noise = torch.from_numpy(initial_noise(2, 2, spec.latent_shape)).double()
         target = torch.zeros_like(noise)
-        base = sampler.weights_for(sched.keep).double()
+        base = rollout.weights_for(sched.keep).double()
 
         def loss(w):
-            return ((sampler.sample(noise, {"class_labels": labels}, 2.0, w) - target) ** 2).mean()
+            return ((rollout.sample(noise, {"class_labels": labels}, 2.0, w) - target) ** 2).mean()
 
         w = base.clone().requires_grad_(True)
         loss(w).backward()
@@ -77,7 +96,7 @@ def test_gradient_wrt_mask_weights_matches_finite_differences(tiny_spec):
         for _ in range(4):
             t = int(rng.integers(1, STEPS))
             l = int(rng.integers(0, len(spec.layers)))
-            s = int(rng.integers(0, len(sampler.token_counts)))
+            s = int(rng.integers(0, len(rollout.token_counts)))
             d = torch.zeros_like(base)
             d[t, l, s] = eps
             with torch.no_grad():

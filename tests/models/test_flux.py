@@ -89,7 +89,7 @@ def _filled_cache(spec, conditioning, sel):
     """Latent and token cache after one dense step from fresh noise."""
     dense = spec.build_step(spec.dense_keep(), sel)
     x = torch.from_numpy(initial_noise(3, spec.batch_size, spec.latent_shape))
-    return run_step(spec, dense, x, 0, conditioning, spec.zero_cache(sel))
+    return run_step(spec, dense, x, 0, conditioning, spec.cache_layout(sel).zeros())
 
 
 def test_structure(spec):
@@ -110,7 +110,7 @@ def test_dense_step_reproduces_diffusers_forward(spec):
     t = torch.tensor([937.5, 250.0])
     with torch.no_grad():
         packed = step.pack(latent)
-        ours = step.forward_rows(packed, text, pooled, t / 1000, dict(zip(step.cache_names, spec.zero_cache(sel))), {})
+        ours = step.forward_rows(packed, text, pooled, t / 1000, dict(zip(step.cache_names, spec.cache_layout(sel).zeros())), {})
     assert torch.equal(packed, _pack(latent)) and torch.equal(step.unpack(packed), latent)
     ref = _diffusers(spec, packed, text, pooled, t)
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
@@ -124,7 +124,7 @@ SELECTORS = {"default": None, "recv": SelectorConfig("attention", (1.0, 1.0, 0.2
 def test_sparse_step_recomputes_exactly_k_image_tokens(spec, conditioning, selector):
     sel = SELECTORS[selector] or spec.default_selector()
     latent, cache = _filled_cache(spec, conditioning, sel)
-    names = [b.name for b in spec.cache_buffers(sel)]
+    names = spec.cache_layout(sel).names
     before = dict(zip(names, cache))
     for keep in (SPARSE, [0, 16, 8, 0]):
         _, new = run_step(spec, spec.build_step(keep, sel), latent, 1, conditioning, cache)

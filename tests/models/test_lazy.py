@@ -102,6 +102,10 @@ def test_streamed_export_writes_each_weight_once_and_matches_pytorch(streamed_bu
                                                   reference.model.state_dict().values()))
     m = Manifest.load(tmp_path / "b")
     params = sum(p.numel() * 4 for p in spec.model.parameters())
-    assert m.weights["bytes"] < 1.1 * params
+    # each weight once, plus (for the torch backend's parameter map) the whole of each parameter
+    # the graphs read only in slices, and the small ones the graphs inline (alignment dominates
+    # them in a model this tiny)
+    sliced = sum(p.numel() * 4 for n, p in spec.model.named_parameters() if n in in_memory)
+    assert m.weights["bytes"] < 1.15 * params + sliced
     errors = verify_graphs(tmp_path / "b", reference)
     assert max(errors) < 1e-4

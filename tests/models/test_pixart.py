@@ -43,7 +43,7 @@ def _dense_rows(spec, x, t, text, mask):
     sel = spec.default_selector()
     step = spec.build_step(spec.dense_keep(), sel)
     with torch.no_grad():
-        return step.forward_rows(x, t, text, mask, dict(zip(step.cache_names, spec.zero_cache(sel))), {})
+        return step.forward_rows(x, t, text, mask, dict(zip(step.cache_names, spec.cache_layout(sel).zeros())), {})
 
 
 def test_dense_step_reproduces_diffusers_forward(spec):
@@ -88,17 +88,17 @@ def _call(spec, module, latent, t_index, conditioning, cache, guidance=4.5, step
 
 def _after_full_step(spec, sel, conditioning):
     x = torch.from_numpy(initial_noise(3, spec.batch_size, spec.latent_shape))
-    return _call(spec, spec.build_step(spec.dense_keep(), sel), x, 0, conditioning, spec.zero_cache(sel))
+    return _call(spec, spec.build_step(spec.dense_keep(), sel), x, 0, conditioning, spec.cache_layout(sel).zeros())
 
 
 def test_cache_buffers_follow_the_selector(spec):
-    names = {b.name for b in spec.layer_cache_buffers(spec.default_selector())}
+    names = set(spec.cache_layout(spec.default_selector()).names)
     assert {"out.ca1", "reuse.ca1", "ent.ca0", "ent.ca1", "key.sa0", "value.sa1"} <= names
     assert not any(n.startswith(("recv.", "inp.")) for n in names), "λ1 = 0: no attention-received buffers"
     assert not any(n.startswith(("key.ca", "ent.sa", "ent.mlp")) for n in names)
-    names = {b.name for b in spec.layer_cache_buffers(SelectorConfig(lambdas=(1.0, 0.0, 0.1, 0.4), window=4))}
+    names = set(spec.cache_layout(SelectorConfig(lambdas=(1.0, 0.0, 0.1, 0.4), window=4)).names)
     assert "recv.sa0" in names and not any(n.startswith("ent.") for n in names)
-    names = {b.name for b in spec.layer_cache_buffers(SelectorConfig(score="cosine", lambdas=(1, 0, 0, 0)))}
+    names = set(spec.cache_layout(SelectorConfig(score="cosine", lambdas=(1, 0, 0, 0))).names)
     assert {"inp.sa0", "inp.ca0", "inp.mlp1"} <= names
     assert spec.layers[:3] == [LayerRef(0, "SA"), LayerRef(0, "CA"), LayerRef(0, "MLP")]
 
@@ -106,7 +106,7 @@ def test_cache_buffers_follow_the_selector(spec):
 def test_sparse_step_recomputes_k_tokens_and_tracks_entropy(spec, conditioning):
     sel = spec.default_selector()
     latent, cache = _after_full_step(spec, sel, conditioning)
-    names = [b.name for b in spec.cache_buffers(sel)]
+    names = spec.cache_layout(sel).names
     full = dict(zip(names, cache))
     ent = full["ent.ca0"]
     assert ent.shape == (2, spec.num_tokens) and (ent > 0).all() and (ent <= 1).all()

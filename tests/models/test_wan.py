@@ -84,7 +84,7 @@ def test_dense_step_reproduces_diffusers_forward(spec2):
     t = torch.tensor([999.0, 600.0, 25.0, 1.0])
     ctx = torch.randn(4, spec2.text_len, spec2.text_dim, generator=g)
     with torch.no_grad():
-        ours = step.forward_rows(x, t, ctx, dict(zip(step.cache_names, spec2.zero_cache(sel))), {})
+        ours = step.forward_rows(x, t, ctx, dict(zip(step.cache_names, spec2.cache_layout(sel).zeros())), {})
         ref = spec2.model(x, timestep=t, encoder_hidden_states=ctx).sample
     assert ours.shape == ref.shape
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
@@ -97,7 +97,7 @@ def test_dense_step_guidance_and_update_match_diffusers(spec2):
     cond = conditioning(spec2, 2)
     x = torch.from_numpy(initial_noise(0, 2, spec2.latent_shape))
     plan = spec2.sampler_plan(STEPS)
-    ours, _ = run_step(spec2, step, x, 2, cond, spec2.zero_cache(sel), guidance=5.0)
+    ours, _ = run_step(spec2, step, x, 2, cond, spec2.cache_layout(sel).zeros(), guidance=5.0)
     t = torch.tensor(plan.timesteps[2]).expand(2)
     with torch.no_grad():
         v_c = spec2.model(x, timestep=t, encoder_hidden_states=torch.from_numpy(cond["prompt_embeds"])).sample
@@ -112,11 +112,11 @@ def test_sparse_step_with_an_up_to_date_cache_equals_the_dense_step(spec2):
     sel = spec2.default_selector()
     cond = conditioning(spec2, 2, seed=3)
     x = torch.from_numpy(initial_noise(3, 2, spec2.latent_shape))
-    dense_out, cache = run_step(spec2, spec2.build_step(spec2.dense_keep(), sel), x, 1, cond, spec2.zero_cache(sel))
+    dense_out, cache = run_step(spec2, spec2.build_step(spec2.dense_keep(), sel), x, 1, cond, spec2.cache_layout(sel).zeros())
     keep = [8, 16, 24, 16, 8, 0]
     sparse_out, new = run_step(spec2, spec2.build_step(keep, sel), x, 1, cond, cache)
     assert torch.allclose(sparse_out, dense_out, atol=1e-5), (sparse_out - dense_out).abs().max()
-    after = dict(zip([b.name for b in spec2.cache_buffers(sel)], new))
+    after = dict(zip(spec2.cache_layout(sel).names, new))
     for layer, k in zip(spec2.layers, keep):
         assert ((after[f"reuse.{layer.name}"] == 0).sum(1) == k).all()
     # and from a stale cache (a later step), the K-token steps differ from dense
@@ -144,7 +144,7 @@ def test_attention_maps_only_when_the_selector_reads_them(spec2, selector, maps)
     sel = selector or spec2.default_selector()
     cond = conditioning(spec2, 2)
     x = torch.from_numpy(initial_noise(0, 2, spec2.latent_shape))
-    _, cache = run_step(spec2, spec2.build_step(spec2.dense_keep(), sel), x, 0, cond, spec2.zero_cache(sel))
+    _, cache = run_step(spec2, spec2.build_step(spec2.dense_keep(), sel), x, 0, cond, spec2.cache_layout(sel).zeros())
     step = spec2.build_step([16] * len(spec2.layers), sel)
     with _Ops() as rec:
         run_step(spec2, step, x, 1, cond, cache)
@@ -160,7 +160,7 @@ def test_macs_count_what_is_computed(spec2, keep):
     sel = spec2.default_selector()
     cond = conditioning(spec2, 2)
     x = torch.from_numpy(initial_noise(0, 2, spec2.latent_shape))
-    _, cache = run_step(spec2, spec2.build_step(spec2.dense_keep(), sel), x, 0, cond, spec2.zero_cache(sel))
+    _, cache = run_step(spec2, spec2.build_step(spec2.dense_keep(), sel), x, 0, cond, spec2.cache_layout(sel).zeros())
     step = spec2.build_step(keep, sel)
     cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 

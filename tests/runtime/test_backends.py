@@ -95,7 +95,7 @@ def test_steps_never_wait_for_the_device(model, guidance):
     plan = spec.sampler_plan(4)
     cond = spec.example_conditioning(np.random.default_rng(0))
     latent = torch.from_numpy(initial_noise(0, 1, spec.latent_shape))
-    cache = spec.zero_cache(sched.selector)
+    cache = spec.cache_layout(sched.selector).zeros()
     modes = []
     for t in range(4):
         feeds = spec.feeds(StepCall(float(plan.timesteps[t]), plan.coefficients[t]), cond, 2.0)

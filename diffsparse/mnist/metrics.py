@@ -1,5 +1,8 @@
 """Image-quality metrics for the MNIST demo: classifier accuracy, MNIST-FID, PSNR, SSIM.
 
+Used by ``dseval`` (calibrate/evaluate.py), the recipe's ``--eval`` (diffsparse.mnist.recipe) and
+the distillation losses (train/losses.py: classifier features, SSIM), so it lives here, below both.
+
 Classifier
     The pretrained CNN shipped by the PyPI package ``digit-recognizer-py`` (MIT), installed with
     ``pip install --no-deps digit-recognizer-py``.  Its ``__init__`` imports torchvision, so the
@@ -71,6 +74,14 @@ class MnistCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc_layers[2](self.features(x))
+
+
+def require_classifier() -> Path:
+    """Check that the MNIST classifier (PyPI ``digit-recognizer-py``) is installed; returns its weight
+    file.  Call it at the very start of anything that scores images with it (``dseval``, the recipe's
+    ``--eval``, the schedule benchmark), so a missing install fails at once, not after minutes of
+    sampling.  Raises :class:`ClassifierUnavailable` naming ``pip install --no-deps digit-recognizer-py``."""
+    return classifier_weights_path()
 
 
 def classifier_weights_path() -> Path:

@@ -1,12 +1,14 @@
-"""calibrate.metrics: pretrained classifier, MNIST-FID, PSNR, SSIM on real and degraded images."""
+"""diffsparse.mnist.metrics: pretrained classifier, MNIST-FID, PSNR, SSIM on real and degraded images."""
 
+import importlib.metadata
 import math
 
 import numpy as np
 import pytest
 import torch
-from diffsparse.calibrate import metrics as M
-from diffsparse.train.mnist_data import load_mnist_test
+
+from diffsparse.mnist import metrics as M
+from diffsparse.mnist.dataset import load_mnist_test
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +100,12 @@ def test_evaluate_images_keys(classifier_ready, subsets):
     assert set(r) >= {"accuracy", "fid", "psnr", "ssim", "n"}
     assert all(isinstance(r[k], float) for k in ("accuracy", "fid", "psnr", "ssim"))
     assert set(M.evaluate_images(x[:10])) == {"n"}
+
+
+def test_require_classifier_names_the_install_command(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(M.importlib.metadata, "distribution", missing)
+    with pytest.raises(M.ClassifierUnavailable, match="pip install --no-deps digit-recognizer-py"):
+        M.require_classifier()

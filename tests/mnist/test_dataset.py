@@ -1,13 +1,16 @@
-"""MNIST loader: shapes, scaling, padding, label counts, md5 verification."""
+"""MNIST loader: shipped files, shapes, scaling, padding, label counts, md5 verification."""
 
+import hashlib
 import shutil
 
 import numpy as np
 import pytest
-from diffsparse.train import mnist_data
-from diffsparse.train.mnist_data import (
+
+from diffsparse.mnist import dataset
+from diffsparse.mnist.dataset import (
     IMAGES_FILE,
     LABELS_FILE,
+    SHIPPED_DIR,
     MnistDataError,
     default_data_dir,
     load_mnist_test,
@@ -21,8 +24,8 @@ CLASS_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 def data_dir():
     d = default_data_dir()
     if not ((d / IMAGES_FILE).is_file() and (d / LABELS_FILE).is_file()):
-        pytest.fail(f"MNIST test files not found in {d}; set DIFFSPARSE_MNIST_DIR to the folder holding "
-                    f"{IMAGES_FILE} and {LABELS_FILE}")
+        pytest.fail(f"MNIST test files not found in {d}; they ship in {SHIPPED_DIR} (or unset "
+                    f"DIFFSPARSE_MNIST_DIR / point it at a folder holding {IMAGES_FILE} and {LABELS_FILE})")
     return d
 
 
@@ -58,7 +61,18 @@ def test_env_var_sets_default_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("DIFFSPARSE_MNIST_DIR", str(tmp_path))
     assert default_data_dir() == tmp_path
     monkeypatch.delenv("DIFFSPARSE_MNIST_DIR")
-    assert default_data_dir().parts[-3:] == ("shared", "data", "mnist")
+    assert default_data_dir() == SHIPPED_DIR
+    assert SHIPPED_DIR.parts[-3:] == ("diffsparse", "mnist", "data")
+
+
+def test_shipped_files_match_their_readme():
+    """The package carries the two official files; its README gives source, licence and the md5s
+    the loader checks."""
+    readme = (SHIPPED_DIR / "README.md").read_text()
+    assert "CC BY-SA 3.0" in readme and "yann.lecun.com/exdb/mnist" in readme
+    for name, md5 in dataset.MD5.items():
+        assert hashlib.md5((SHIPPED_DIR / name).read_bytes()).hexdigest() == md5
+        assert name in readme and md5 in readme
 
 
 def test_md5_mismatch_names_the_file(data_dir, tmp_path):
@@ -69,7 +83,19 @@ def test_md5_mismatch_names_the_file(data_dir, tmp_path):
     with pytest.raises(MnistDataError, match="md5") as e:
         load_mnist_test(tmp_path)
     msg = str(e.value)
-    assert IMAGES_FILE in msg and mnist_data.MD5[IMAGES_FILE] in msg and "Fix" in msg
+    assert IMAGES_FILE in msg and dataset.MD5[IMAGES_FILE] in msg and "Fix" in msg
+    assert "DIFFSPARSE_MNIST_DIR" in msg  # the fix names the override / the shipped copy
+
+
+def test_md5_mismatch_of_the_shipped_copy_says_how_to_restore_it(monkeypatch, data_dir, tmp_path):
+    shutil.copy(data_dir / IMAGES_FILE, tmp_path / IMAGES_FILE)
+    (tmp_path / LABELS_FILE).write_bytes(b"not the labels")
+    monkeypatch.setattr(dataset, "SHIPPED_DIR", tmp_path.resolve())
+    monkeypatch.delenv("DIFFSPARSE_MNIST_DIR", raising=False)
+    with pytest.raises(MnistDataError, match="md5") as e:
+        load_mnist_test()
+    msg = str(e.value)
+    assert LABELS_FILE in msg and "restore" in msg and "reinstall" in msg
 
 
 def test_missing_file_names_the_file(data_dir, tmp_path):

@@ -1,9 +1,11 @@
 """MNIST test-set loader (the only MNIST split available offline).
 
-The files live in ``/work/shared/data/mnist/`` (IDX format, gzip-compressed) and are
-checked against their published md5 before use.  Images come back padded 28 -> 32 with
-a 2-pixel zero border (so a patch-2 DiT sees 16 x 16 = 256 tokens) and scaled to
-[-1, 1]; background is -1.
+The two files of the official test set ship with the package in ``diffsparse/mnist/data/`` (IDX
+format, gzip-compressed; source, licence and checksums in that folder's README.md) and are checked
+against their published md5 on every load.  ``$DIFFSPARSE_MNIST_DIR`` (or the ``data_dir``
+argument) points the loader at another folder holding the same two files.  Images come back
+padded 28 -> 32 with a 2-pixel zero border (so a patch-2 DiT sees 16 x 16 = 256 tokens) and
+scaled to [-1, 1]; background is -1.
 
 Note: there is no training split offline, so the demo DiT is trained on these 10,000
 test images and its distribution metrics are computed against the same images.
@@ -29,6 +31,7 @@ MD5 = {
 }
 NUM_IMAGES = 10_000
 PAD = 2  # 28 + 2*2 = 32
+SHIPPED_DIR = Path(__file__).resolve().parent / "data"  # the copy that ships with the package
 
 
 class MnistDataError(RuntimeError):
@@ -36,11 +39,11 @@ class MnistDataError(RuntimeError):
 
 
 def default_data_dir() -> Path:
-    """``$DIFFSPARSE_MNIST_DIR`` if set, else ``<repo>/../shared/data/mnist``."""
+    """``$DIFFSPARSE_MNIST_DIR`` if set, else the files shipped in ``diffsparse/mnist/data``."""
     env = os.environ.get("DIFFSPARSE_MNIST_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+    return SHIPPED_DIR
 
 
 def _md5(path: Path) -> str:
@@ -52,10 +55,13 @@ def _md5(path: Path) -> str:
 
 
 def _fix_hint(data_dir: Path, name: str) -> str:
-    return (
-        f"Fix: put the official gzip-compressed MNIST test file {name} (md5 {MD5[name]}) in "
-        f"{data_dir}, or point DIFFSPARSE_MNIST_DIR / the data_dir argument at a folder that has it."
-    )
+    if data_dir.resolve() == SHIPPED_DIR:
+        where = (f"restore {name} in {data_dir} from a complete diffsparse checkout (or reinstall diffsparse), "
+                 "or point DIFFSPARSE_MNIST_DIR / the data_dir argument at a folder that has the official file.")
+    else:
+        where = (f"put the official gzip-compressed MNIST test file {name} in {data_dir}, or unset "
+                 f"DIFFSPARSE_MNIST_DIR / drop the data_dir argument to use the copy shipped in {SHIPPED_DIR}.")
+    return f"Fix: {where} Expected md5 of {name}: {MD5[name]}."
 
 
 def _read_verified(data_dir: Path, name: str, verify: bool) -> bytes:

@@ -13,14 +13,17 @@ ourselves, consistently for the whole network.
 
 Usage::
 
-    python -m diffsparse.train.mnist_dit --out /work/mnist_run --threads 1          # train
-    python -m diffsparse.train.mnist_dit --out /work/mnist_run --resume             # continue
-    python -m diffsparse.train.mnist_dit --out /work/mnist_run --eval               # sample + score
+    python -m diffsparse.mnist.recipe --out /work/mnist_run --threads 1          # train
+    python -m diffsparse.mnist.recipe --out /work/mnist_run --resume             # continue
+    python -m diffsparse.mnist.recipe --out /work/mnist_run --eval               # sample + score
 
 Outputs in ``--out``: ``model/`` (EMA weights, ``save_pretrained`` safetensors), ``train_log.jsonl``,
 ``train_config.json``, ``checkpoints/latest.pt`` (resumable) and ``checkpoints/ema_model/``
 (EMA weights at the last checkpoint), and after ``--eval`` ``eval.json`` and ``samples.png``.
 The training data is the MNIST *test* split (the only one available offline).
+
+Sampling uses the project's DDIM (`diffsparse.sampler`, the arithmetic the exported step graphs run)
+with the settings in `SAMPLER_SETTINGS`; image grids are `GenerationResult.grid`.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +44,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffsparse.models.zoo import BUILTINS
+from diffsparse.mnist.dataset import load_mnist_test
+from diffsparse.mnist.metrics import evaluate_images, require_classifier
+from diffsparse.models.zoo import BUILTINS, load_model
+from diffsparse.runtime.pipeline import GenerationResult
+from diffsparse.sampler import sampler_config
 
 logger = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
 NULL_CLASS = 10  # the extra LabelEmbedding row used as "no class" for CFG
 GUIDANCE = BUILTINS["mnist-dit"].guidance_scale  # the shipped model's default, kept in one place
+# The DDIM settings the demo model samples with (also shipped as its scheduler config, see
+# sampling_scheduler).  No clip_sample: diffusers' DDIM clamps the predicted x0 but steps with the
+# unclamped noise prediction, and that mismatch piles up stray strokes as steps are added (the
+# shipped model fell from 97% accuracy at 10 steps to 71% at 50 with clipping; README, "Sampler").
+SAMPLER_SETTINGS = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
+                        set_alpha_to_one=False, timestep_spacing="trailing")
+SAMPLER = sampler_config("ddim", SAMPLER_SETTINGS)  # the project's DDIM (eta 0), as the runtime runs it
 
 
 @dataclass
@@ -98,7 +114,7 @@ class MnistDiTConfig:
     threads: int = 1
     log_every: int = 20
     ckpt_every: int = 200
-    data_dir: str | None = None  # default: see diffsparse.train.mnist_data.default_data_dir
+    data_dir: str | None = None  # default: see diffsparse.mnist.dataset.default_data_dir
 
     @property
     def width(self) -> int:
@@ -195,8 +211,6 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 def train(cfg: MnistDiTConfig, out_dir: str | os.PathLike, resume: bool = False) -> Path:
     """Train and write ``out_dir/model`` (EMA weights); returns that path."""
-    from .mnist_data import load_mnist_test
-
     out = Path(out_dir)
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -301,71 +315,57 @@ def train(cfg: MnistDiTConfig, out_dir: str | os.PathLike, resume: bool = False)
 
 
 @torch.no_grad()
-def sample(model, labels, steps: int = 10, guidance: float = GUIDANCE, seed: int = 0, batch_size: int = 250,
-           eta: float = 0.0) -> torch.Tensor:
-    """DDIM + classifier-free guidance (null class 10). Returns images (N,1,32,32) in [-1, 1]."""
+def sample(model, labels, steps: int = 10, guidance: float = GUIDANCE, seed: int = 0,
+           batch_size: int = 250) -> torch.Tensor:
+    """DDIM (eta 0, `SAMPLER`) + classifier-free guidance (null class 10). Returns images
+    (N,1,32,32) in [-1, 1]. The starting noise of each batch is drawn in turn from one torch
+    generator seeded with `seed`, so samples depend on batch_size."""
     labels = torch.as_tensor(labels, dtype=torch.long)
     model.eval()
     cfgm = model.config
+    plan = SAMPLER.plan(steps)
+    timesteps = [int(t) for t in plan.timesteps]
+    coefficients = torch.from_numpy(plan.coefficients)
     outs = []
     gen = torch.Generator().manual_seed(seed)
     for s in range(0, len(labels), batch_size):
         y = labels[s : s + batch_size]
         b = len(y)
-        sch = sampling_scheduler()
-        sch.set_timesteps(steps)
         x = torch.randn((b, cfgm.in_channels, cfgm.sample_size, cfgm.sample_size), generator=gen)
         y2 = torch.cat([y, torch.full_like(y, NULL_CLASS)])
-        for t in sch.timesteps:
-            tt = torch.full((2 * b,), int(t), dtype=torch.long)
+        state = [torch.zeros_like(x) for _ in SAMPLER.state]
+        for t, coef in zip(timesteps, coefficients):
+            tt = torch.full((2 * b,), t, dtype=torch.long)
             eps = model(torch.cat([x, x]), timestep=tt, class_labels=y2).sample
             ec, eu = eps.chunk(2)
-            x = sch.step(eu + guidance * (ec - eu), t, x, eta=eta, generator=gen).prev_sample
+            x, state = SAMPLER.update(x, eu + guidance * (ec - eu), coef, state)
         outs.append(x.clamp(-1, 1))
     return torch.cat(outs)
 
 
-def load_model(model_dir: str | os.PathLike):
-    from diffusers import DiTTransformer2DModel
-
-    # low_cpu_mem_usage=False: the model is tiny, and this avoids the "install accelerate" warning
-    return DiTTransformer2DModel.from_pretrained(str(model_dir), low_cpu_mem_usage=False).eval()
-
-
-def save_grid(images, path: str | os.PathLike, nrow: int = 10) -> None:
-    from PIL import Image
-
-    x = ((torch.as_tensor(images).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
-    n, h, w = x.shape
-    rows = math.ceil(n / nrow)
-    grid = np.zeros((rows * h, nrow * w), np.uint8)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = x[i]
-    Image.fromarray(grid).resize((nrow * w * 2, rows * h * 2), Image.NEAREST).save(path)
-
-
 def sample_grid(model_dir, n_per_class: int = 10, steps: int = 10, guidance: float = GUIDANCE, seed: int = 0,
                 out_png: str | os.PathLike | None = None, threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``n_per_class`` images of each digit; optionally save a PNG grid (one column per digit,
-    row i = i-th sample).  Returns ``(images, labels)``."""
+    """Sample ``n_per_class`` images of each digit from ``model_dir`` (a transformer or pipeline
+    folder, or the built-in name ``mnist-dit``); optionally save a PNG grid (one column per digit,
+    row i = i-th sample, pixels doubled).  Returns ``(images, labels)``."""
     torch.set_num_threads(threads)
-    model = load_model(model_dir)
+    _, model, _ = load_model(model_dir)
     labels = torch.arange(NUM_CLASSES).repeat(n_per_class)
+    t0 = time.perf_counter()
     images = sample(model, labels, steps=steps, guidance=guidance, seed=seed)
     if out_png is not None:
-        save_grid(images, out_png, nrow=NUM_CLASSES)
+        result = GenerationResult(samples=images.numpy(), class_labels=labels.numpy(), step_seconds=[],
+                                  total_seconds=time.perf_counter() - t0, backend="torch", device="cpu")
+        result.grid(columns=NUM_CLASSES, scale=2).save(out_png)
     return images, labels
 
 
 def evaluate(model_dir, n_per_class: int = 50, steps: int = 10, guidance: float = GUIDANCE, seed: int = 0,
              n_real: int = 1000, out_png: str | os.PathLike | None = None, threads: int = 1,
              data_dir: str | None = None) -> dict:
-    """Sample ``n_per_class`` per digit and score with calibrate.metrics: class accuracy and MNIST-FID
-    against ``n_real`` real test images (a fixed random subset)."""
-    from ..calibrate.metrics import evaluate_images
-    from .mnist_data import load_mnist_test
-
+    """Sample ``n_per_class`` per digit and score with diffsparse.mnist.metrics: class accuracy and
+    MNIST-FID against ``n_real`` real test images (a fixed random subset)."""
+    require_classifier()  # before minutes of sampling
     t0 = time.time()
     images, labels = sample_grid(model_dir, n_per_class, steps, guidance, seed, out_png, threads)
     real, _ = load_mnist_test(data_dir)
@@ -376,15 +376,10 @@ def evaluate(model_dir, n_per_class: int = 50, steps: int = 10, guidance: float 
 
 
 def sampling_scheduler():
-    """The DDIM settings the demo model samples with (also shipped as its scheduler config).
-
-    No clip_sample: diffusers' DDIM clamps the predicted x0 but steps with the unclamped noise
-    prediction, and that mismatch piles up stray strokes as steps are added (the shipped model
-    fell from 97% accuracy at 10 steps to 71% at 50 with clipping; README, "Sampler")."""
+    """diffusers' DDIMScheduler with `SAMPLER_SETTINGS`: the scheduler config shipped with the model."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
-                         set_alpha_to_one=False, timestep_spacing="trailing")
+    return DDIMScheduler(**SAMPLER_SETTINGS)
 
 
 def package_model(model_dir: str | os.PathLike, dest: str | os.PathLike,
@@ -392,13 +387,11 @@ def package_model(model_dir: str | os.PathLike, dest: str | os.PathLike,
     """Write the trained model as a diffusers pipeline folder (the layout of the built-in
     `mnist-dit`): transformer/ (config + safetensors), scheduler/ (DDIM config), SHA256SUMS and a
     copy of the training log. Written to a temporary folder and renamed when complete."""
-    import hashlib
-    import shutil
-
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    load_model(model_dir).save_pretrained(tmp / "transformer", safe_serialization=True)
+    _, model, _ = load_model(model_dir)
+    model.save_pretrained(tmp / "transformer", safe_serialization=True)
     sampling_scheduler().save_config(tmp / "scheduler")
     if train_log is not None:
         shutil.copy(train_log, tmp / "train_log.jsonl")
@@ -415,7 +408,7 @@ def package_model(model_dir: str | os.PathLike, dest: str | os.PathLike,
 
 def main(argv: list[str] | None = None) -> None:
     defaults = MnistDiTConfig()
-    p = argparse.ArgumentParser(prog="python -m diffsparse.train.mnist_dit", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m diffsparse.mnist.recipe", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
     p.add_argument("--eval", action="store_true", help="sample OUT/model (or --model-dir) and score it")

@@ -1,0 +1,84 @@
+"""The bundle's layout on disk and the rules every writer and reader of a bundle share.
+
+`dsexport` writes a bundle and the runtime reads it; neither imports the other. What both must
+agree on lives here (the schema of `manifest.json` is in diffsparse/manifest.py):
+
+* file names: the manifest, the shared weights, one graph per distinct step, the universal step
+  graph and the TensorRT engines (one folder per TensorRT version + GPU model: `engine_key`);
+* which graph each step runs (`step_graph_indices`): steps with the same K(t, l) share a graph,
+  numbered in order of first use;
+* whether a bundle carries the layer cache (`needs_layer_cache`).
+
+A bundle folder::
+
+    manifest.json
+    weights.bin                         every weight once; graphs name it as ONNX external data
+    step_000.onnx, step_001.onnx, ...   one graph per distinct step
+    universal.onnx                      (with engines) every layer's K a dynamic carrier length
+    engines/<engine key>/universal.plan (with engines) one TensorRT engine, a profile per step
+    engines/<engine key>/timing.cache
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import torch
+
+from diffsparse.schedule import Schedule
+
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.bin"
+UNIVERSAL_FILE = "universal.onnx"
+ENGINES_DIR = "engines"
+
+
+def graph_file(index: int) -> str:
+    """File name of the bundle's `index`-th distinct step graph."""
+    return f"step_{index:03d}.onnx"
+
+
+def engine_file(key: str) -> str:
+    return f"{ENGINES_DIR}/{key}/universal.plan"
+
+
+def timing_cache_file(key: str) -> str:
+    return f"{ENGINES_DIR}/{key}/timing.cache"
+
+
+def step_graph_indices(schedule: Schedule) -> list[int]:
+    """For each step t, the index of the graph it runs: its position among the schedule's
+    distinct step signatures (`Schedule.distinct_signatures`, in order of first use)."""
+    signatures = schedule.distinct_signatures()
+    return [signatures.index(schedule.step_signature(t)) for t in range(schedule.num_steps)]
+
+
+def needs_layer_cache(schedule: Schedule, tensorrt: bool = False) -> bool:
+    """Whether a bundle's graphs carry the layer cache. A schedule that never reuses a token runs
+    the plain model, without it; but the universal step graph a TensorRT engine is built from
+    always carries it (export/universal.py), so a bundle with engines keeps it."""
+    return schedule.reuses_tokens or tensorrt
+
+
+class EngineUnavailable(RuntimeError):
+    """No TensorRT or no CUDA GPU here, so no engine key can be named."""
+
+
+def engine_key(trt_version: str, gpu_name: str, capability: tuple[int, int]) -> str:
+    """The folder engines built by one TensorRT version for one GPU model live in: an engine runs
+    only on the TensorRT version and GPU model it was built with."""
+    gpu = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
+    return f"trt-{trt_version}-{gpu}-sm{capability[0]}{capability[1]}"
+
+
+def current_engine_key() -> str:
+    """The engine key of this machine's TensorRT and GPU (EngineUnavailable without them)."""
+    if importlib.util.find_spec("tensorrt") is None:
+        raise EngineUnavailable("TensorRT is not installed: pip install tensorrt polygraphy "
+                                "(on a machine with an NVIDIA GPU)")
+    if not torch.cuda.is_available():
+        raise EngineUnavailable("TensorRT engines need a CUDA GPU visible to torch")
+    import tensorrt as trt  # optional heavy dependency, present on GPU machines only
+
+    return engine_key(trt.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())
