@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--model", default="dit-xl-2")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="out/bench-dit-xl")

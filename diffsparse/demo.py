@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sparse schedule: a built-in or file; auto = the shipped learned schedule for the "
                         "model at --ratio if there is one, else toca")
     p.add_argument("--out", default="out/demo")
-    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--runs", type=int, default=5,
+                   help="timed generations per bundle, sparse and dense interleaved; medians are reported")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's own, recorded in its bundle)")
     args = p.parse_args(argv)

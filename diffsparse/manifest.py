@@ -14,7 +14,7 @@ The files of a bundle and the rules writer and reader share are in diffsparse/bu
                                                    when the schedule never reuses tokens
     schedule                                       the schedule file's content (same schema)
     sampler                                        SamplerPlan: timesteps, coefficients, config
-    graphs   [{file, sha256, bytes, keep, macs, ops, parity_max_abs_err}]
+    graphs   [{file, sha256, bytes, keep, macs, ops, parity_max_abs_err, cache_writes}]
     steps    [{index, timestep, graph}]            graph = index into graphs
     weights  {file, sha256, bytes, tensors, index, parameters}
              index:      stored tensor -> [offset, bytes, dtype, shape] in the weights file
@@ -66,6 +66,9 @@ class GraphEntry:
     macs: int
     ops: list[str]
     parity_max_abs_err: float | None = None   # vs the PyTorch step on the same inputs (dsexport verify)
+    # the cache entries the graph outputs (those a later step reads, export/prune.py); the others
+    # keep their latest buffer. None: every entry
+    cache_writes: list[str] | None = None
 
 
 @dataclass

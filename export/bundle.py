@@ -20,9 +20,11 @@ import numpy as np
 import onnx
 
 from diffsparse import __version__
+from diffsparse.cache_layout import output_name
 from diffsparse.bundle_format import (UNIVERSAL_FILE, WEIGHTS_FILE, current_engine_key, engine_file, graph_file,
                                       needs_layer_cache, step_graph_indices, timing_cache_file)
 from diffsparse.export.onnx_export import export_step
+from diffsparse.export.prune import graph_cache_io, prune_outputs, step_cache_writes
 from diffsparse.export.tensorrt import TensorRTUnavailable, build_engine, check_available, step_profiles
 from diffsparse.export.trt_compat import operator_set, tensorrt_problems
 from diffsparse.export.universal import export_universal_step
@@ -191,5 +193,35 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
         if not np.isfinite(worst) or worst > config.tolerance:
             raise ExportError(f"exported graphs differ from the PyTorch step by up to {worst:.3g} "
                               f"(tolerance {config.tolerance:g}); per graph: {errors}")
-        manifest.save(folder)
+    # verified with every output (the tie check reads reuse counts); pruning only removes nodes
+    _prune_cache_writes(folder, manifest)
+    manifest.save(folder)
     return manifest
+
+
+def _prune_cache_writes(folder: Path, manifest: Manifest) -> None:
+    """Give each step a graph that outputs only the cache entries a later step reads
+    (export/prune.py): one graph per (sparsity pattern, entries written), numbered by first use."""
+    traced = [onnx.load(str(folder / g.file), load_external_data=False) for g in manifest.graphs]
+    io = [graph_cache_io(model, manifest.cache) for model in traced]
+    writes = step_cache_writes(manifest.step_graphs, [r for r, _ in io], [c for _, c in io])
+    variants: dict[tuple[int, frozenset[str]], int] = {}
+    for g, w in zip(manifest.step_graphs, writes):
+        variants.setdefault((g, w), len(variants))
+    for g in manifest.graphs:
+        (folder / g.file).unlink()
+    graphs = []
+    for (g, w), i in variants.items():
+        model = onnx.ModelProto()
+        model.CopyFrom(traced[g])
+        cache_outputs = [n for n in manifest.cache.names if n in w]
+        prune_outputs(model, {o.name for o in manifest.outputs} | {output_name(n) for n in cache_outputs})
+        rel = graph_file(i)
+        onnx.save(model, str(folder / rel))
+        source = manifest.graphs[g]
+        graphs.append(GraphEntry(file=rel, sha256=sha256_file(folder / rel), bytes=(folder / rel).stat().st_size,
+                                 keep=source.keep, macs=source.macs, ops=operator_set(model),
+                                 parity_max_abs_err=source.parity_max_abs_err, cache_writes=cache_outputs))
+    for step, g, w in zip(manifest.steps, manifest.step_graphs, writes):
+        step["graph"] = variants[(g, w)]
+    manifest.graphs = graphs

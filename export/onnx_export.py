@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import tempfile
 import warnings
@@ -98,6 +99,21 @@ def _fold_weight_slices(model: ir.Model) -> None:
             graph.initializers.pop(data.name)
 
 
+def _name_parts(model: ir.Model) -> None:
+    """Prefix the name of each node the dynamo exporter traced inside a part scope of the step
+    (`Part` children of models/cached.py) with that scope, as the TorchScript exporter's names
+    carry it: `node_topk` -> `/part_score/node_topk`. Dynamo's names carry no module scope; it
+    records the scopes in each node's metadata. Only names change: the profiler reads them
+    (runtime/ops_profile.py)."""
+    for node in model.graph.all_nodes():
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        if not scopes or "part_" not in scopes:
+            continue
+        part = next((s for s in ast.literal_eval(scopes) if s.startswith("part_")), None)
+        if part is not None and node.name:
+            node.name = f"/{part}/{node.name}"
+
+
 def trace_to_onnx(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
                   dynamo: bool, dynamic_shapes=None, store: WeightStore | None = None) -> onnx.ModelProto:
     """Run torch.onnx.export (TorchScript or dynamo). With a weight store, the model's large
@@ -115,6 +131,7 @@ def trace_to_onnx(module: torch.nn.Module, args: tuple, input_names: list[str], 
                                         custom_translation_table=_dynamo_translations())
             _register_dangling_constants(program.model)
             _fold_weight_slices(program.model)
+            _name_parts(program.model)
             if store is not None:
                 store.externalize_ir(program.model)
             model = ir.serde.serialize_model(program.model)

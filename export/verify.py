@@ -132,16 +132,22 @@ def verify_graphs(folder: str | Path, spec: ModelSpec) -> list[float]:
     errors = []
     for g, sess in zip(manifest.graphs, backend.sessions):
         module = spec.build_step(g.keep, selector, manifest.layer_cache)
-        ref = _run_torch(module, feeds, in_names, out_names)
-        # the exporter drops inputs a graph does not read (e.g. reuse counts of a full step)
+        # the exporter drops inputs a graph does not read (e.g. reuse counts of a full step), and a
+        # finished bundle's graphs output only the cache entries a later step reads (export/prune.py)
         declared = {i.name for i in sess.get_inputs()}
-        got = dict(zip(out_names, sess.run(out_names, {n: feeds[n] for n in in_names if n in declared})))
-        err = compare(got, ref)
+        graph_outs = [o.name for o in sess.get_outputs()]
+        got = dict(zip(graph_outs, sess.run(graph_outs, {n: feeds[n] for n in in_names if n in declared})))
+
+        def reference():
+            ref = _run_torch(module, feeds, in_names, out_names)
+            return {n: ref[n] for n in graph_outs}
+
+        err = compare(got, reference())
         if err > 1e-4:
             imposed = graph_selection(spec, g.keep, got, manifest.cache)
             module.forced_selection = {i: torch.from_numpy(v) for i, v in imposed.items()}
             module.record_scores = {}
-            ref = _run_torch(module, feeds, in_names, out_names)
+            ref = reference()
             flips = check_ties(spec, g.keep, module.record_scores, imposed)
             err = compare(got, ref)
             log.info("graph %s: %d token(s) selected differently at score ties; parity with the graph's "

@@ -74,10 +74,15 @@ def profile_main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-memory", action="store_true",
                    help="skip the memory footprint (each bundle loaded and run once more in a fresh process)")
+    p.add_argument("--ops", action="store_true",
+                   help="also measure where the time goes: per step by part (score, gather, compute, scatter, sampler, "
+                        "other) and by operator type, from the backend's profiler in extra generations (step_parts.png)")
+    p.add_argument("--ops-runs", type=int, default=ProfileConfig.ops_runs, help="profiled generations per bundle (--ops)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg = ProfileConfig(runs=args.runs, warmup=args.warmup, backend=args.backend, device=args.device,
-                        threads=args.threads, dtype=args.dtype, memory=not args.no_memory)
+                        threads=args.threads, dtype=args.dtype, memory=not args.no_memory, ops=args.ops,
+                        ops_runs=args.ops_runs)
     try:
         report = profile(args.bundle, args.baseline, cfg)
     except USER_ERRORS as e:

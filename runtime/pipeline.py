@@ -90,15 +90,17 @@ class Pipeline:
         if asked == "auto" and device == "cuda" and m.engines and tensorrt_installed():
             if m.engine(current_engine_key()) is not None:
                 backend = "tensorrt"
+        # ONNX Runtime runs the bundle's graph files (several may share a sparsity pattern, writing
+        # different cache entries); torch and TensorRT run one module / profile per pattern
         if backend == "tensorrt":
-            return cls(TensorRTBackend(bundle, device=device), bundle.spec, m.sampler, m.step_graphs)
+            return cls(TensorRTBackend(bundle, device=device), bundle.spec, m.sampler, step_graph_indices(m.schedule))
         if backend == "torch":
             spec = bundle.model_spec()
             torch_backend = TorchBackend(spec, m.schedule, device=device, dtype=dtype, layer_cache=m.layer_cache)
             if torch_backend.cache_layout != m.cache:
                 raise BundleError(f"bundle {bundle.folder}: its cache layout is not the one this diffsparse builds for "
                                   "its model and schedule; re-export the bundle")
-            return cls(torch_backend, spec, m.sampler, m.step_graphs)
+            return cls(torch_backend, spec, m.sampler, step_graph_indices(m.schedule))
         return cls(OrtBackend(bundle, device=device, threads=threads), bundle.spec, m.sampler, m.step_graphs)
 
     @classmethod

@@ -6,6 +6,8 @@ What lives where:
                          in a fresh process (`memory_footprint` via `fresh_process`), `host_info`;
                          results as the `ProfileReport` / `BundleProfile` dataclasses, which hold each
                          bundle's `Manifest` and the measured numbers (`to_dict()`: profile.json).
+    runtime/ops_profile.py  where the time goes (`ProfileConfig.ops`): profiled generations,
+                         ONNX Runtime's traces / torch.profiler events by step, part and op type.
     runtime/report.py    rendering: a `ProfileReport` to Markdown and PNG plots, and the files
                          (`write_report`). It measures nothing and opens no bundle.
 
@@ -21,6 +23,7 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from diffsparse.runtime.bundle import Bundle
+from diffsparse.runtime.ops_profile import OpsProfile, check_profilable, measure_ops
 from diffsparse.runtime.pipeline import Pipeline
 
 from diffsparse.manifest import Manifest
@@ -37,7 +41,10 @@ from diffsparse.manifest import Manifest
 @dataclass
 class ProfileConfig:
     """runs: timed generations per bundle (median reported); warmup: untimed ones first.
-    backend/device/threads: as for Pipeline.from_bundle. guidance_scale and seed: generation inputs."""
+    backend/device/threads: as for Pipeline.from_bundle. guidance_scale and seed: generation inputs.
+    ops: after the timed runs, `ops_runs` more generations per bundle (and one warm-up) under the
+    backend's profiler, by step, part and operator type (runtime/ops_profile.py); profiling slows
+    the runs, so they are not in the latency medians."""
 
     runs: int = 3
     warmup: int = 1
@@ -48,6 +55,8 @@ class ProfileConfig:
     seed: int = 0
     guidance_scale: float | None = None  # None: the model's default (recorded in the bundle)
     memory: bool = True  # measure each bundle's memory footprint in a fresh process (a few seconds each)
+    ops: bool = False
+    ops_runs: int = 2
 
 
 def memory_status() -> dict[str, int]:
@@ -128,11 +137,30 @@ def host_info() -> dict[str, Any]:
             "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "platform": platform.platform()}
 
 
+def fit_latency(macs: Sequence[float], ms: Sequence[float]) -> dict[str, Any]:
+    """Least-squares fit of per-step latency ≈ a + b·GMACs over a bundle's steps: a (ms) is what a
+    step costs whatever it computes (runtime overhead, the part of the work MACs do not count), b
+    (ms per GMAC) the cost of its arithmetic, r2 the share of the per-step latency variance the MACs
+    explain. With one distinct MACs value (a dense bundle) b cannot be told from a: b and r2 are
+    None and a is the mean latency. r2 is None when the latencies do not vary."""
+    x, y = np.asarray(macs, dtype=float) / 1e9, np.asarray(ms, dtype=float)
+    if len(x) != len(y) or not len(x):
+        raise ValueError(f"{len(x)} MACs for {len(y)} latencies")
+    if np.ptp(x) == 0:
+        return {"a_ms": float(y.mean()), "b_ms_per_gmac": None, "r2": None, "steps": len(x)}
+    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)
+    total = float(((y - y.mean()) ** 2).sum())
+    residual = float(((y - (a + b * x)) ** 2).sum())
+    return {"a_ms": float(a), "b_ms_per_gmac": float(b), "r2": 1 - residual / total if total > 0 else None,
+            "steps": len(x)}
+
+
 @dataclass
 class BundleProfile:
     """One bundle as profiled: its manifest and what was measured. `runs`: seconds per denoising
     step of each timed generation; `macs_breakdown`: `ModelSpec.macs_breakdown` of its schedule;
-    `memory`: `memory_footprint` in a fresh process, or None when not measured."""
+    `memory`: `memory_footprint` in a fresh process, or None when not measured; `ops`: where the
+    time goes (`ProfileConfig.ops`), or None."""
 
     folder: Path
     manifest: Manifest
@@ -142,6 +170,7 @@ class BundleProfile:
     load_seconds: float
     macs_breakdown: dict[str, Any]
     memory: dict[str, Any] | None = None
+    ops: OpsProfile | None = None
 
     @property
     def schedule_method(self) -> str:
@@ -165,6 +194,11 @@ class BundleProfile:
     def macs_total(self) -> int:
         return self.manifest.macs["total"]
 
+    @property
+    def latency_fit(self) -> dict[str, Any]:
+        """`fit_latency` of the median per-step latencies against each step's MACs."""
+        return fit_latency(self.manifest.macs["per_step"], self.per_step_ms)
+
     def to_dict(self) -> dict[str, Any]:
         """One side of profile.json (`sparse` or `baseline`)."""
         m = self.manifest
@@ -177,6 +211,7 @@ class BundleProfile:
             "macs_per_step": m.macs["per_step"], "macs_total": m.macs["total"], "dense_macs_total": m.macs["dense_total"],
             "macs_ratio": m.macs["ratio"], "load_seconds": self.load_seconds, "memory": self.memory,
             "weights_bytes": m.weights["bytes"], "macs_breakdown": self.macs_breakdown,
+            "latency_fit": self.latency_fit, "ops": self.ops.to_dict() if self.ops else None,
         }
 
 
@@ -235,20 +270,25 @@ class _Subject:
         self.conditioning = self.pipe.spec.example_conditioning(np.random.default_rng(cfg.seed))
         self.cfg = cfg
         self.runs: list[list[float]] = []
+        self.ops: OpsProfile | None = None
         self.generate(record=False)
         self.memory = fresh_process(memory_footprint, self.bundle.folder, cfg) if cfg.memory else None
 
-    def generate(self, record: bool = True) -> None:
-        r = self.pipe.generate(conditioning=self.conditioning, seed=self.cfg.seed,
-                               guidance_scale=self.cfg.guidance_scale)
+    def generate(self, record: bool = True, pipe: Pipeline | None = None) -> None:
+        r = (pipe or self.pipe).generate(conditioning=self.conditioning, seed=self.cfg.seed,
+                                         guidance_scale=self.cfg.guidance_scale)
         if record:
             self.runs.append(r.step_seconds)
+
+    def profile_ops(self) -> None:
+        self.ops = measure_ops(self.bundle, self.pipe, lambda pipe: self.generate(record=False, pipe=pipe),
+                               generations=self.cfg.ops_runs)
 
     def result(self) -> BundleProfile:
         return BundleProfile(
             folder=self.bundle.folder, manifest=self.bundle.manifest, backend=self.pipe.backend.name,
             device=self.pipe.backend.device, runs=self.runs, load_seconds=self.load_seconds,
-            macs_breakdown=self.pipe.spec.macs_breakdown(self.bundle.schedule), memory=self.memory)
+            macs_breakdown=self.pipe.spec.macs_breakdown(self.bundle.schedule), memory=self.memory, ops=self.ops)
 
 
 def profile(bundle: str | Path | Bundle, baseline: str | Path | Bundle, cfg: ProfileConfig | None = None) -> ProfileReport:
@@ -258,14 +298,21 @@ def profile(bundle: str | Path | Bundle, baseline: str | Path | Bundle, cfg: Pro
     cfg = cfg or ProfileConfig()
     if cfg.runs < 1:
         raise ValueError("runs must be >= 1")
+    if cfg.ops and cfg.ops_runs < 1:
+        raise ValueError("ops_runs must be >= 1")
     sparse = _Subject(bundle, cfg)
     base = _Subject(baseline, cfg)
+    if cfg.ops:
+        check_profilable(sparse.pipe.backend)
     for _ in range(cfg.warmup):
         sparse.generate(record=False)
         base.generate(record=False)
     for _ in range(cfg.runs):
         sparse.generate()
         base.generate()
+    if cfg.ops:  # after the timed runs: profiling slows a run down
+        sparse.profile_ops()
+        base.profile_ops()
     return ProfileReport(config=cfg, host=host_info(),
                          peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                          sparse=sparse.result(), baseline=base.result())

@@ -1,8 +1,8 @@
 """Latency profiling, the rendering half: a measured `ProfileReport` (runtime/profile.py, which
 measures) as profile.json (its `to_dict()`), a Markdown summary, and PNG plots (the K(t, l) heatmap
-as in the paper's Fig. 3, and per-step latency). Nothing here measures or opens a bundle: all it
-draws comes from the report (the schedule from the manifest it holds), so a hand-built report
-renders the same way.
+as in the paper's Fig. 3, per-step latency and, when the report has the ops profile, per-step time
+by part). Nothing here measures or opens a bundle: all it draws comes from the report (the
+schedule from the manifest it holds), so a hand-built report renders the same way.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from diffsparse.runtime.profile import ProfileReport
+from diffsparse.runtime.ops_profile import PARTS, OpsProfile
+from diffsparse.runtime.profile import BundleProfile, ProfileReport
 
 from diffsparse.schedule import Schedule
 
 def write_report(report: ProfileReport, out: str | Path) -> dict[str, Path]:
-    """profile.json, profile.md, k_heatmap.png and step_latency.png in `out`."""
+    """profile.json, profile.md, k_heatmap.png and step_latency.png in `out`; step_parts.png too
+    when both bundles were profiled by part (`ProfileConfig.ops`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "profile.json", "md": out / "profile.md",
@@ -25,6 +27,9 @@ def write_report(report: ProfileReport, out: str | Path) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(report.to_dict(), indent=1))
     plot_k_heatmap(report.sparse.manifest.schedule, paths["heatmap"])
     plot_step_latency(report, paths["latency"])
+    if _has_ops(report):
+        paths["parts"] = out / "step_parts.png"
+        plot_step_parts(report, paths["parts"])
     paths["md"].write_text(markdown_summary(report))
     return paths
 
@@ -51,8 +56,56 @@ def markdown_summary(report: ProfileReport) -> str:
         f"Process peak RSS {report.peak_rss_bytes * mb:.0f} MB.", "",
         "![K(t,l)](k_heatmap.png) ![per-step latency](step_latency.png)", "",
         *macs_by_kind(s.macs_breakdown),
+        *latency_fit_rows(s, b),
+        *(ops_tables(s.ops, b.ops) if _has_ops(report) else []),
     ]
     return "\n".join(lines)
+
+
+def _has_ops(report: ProfileReport) -> bool:
+    return report.sparse.ops is not None and report.baseline.ops is not None
+
+
+def latency_fit_rows(sparse: BundleProfile, base: BundleProfile) -> list[str]:
+    """The per-step fit latency ≈ a + b·GMACs of each bundle (`profile.fit_latency`)."""
+    def fmt(x, spec):
+        return "n/a" if x is None else format(x, spec)
+
+    lines = ["| per-step latency ≈ a + b·GMACs (median latencies) | a (ms) | b (ms/GMAC) | R² | steps |",
+             "|---|---:|---:|---:|---:|"]
+    fits = [(label, side.latency_fit) for label, side in (("sparse", sparse), ("baseline", base))]
+    for label, f in fits:
+        lines.append(f"| {label} | {f['a_ms']:.2f} | {fmt(f['b_ms_per_gmac'], '.2f')} | {fmt(f['r2'], '.3f')} "
+                     f"| {f['steps']} |")
+    if any(f["r2"] is None for _, f in fits):
+        lines += ["", "n/a: every step of the bundle has the same MACs (b is then not separable from a), "
+                  "or the same latency (no variance to explain)."]
+    return lines + [""]
+
+
+def ops_tables(sparse: OpsProfile, base: OpsProfile, top: int = 10) -> list[str]:
+    """Where the time goes: ms per generation by part and by operator type, both bundles."""
+    sp, bp = sparse.total_by_part, base.total_by_part
+    lines = [f"Where the time goes ({sparse.source}, mean of {sparse.generations} profiled generations per "
+             "bundle, after the timed ones; profiling slows runs, so compare shares, not these totals with "
+             "the latencies above). Parts come from the exported graph's part scopes "
+             "(runtime/ops_profile.py).", "",
+             "| part | sparse (ms/generation) | share | baseline (ms/generation) | share |", "|---|---:|---:|---:|---:|"]
+    for part in PARTS:
+        lines.append(f"| {part} | {sp[part]:.2f} | {_share(sp[part], sparse.node_ms)} | {bp[part]:.2f} | "
+                     f"{_share(bp[part], base.node_ms)} |")
+    lines += [f"| **operators, total** | {sparse.node_ms:.2f} | | {base.node_ms:.2f} | |",
+              f"| whole runs (operators + runtime between them) | {sparse.run_ms:.2f} | | {base.run_ms:.2f} | |", "",
+              "| operator type | sparse (ms/generation) | baseline (ms/generation) |", "|---|---:|---:|"]
+    ops = sorted(set(sparse.op_types) | set(base.op_types),
+                 key=lambda op: -max(sparse.op_types.get(op, 0.0), base.op_types.get(op, 0.0)))
+    for op in ops[:top]:
+        lines.append(f"| {op} | {sparse.op_types.get(op, 0.0):.2f} | {base.op_types.get(op, 0.0):.2f} |")
+    return lines + ["", "![per-step time by part](step_parts.png)", ""]
+
+
+def _share(x: float, total: float) -> str:
+    return f"{100 * x / total:.1f}%" if total > 0 else "-"
 
 
 def _memory_rows(sparse: dict | None, base: dict | None) -> list[str]:
@@ -123,6 +176,35 @@ def plot_step_latency(report: ProfileReport, path: Path) -> None:
     ax.set_ylabel("latency (ms)")
     ax.set_title(f"per-step latency, speed-up {report.speedup:.2f}x (MACs {report.macs_speedup:.2f}x)")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_step_parts(report: ProfileReport, path: Path) -> None:
+    """Per step, a bar of each bundle's profiled time stacked by part (baseline left, sparse right)."""
+    import matplotlib  # lazily, as in plot_k_heatmap
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sides = (("baseline", report.baseline.ops, -0.2, "//"), ("sparse", report.sparse.ops, 0.2, None))
+    n = max(len(ops.per_step) for _, ops, _, _ in sides)
+    colors = dict(zip(PARTS, plt.get_cmap("tab10").colors))
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * n + 3) + 1, 3.5))
+    for label, ops, shift, hatch in sides:
+        x = np.arange(len(ops.per_step)) + shift
+        bottom = np.zeros(len(ops.per_step))
+        for part in PARTS:
+            ms = np.array([step.get(part, 0.0) for step in ops.per_step])
+            ax.bar(x, ms, 0.38, bottom=bottom, color=colors[part], hatch=hatch, edgecolor="white", linewidth=0.3,
+                   label=part if label == "sparse" else None)
+            bottom += ms
+    ax.set_xticks(np.arange(n))
+    ax.set_xlabel("denoising step (left bar: baseline, hatched; right: sparse)")
+    ax.set_ylabel("profiled time (ms)")
+    ax.set_title(f"time by part per step ({report.sparse.ops.source})")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

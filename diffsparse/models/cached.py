@@ -13,6 +13,14 @@ current step's gate, so reused tokens still follow the current timestep's modula
 
 MACs: a self-attention layer costs 4·K·D² + 2·K·N·D per row; a token layer its per-token cost × K.
 K = N runs the plain dense computation; K = 0 reuses the whole cached output.
+
+Parts: the step's own mechanics run inside four `Part` child modules (`PARTS`): token scoring and
+selection (`part_score`), gathering the selected tokens (`part_gather`), writing the cache
+(`part_scatter`: scatters and reuse-count bookkeeping) and the guidance combine + sampler update
+(`part_sampler`). A part only calls what it is given, so the numbers are unchanged; what it adds is
+a module scope, which the TorchScript exporter writes into node names (`/part_score/TopK`), the
+dynamo exporter into node metadata, and which `dsprofile --ops` reads to measure where a step's
+time goes (runtime/ops_profile.py). Everything outside the parts is the transformer's own work.
 """
 
 from __future__ import annotations
@@ -25,6 +33,18 @@ from torch import nn
 from diffsparse import tokencache as tc
 from diffsparse.cache_layout import CARRIED_ROLES, Role
 from diffsparse.schedule import LayerRef, SelectorConfig
+
+
+#: the step's part scopes, by child-module name `part_<name>`; time outside them is the transformer's
+PARTS = ("score", "gather", "scatter", "sampler")
+
+
+class Part(nn.Module):
+    """A named scope and nothing else: forward(fn, *args) = fn(*args). Registered as a child module
+    so that exporters and profilers see the scope (module docstring)."""
+
+    def forward(self, fn: Callable, *args):
+        return fn(*args)
 
 
 class CachedStep(nn.Module):
@@ -60,6 +80,7 @@ class CachedStep(nn.Module):
         self.sampler_names = self.cache.sampler_names
         self.halves = spec.halves
         self.layer_index = {layer: i for i, layer in enumerate(spec.layers)}
+        self.part_score, self.part_gather, self.part_scatter, self.part_sampler = (Part() for _ in PARTS)
         self.eval()
 
     def train(self, mode: bool = True) -> CachedStep:
@@ -79,13 +100,17 @@ class CachedStep(nn.Module):
         new: dict[str, torch.Tensor] = {}
         latent = inputs["latent"]
         out = self.predict(inputs, state, new)
+        next_latent, sampler_state = self.part_sampler(self._sample, latent, out, inputs, state)
+        new.update(zip(self.sampler_names, sampler_state))
+        return (next_latent, *[new[n] for n in self.cache_names])
+
+    def _sample(self, latent: torch.Tensor, out: torch.Tensor, inputs: dict[str, torch.Tensor],
+                state: dict[str, torch.Tensor]):
+        """Guidance combine and sampler update -> (next latent, new sampler state)."""
         if self.halves == 2:
             cond, uncond = out.chunk(2)
             out = uncond + inputs["guidance_scale"] * (cond - uncond)
-        next_latent, sampler_state = self.spec.sampler.update(
-            latent, out, inputs["sampler_coef"], [state[n] for n in self.sampler_names])
-        new.update(zip(self.sampler_names, sampler_state))
-        return (next_latent, *[new[n] for n in self.cache_names])
+        return self.spec.sampler.update(latent, out, inputs["sampler_coef"], [state[n] for n in self.sampler_names])
 
     def predict(self, inputs: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
                 new: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -100,6 +125,10 @@ class CachedStep(nn.Module):
     # -- token selection ---------------------------------------------------------------------
     def _select(self, index: int, layer: LayerRef, sa: LayerRef, h: torch.Tensor,
                 state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Indices (B, K) of the tokens the layer recomputes (score part)."""
+        return self.part_score(self._select_tokens, index, layer, sa, h, state, new)
+
+    def _select_tokens(self, index, layer, sa, h, state, new) -> torch.Tensor:
         score = self._score(layer, sa, h, state, new)
         if self.record_scores is not None:
             self.record_scores[index] = score
@@ -156,11 +185,26 @@ class CachedStep(nn.Module):
         block's cross-attention layer (no score term where it keeps no entropy entry)."""
         return LayerRef(layer.block, "CA")
 
+    def _gather(self, h: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ridx, the selected tokens of h): ridx (R, K) the per-row indices (gather part)."""
+        return self.part_gather(self._gather_rows, h, idx)
+
+    def _gather_rows(self, h, idx):
+        ridx = tc.rows_index(idx, self.halves)
+        return ridx, tc.gather_tokens(h, ridx)
+
+    def _scatter(self, cache: torch.Tensor, ridx: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+        """`tc.scatter_tokens` in the scatter part."""
+        return self.part_scatter(tc.scatter_tokens, cache, ridx, fresh)
+
     def _bookkeep(self, layer: LayerRef, h: torch.Tensor, idx: torch.Tensor | None, full: bool,
                   state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
-        """Reuse counts and (for the cosine score) the cached layer input."""
+        """Reuse counts and (for the cosine score) the cached layer input (scatter part)."""
         if not self.cache.has(Role.REUSE, layer):  # no layer cache: nothing to keep
             return
+        self.part_scatter(self._bookkeep_entries, layer, h, idx, full, state, new)
+
+    def _bookkeep_entries(self, layer, h, idx, full, state, new) -> None:
         key = self.cache.name(Role.REUSE, layer)
         new[key] = torch.zeros_like(state[key]) if full else tc.next_reuse(state[key], idx)
         if self.cache.has(Role.INP, layer):
@@ -199,16 +243,18 @@ class CachedStep(nn.Module):
         self._store(new, Role.VALUE, layer, values)
         if need_recv:
             recv_key = cache.name(Role.RECV, layer)
-            if self.dynamic_k:  # K = 0 computes no queries: keep what was received before
-                count = self._k_count(index)
-                recv = torch.where(count > 0, tc.attention_received(probs, self.halves, count), state[recv_key])
-            else:
-                recv = tc.attention_received(probs, self.halves)
-            new[recv_key] = recv
-        out = fresh if idx is None else tc.scatter_tokens(state[cache.name(Role.OUT, layer)], ridx, fresh)
+            new[recv_key] = self.part_score(self._attention_received, index, probs, state[recv_key])
+        out = fresh if idx is None else self._scatter(state[cache.name(Role.OUT, layer)], ridx, fresh)
         self._store(new, Role.OUT, layer, out)
         self._bookkeep(layer, h, idx, idx is None, state, new)
         return out
+
+    def _attention_received(self, index: int, probs: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """Attention each token received (the score signal of later layers) from this layer's map."""
+        if self.dynamic_k:  # K = 0 computes no queries: keep what was received before
+            count = self._k_count(index)
+            return torch.where(count > 0, tc.attention_received(probs, self.halves, count), previous)
+        return tc.attention_received(probs, self.halves)
 
     def _fresh_qkv(self, index, layer, attn, attn_in: Callable, h, state, new):
         """Queries of the K selected tokens (all N when K = N) and every token's keys/values: the
@@ -218,10 +264,10 @@ class CachedStep(nn.Module):
             q, keys, values = self._qkv(attn, attn_in(h), None)
             return q, keys, values, None, None
         idx = self._select(index, layer, layer, h, state, new)
-        ridx = tc.rows_index(idx, self.halves)
-        q, fresh_k, fresh_v = self._qkv(attn, attn_in(tc.gather_tokens(h, ridx)), ridx)
-        keys = tc.scatter_tokens(state[self.cache.name(Role.KEY, layer)], ridx, fresh_k)
-        values = tc.scatter_tokens(state[self.cache.name(Role.VALUE, layer)], ridx, fresh_v)
+        ridx, x = self._gather(h, idx)
+        q, fresh_k, fresh_v = self._qkv(attn, attn_in(x), ridx)
+        keys = self._scatter(state[self.cache.name(Role.KEY, layer)], ridx, fresh_k)
+        values = self._scatter(state[self.cache.name(Role.VALUE, layer)], ridx, fresh_v)
         return q, keys, values, idx, ridx
 
     def _attend(self, attn, q, keys, values, need_probs: bool = True, bias: torch.Tensor | None = None):
@@ -255,9 +301,8 @@ class CachedStep(nn.Module):
             idx = None
         else:
             idx = self._select(index, layer, sa, h, state, new)
-            ridx = tc.rows_index(idx, self.halves)
-            cached = state[self.cache.name(Role.OUT, layer)]
-            out = tc.scatter_tokens(cached, ridx, fn(fn_in(tc.gather_tokens(h, ridx)), idx))
+            ridx, x = self._gather(h, idx)
+            out = self._scatter(state[self.cache.name(Role.OUT, layer)], ridx, fn(fn_in(x), idx))
         self._store(new, Role.OUT, layer, out)
         self._bookkeep(layer, h, idx, idx is None, state, new)
         return out
@@ -280,8 +325,8 @@ class CachedStep(nn.Module):
             q = attn.to_q(x)
             out, probs = self._attend(attn, q, keys, values, need_probs, context_bias)
             if need_probs:
-                ent = tc.attention_entropy(probs, self.halves)
-                entropy.append(ent if idx is None else tc.scatter_tokens(
+                ent = self.part_score(tc.attention_entropy, probs, self.halves)
+                entropy.append(ent if idx is None else self._scatter(
                     state[ent_key].unsqueeze(-1), idx, ent.unsqueeze(-1)).squeeze(-1))
             return out
 

@@ -197,6 +197,19 @@ class _Unprojected:
         self.to_out = (lambda o: o,)
 
 
+def _rows_at(tables: tuple[torch.Tensor, ...], flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows of each position table (rotary cos/sin) at the flat token indices (gather part)."""
+    return tuple(torch.index_select(x, 0, flat) for x in tables)
+
+
+def _text_entropy(probs: torch.Tensor, t: int, halves: int) -> torch.Tensor:
+    """Entropy of each image query's attention over the t text keys (B, N): the score signal.
+    Over every query, then the image rows: with K = 0 at run time (universal step) ONNX Runtime's
+    reductions of an empty tensor keep the reduced axis."""
+    to_text = probs[..., :t]
+    return tc.attention_entropy(to_text / to_text.sum(-1, keepdim=True), halves)[:, t:]
+
+
 class FluxCachedStep(CachedStep):
     """One denoising step of FLUX with a static sparsity pattern `keep` (K per cacheable layer).
 
@@ -241,8 +254,7 @@ class FluxCachedStep(CachedStep):
         t = self.spec.text_len
         cos, sin = self.rope_cos[t:], self.rope_sin[t:]
         if ridx is not None:
-            flat = ridx.reshape(-1)
-            cos, sin = torch.index_select(cos, 0, flat), torch.index_select(sin, 0, flat)
+            cos, sin = self.part_gather(_rows_at, (cos, sin), ridx.reshape(-1))
         return self._rotary_qkv(x, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k), cos, sin)
 
     # -- layers ------------------------------------------------------------------------------
@@ -271,21 +283,18 @@ class FluxCachedStep(CachedStep):
         txt_out = attn.to_add_out(o[:, :t])
         if not reuse_all:
             fresh = attn.to_out[0](o[:, t:])
-            img_out = fresh if idx is None else tc.scatter_tokens(state[cache.name(Role.OUT, layer)], ridx, fresh)
+            img_out = fresh if idx is None else self._scatter(state[cache.name(Role.OUT, layer)], ridx, fresh)
             self._store(new, Role.OUT, layer, img_out)
             if has_ent:
                 ent_key = cache.name(Role.ENT, layer)
-                # over every query, then the image rows: with K = 0 at run time (universal step)
-                # ONNX Runtime's reductions of an empty tensor keep the reduced axis
-                to_text = probs[..., :t]
-                ent = tc.attention_entropy(to_text / to_text.sum(-1, keepdim=True), self.halves)[:, t:]
-                new[ent_key] = ent if idx is None else tc.scatter_tokens(
+                ent = self.part_score(_text_entropy, probs, t, self.halves)
+                new[ent_key] = ent if idx is None else self._scatter(
                     state[ent_key].unsqueeze(-1), idx, ent.unsqueeze(-1)).squeeze(-1)
             self._bookkeep(layer, h, idx, idx is None, state, new)
         if has_recv:
             # the query count as a tensor in a universal step (text queries + K read off the carrier)
             count = (self._k_count(index) + t) if self.dynamic_k else None
-            received = tc.attention_received(probs, self.halves, count)
+            received = self.part_score(tc.attention_received, probs, self.halves, count)
             text_mlp = LayerRef(layer.block, "TMLP")
             new[cache.name(Role.RECV, layer)], new[cache.name(Role.RECV, text_mlp)] = received[:, t:], received[:, :t]
         return img_out, txt_out

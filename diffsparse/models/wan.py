@@ -175,6 +175,13 @@ class _CrossAttention:
         return self.attn.norm_k(self.attn.to_k(x))
 
 
+def _rows_at(tables: tuple[torch.Tensor, ...], ridx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows of each position table (rotary cos/sin) at the token indices ridx (R, K) ->
+    (R, K, ...) each (gather part)."""
+    flat = ridx.reshape(-1)
+    return tuple(torch.index_select(x, 0, flat).reshape(*ridx.shape, -1) for x in tables)
+
+
 class WanCachedStep(CachedStep):
     """One denoising step of Wan2.1 with a static sparsity pattern `keep` (K per cacheable layer).
 
@@ -234,9 +241,7 @@ class WanCachedStep(CachedStep):
         if ridx is None:
             cos, sin = self.rope_cos.unsqueeze(0), self.rope_sin.unsqueeze(0)
         else:
-            flat = ridx.reshape(-1)
-            cos = torch.index_select(self.rope_cos, 0, flat).reshape(*ridx.shape, -1)
-            sin = torch.index_select(self.rope_sin, 0, flat).reshape(*ridx.shape, -1)
+            cos, sin = self.part_gather(_rows_at, (self.rope_cos, self.rope_sin), ridx)
         q = self._rotary(attn.norm_q(attn.to_q(x)), cos, sin, attn.heads)
         k = self._rotary(attn.norm_k(attn.to_k(x)), cos, sin, attn.heads)
         return q, k, attn.to_v(x)

@@ -5,8 +5,11 @@ pre-packing disabled so ORT does not make per-session packed copies: T sessions 
 copy of the weights, not T. On the CPU the OrtValues are views of one memory map of weights.bin;
 on CUDA (onnxruntime-gpu) each weight is uploaded once as a device OrtValue, which ORT uses in
 place when the initializer is planned on the same device (onnxruntime PR #5092).
-Cache: two preallocated sets of OrtValues on the device, bound with IO binding, swapped after
-every step. On CUDA the steps run without synchronising the stream after each one
+Cache: two preallocated buffers per entry (and for the latent) on the device, bound with IO
+binding. A step reads each entry from the buffer holding its latest value and writes the entries
+it outputs into the other one, which then holds the latest value: an entry a graph does not
+output (export/prune.py: not read later, or carried over unchanged) costs nothing and keeps its
+buffer. Input and output are never the same buffer. On CUDA the steps run without synchronising the stream after each one
 (`disable_synchronize_execution_providers`); `synchronize` waits once.
 """
 
@@ -27,6 +30,60 @@ log = logging.getLogger(__name__)
 
 
 _ENV_ALLOCATOR = False
+#: ONNX Runtime graph optimizers left off on the CPU. MatMulAddFusion rewrites a 3-D MatMul + Add as
+#: Reshape -> Gemm -> Reshape; where the result is a graph output (every cache entry a step writes)
+#: the last Reshape becomes a copy into the bound buffer. Without it the MatMul writes the output
+#: in place and the bias Add is fused elsewhere: demo (ORT 1.32, 2 cores, interleaved medians of 5)
+#: dense step 63 -> 60 ms, refresh step 82 -> 73 ms.
+CPU_DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
+_GLOBAL_THREADS: int | None = None   # size of the process-wide intra-op pool, once created
+#: "0" keeps a thread pool per session (with spinning off) instead of the process-wide one
+SHARED_THREADS_ENV = "DIFFSPARSE_ORT_SHARED_THREADS"
+
+
+def shared_threads_default() -> bool:
+    return os.environ.get(SHARED_THREADS_ENV, "1") != "0"
+
+
+def thread_options(ort, opts, threads: int | None, shared: bool) -> None:
+    """How a step session gets its threads.
+
+    shared (default): one intra-op thread pool for the whole process (ONNX Runtime's global thread
+    pool; sessions set `use_per_session_threads = False`). With a pool per session, the threads
+    of the step that just ran keep spinning while the next step's session runs on its own pool:
+    on 2 cores that made a sparse bundle's refresh steps 1.3-1.9x and its partial steps up to 2x
+    slower than alone (demo, interleaved medians of 5: 10 steps 683 -> 469 ms; the one-session
+    dense bundle 685 -> 624 ms). The first backend of a process sizes the pool (threads None: one
+    per core). ONNX Runtime then requires every session of the process to use it: other sessions
+    must set `use_per_session_threads = False` (`session_options()` does).
+    Not shared: a pool per session with spinning off, which avoids the contention but wakes
+    threads per op (demo: 483 vs 755 ms, both slower than shared)."""
+    global _GLOBAL_THREADS
+    if not shared:
+        if _GLOBAL_THREADS is not None:
+            raise BackendError("this process already uses onnxruntime's shared thread pool; per-session "
+                               f"threads are no longer possible in it (unset {SHARED_THREADS_ENV}=0 or use a new process)")
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return
+    if _GLOBAL_THREADS is None:
+        ort.capi._pybind_state.set_global_thread_pool_sizes(threads or 0, 1)
+        _GLOBAL_THREADS = threads or 0
+    elif (threads or 0) != _GLOBAL_THREADS:
+        log.warning("onnxruntime's thread pool of this process has %s threads; the %s asked for now is ignored",
+                    _GLOBAL_THREADS or "default", threads)
+    opts.use_per_session_threads = False
+
+
+def session_options():
+    """SessionOptions for any other ONNX Runtime session in a process that runs bundles: on the
+    shared thread pool once one exists (ONNX Runtime refuses per-session threads then)."""
+    ort = import_ort()
+    opts = ort.SessionOptions()
+    if _GLOBAL_THREADS is not None:
+        opts.use_per_session_threads = False
+    return opts
 
 
 def share_cpu_allocator(ort) -> None:
@@ -52,8 +109,14 @@ class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None,
-                 device_id: int = 0) -> None:
+                 device_id: int = 0, profile_prefix: str | None = None, shared_threads: bool | None = None) -> None:
+        """threads: intra-op threads (None: one per core). shared_threads: one thread pool for the
+        whole process (`thread_options`; None: the $DIFFSPARSE_ORT_SHARED_THREADS default, on).
+        profile_prefix: record ONNX Runtime's own per-node profile of every session (trace files
+        `<prefix>_<graph>_*.json`, returned by `end_profiling`)."""
+        self.shared_threads = shared_threads_default() if shared_threads is None else shared_threads
         super().__init__()
+        self.profile_prefix = profile_prefix
         ort = import_ort()
         self.ort = ort
         self.bundle = bundle
@@ -102,13 +165,17 @@ class OrtBackend(Backend):
                 # one session per distinct step it grew a 6-graph dit-small bundle's run memory by
                 # 37% (and the demo's dense one by 125 MB) at no measured speed gain
                 opts.enable_mem_pattern = False
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
+            thread_options(ort, opts, self.threads, self.shared_threads)
+            if self.profile_prefix is not None:
+                opts.enable_profiling = True
+                opts.profile_file_prefix = f"{self.profile_prefix}_{i:03d}"
             for init in graph.initializer:
                 if init.name in shared:
                     opts.add_initializer(init.name, shared[init.name])
             try:
-                self.sessions.append(ort.InferenceSession(str(path), opts, providers=self._providers()))
+                disabled = list(CPU_DISABLED_OPTIMIZERS) if self._device == "cpu" else []
+                self.sessions.append(ort.InferenceSession(str(path), opts, providers=self._providers(),
+                                                          disabled_optimizers=disabled))
             except Exception as e:
                 raise BackendError(f"onnxruntime could not load {path}: {e}") from e
         log.info("loaded %d onnxruntime sessions on %s", len(self.sessions), self._device)
@@ -119,26 +186,33 @@ class OrtBackend(Backend):
             bufs["latent"] = self._ortvalue(self.latent_spec.zeros())
             return bufs
         self._sets = [buffers(), buffers()]
-        self._src = 0
+        self._latest = self._zero_parity()
         self._bindings = [s.io_binding() for s in self.sessions]
         self._run_options = self.ort.RunOptions()
         if self._device == "cuda":
             # no stream synchronisation after each step; `synchronize` waits once
             self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self._last_binding = None
-        # the exporter drops inputs a graph does not read (e.g. reuse counts of a full step)
+        # the exporter drops inputs a graph does not read (e.g. reuse counts of a full step), and
+        # graphs output only the cache entries a later step reads
         self._declared = [{i.name for i in s.get_inputs()} for s in self.sessions]
+        self._written = [[s.name for s in self.cache_specs if output_name(s.name) in {o.name for o in sess.get_outputs()}]
+                         for sess in self.sessions]
+
+    def _zero_parity(self) -> dict[str, int]:
+        """Which of the two buffers holds each entry's (and the latent's) latest value."""
+        return {name: 0 for name in ["latent", *(s.name for s in self.cache_specs)]}
 
     def start(self, latent: np.ndarray) -> None:
         latent = check_latent(latent, self.latent_spec)
         for bufs in self._sets:
             for spec in self.cache_specs:
                 bufs[spec.name].update_inplace(spec.zeros())
-        self._src = 0
+        self._latest = self._zero_parity()
         self._sets[0]["latent"].update_inplace(latent)
 
     def run_step(self, graph: int, feeds: dict[str, np.ndarray]) -> None:
-        src, dst = self._sets[self._src], self._sets[1 - self._src]
+        latest = self._latest
         binding = self._bindings[graph]
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
@@ -146,26 +220,36 @@ class OrtBackend(Backend):
         for name, value in feeds.items():
             if name in declared:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=self.inputs[name].numpy_dtype))
-        binding.bind_ortvalue_input(self.latent_spec.name, src["latent"])
-        binding.bind_ortvalue_output(self.output_latent, dst["latent"])
+        binding.bind_ortvalue_input(self.latent_spec.name, self._sets[latest["latent"]]["latent"])
+        binding.bind_ortvalue_output(self.output_latent, self._sets[1 - latest["latent"]]["latent"])
         for spec in self.cache_specs:
             if spec.name in declared:
-                binding.bind_ortvalue_input(spec.name, src[spec.name])
-            binding.bind_ortvalue_output(output_name(spec.name), dst[spec.name])
+                binding.bind_ortvalue_input(spec.name, self._sets[latest[spec.name]][spec.name])
+        written = self._written[graph]
+        for name in written:
+            binding.bind_ortvalue_output(output_name(name), self._sets[1 - latest[name]][name])
         self.sessions[graph].run_with_iobinding(binding, self._run_options)
         self._last_binding = binding
-        self._src = 1 - self._src
+        for name in ["latent", *written]:
+            latest[name] = 1 - latest[name]
+
+    def end_profiling(self) -> list[str]:
+        """Stop profiling; the trace file of each session, in graph order."""
+        if self.profile_prefix is None:
+            raise BackendError("this backend was not created with profile_prefix")
+        return [s.end_profiling() for s in self.sessions]
 
     def synchronize(self) -> None:
         if self._device == "cuda" and self._last_binding is not None:
             self._last_binding.synchronize_outputs()
 
     def latent(self) -> np.ndarray:
-        return self._sets[self._src]["latent"].numpy().copy()
+        return self._sets[self._latest["latent"]]["latent"].numpy().copy()
 
     def cache(self) -> dict[str, np.ndarray]:
-        """The current cache on the host (for tests and debugging)."""
-        return {s.name: self._sets[self._src][s.name].numpy().copy() for s in self.cache_specs}
+        """The latest value of every cache entry on the host (for tests and debugging); an entry
+        no graph writes any more holds its last written value."""
+        return {s.name: self._sets[self._latest[s.name]][s.name].numpy().copy() for s in self.cache_specs}
 
 
 def default_threads() -> int | None:

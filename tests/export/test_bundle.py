@@ -23,13 +23,29 @@ def test_every_graph_matches_pytorch(tiny_bundles, tiny_spec):
 
 
 def test_identical_steps_share_a_graph(tiny_bundles, tiny_schedules):
+    """One graph per (sparsity pattern, cache entries written): steps that agree on both share it."""
     for name, folder in tiny_bundles.items():
         m = Manifest.load(folder)
         sched = tiny_schedules[name]
-        assert len(m.graphs) == len(sched.distinct_signatures())
+        variants = {(tuple(g.keep), tuple(g.cache_writes)) for g in m.graphs}
+        assert len(variants) == len(m.graphs) >= len(sched.distinct_signatures())
         assert len(m.graphs) < sched.num_steps
         for step in m.steps:
             assert m.graphs[step["graph"]].keep == sched.keep[step["index"]]
+
+
+def test_graphs_write_only_what_a_later_step_reads(tiny_bundles, tiny_spec):
+    """The last step writes no layer cache; a full step before partial ones writes the outputs of
+    every layer they reuse; a carried-over entry is never an output (its buffer is kept)."""
+    m = Manifest.load(tiny_bundles["toca"])
+    last = m.graphs[m.steps[-1]["graph"]]
+    last_model = onnx.load(str(tiny_bundles["toca"] / last.file), load_external_data=False)
+    assert last.cache_writes == [] and [o.name for o in last_model.graph.output] == ["next_latent"]
+    first = m.graphs[m.steps[0]["graph"]]
+    assert {n for n in first.cache_writes if n.startswith("out.")} == {n for n in m.cache.names if n.startswith("out.")}
+    for g in m.graphs:
+        model = onnx.load(str(tiny_bundles["toca"] / g.file), load_external_data=False)
+        assert not [n for n in model.graph.node if n.op_type == "Identity" and n.output[0].startswith("next.")]
 
 
 def test_dense_bundle_is_the_plain_model(tiny_bundles, tiny_spec):

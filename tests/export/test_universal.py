@@ -9,6 +9,7 @@ from diffsparse.export.verify import _run_torch, compare, reference_inputs
 
 from diffsparse.manifest import Manifest
 from diffsparse.models.zoo import make_spec
+from diffsparse.runtime.backends.ort import session_options
 
 
 @pytest.mark.parametrize("model", ["dit-tiny", "pixart-tiny", "wan-tiny", "flux-tiny"])
@@ -19,7 +20,7 @@ def test_universal_graph_matches_every_step(model, tiny_bundles, tmp_path):
     import onnx
 
     onnx.save(export_universal_step(spec, selector), str(path))
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     dims = {i.name: i.shape for i in sess.get_inputs()}
     assert all(isinstance(dims[name][0], str) for name in k_carriers(spec, spec.dense_keep())), "K must be dynamic"
 

@@ -5,6 +5,7 @@ import onnx
 import onnxruntime as ort
 from diffsparse.export.weights import MIN_SHARED_BYTES, WeightStore
 from onnx import TensorProto, helper, numpy_helper
+from diffsparse.runtime.backends.ort import session_options
 
 
 def _model(big: np.ndarray) -> onnx.ModelProto:
@@ -33,6 +34,6 @@ def test_constant_outputs_stay_inline_and_weights_are_shared(tmp_path):
         assert [i for i in inits.values() if i.data_location == TensorProto.EXTERNAL]
     onnx.save(first, str(tmp_path / "m.onnx"))
     x = np.ones_like(big)
-    y, c = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})
+    y, c = ort.InferenceSession(str(tmp_path / "m.onnx"), session_options()).run(None, {"x": x})
     np.testing.assert_array_equal(y, x + big)
     assert not c.any()

@@ -176,17 +176,20 @@ def test_graphs_stay_in_tensorrt_subset(bundles):
     m = Manifest.load(bundles["toca"])
     problems = [tensorrt_problems(onnx.load(str(bundles["toca"] / g.file), load_external_data=False))
                 for g in m.graphs]
-    assert problems == [[], []], problems
+    assert len(problems) >= 2 and all(p == [] for p in problems), problems
 
 
 def test_sparse_bundle_matches_pytorch(bundles, conditioning):
     from diffsparse.manifest import Manifest
 
     m = Manifest.load(bundles["toca"])
-    assert [g.keep for g in m.graphs] == [[64, 64, 8, 64], SPARSE]
+    # one graph per (K pattern, cache entries written): the full step before a sparse one writes the
+    # cache, the last full step does not
+    assert {tuple(g.keep) for g in m.graphs} == {(64, 64, 8, 64), tuple(SPARSE)}
     assert all(g.parity_max_abs_err < 1e-4 for g in m.graphs), [g.parity_max_abs_err for g in m.graphs]
-    assert "TopK" in m.graphs[1].ops and "ScatterND" in m.graphs[1].ops
-    graph = onnx.shape_inference.infer_shapes(onnx.load(str(bundles["toca"] / m.graphs[1].file)))
+    sparse = next(g for g in m.graphs if g.keep == SPARSE)
+    assert "TopK" in sparse.ops and "ScatterND" in sparse.ops
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(bundles["toca"] / sparse.file)))
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.graph.value_info}
     topk = sorted(shapes[n.output[1]] for n in graph.graph.node if n.op_type == "TopK")
     # chunked selections (SA, MLP: 4 x 8 of 16; single MLP: 2 x 8 of 32) and a plain one (TMLP: 4 of 8)

@@ -158,3 +158,21 @@ def test_tensorrt_engine_matches_onnxruntime(tiny_spec, tiny_schedules, tmp_path
     assert pipe.backend.name == "tensorrt"
     trt = pipe.generate(LABELS, seed=6, guidance_scale=3.0)
     np.testing.assert_allclose(trt.samples, cpu.samples, atol=1e-3)
+
+
+def test_per_session_threads_give_the_same_samples(tiny_bundles, tmp_path):
+    """The shared thread pool (default) and per-session pools ($DIFFSPARSE_ORT_SHARED_THREADS=0)
+    change only where work runs, not what is computed (each in a fresh process: the choice is
+    process-wide in ONNX Runtime)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from diffsparse.runtime import Pipeline; "
+            "r = Pipeline.from_bundle(sys.argv[1]).generate([1, 2, 3], seed=4, guidance_scale=2.0); "
+            "np.save(sys.argv[2], r.samples)")
+    for shared in ("1", "0"):
+        env = {**os.environ, "DIFFSPARSE_ORT_SHARED_THREADS": shared}
+        subprocess.run([sys.executable, "-c", code, str(tiny_bundles["toca"]), str(tmp_path / f"{shared}.npy")],
+                       check=True, env=env)
+    np.testing.assert_allclose(np.load(tmp_path / "1.npy"), np.load(tmp_path / "0.npy"), atol=1e-5)

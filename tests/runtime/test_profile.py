@@ -3,16 +3,23 @@ tests below build a report by hand and measure nothing."""
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
+import numpy as np
 import pytest
+from diffsparse.runtime.backends.ort import OrtBackend
 from diffsparse.runtime.bundle import Bundle
-from diffsparse.runtime.profile import (BundleProfile, ProfileConfig, ProfileReport, fresh_process, memory_footprint,
-                                        profile)
+from diffsparse.runtime.cli import profile_main
+from diffsparse.runtime.ops_profile import (PARTS, OpsProfile, measure_ops, ort_ops, part_of, session_runs,
+                                            steps_of_runs)
+from diffsparse.runtime.pipeline import Pipeline
+from diffsparse.runtime.profile import (BundleProfile, ProfileConfig, ProfileReport, fit_latency, fresh_process,
+                                        memory_footprint, profile)
 from diffsparse.runtime.report import markdown_summary, write_report
 
 SIDE_KEYS = ["bundle", "backend", "device", "batch_size", "guidance", "steps", "graphs", "schedule_method",
              "per_step_ms", "total_ms", "total_ms_runs", "macs_per_step", "macs_total", "dense_macs_total",
-             "macs_ratio", "load_seconds", "memory", "weights_bytes", "macs_breakdown"]
+             "macs_ratio", "load_seconds", "memory", "weights_bytes", "macs_breakdown", "latency_fit", "ops"]
 REPORT_KEYS = ["config", "host", "peak_rss_bytes", "sparse", "baseline", "speedup", "macs_speedup", "macs_ratio",
                "efficiency"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -145,3 +152,169 @@ def test_rendering_measures_and_opens_nothing(tiny_bundles, tmp_path, monkeypatc
     monkeypatch.setattr(Bundle, "__init__", lambda *a, **k: pytest.fail("rendering opened a bundle"))
     paths = write_report(report, tmp_path / "rep")
     assert all(paths[key].read_bytes()[:8] == PNG for key in ("heatmap", "latency"))
+
+
+# ---- where the time goes (--ops) and the latency fit ------------------------------------------------
+
+@pytest.mark.parametrize("name, op, part", [
+    ("/part_score/TopK", "TopK", "score"),
+    ("/part_scatter_10/ScatterND", "ScatterND", "scatter"),
+    ("/part_gather_3/Gather", "Gather", "gather"),
+    ("/part_sampler/Gather_4/GatherSliceToSplitFusion", "Split", "sampler"),   # fused: one node's name + suffix
+    ("/part_score/node_topk__1", "TopK", "score"),                             # dynamo name, prefixed at export
+    ("/ff/net.2/MatMul/MatMulScaleFusion/", "FusedMatMul", "compute"),         # exported outside the parts
+    ("/Transpose_3", "Transpose", "compute"),
+    ("/pos_embed/proj/Conv_output_0_nchwc", "Conv", "compute"),
+    ("SkipLayerNormalization", "SkipLayerNormalization", "compute"),           # made by ORT, a transformer op
+    ("BiasGelu_token_23", "BiasGelu", "compute"),
+    ("ReorderOutput", "ReorderOutput", "other"),                               # made by ORT, not one
+    ("Squeeze_token_2", "Squeeze", "other"),
+    ("/departure_score/Add", "Add", "other"),                                  # not a part scope, not exported
+    ("/part_scores/Add", "Add", "other"),
+])
+def test_part_naming_rule(name, op, part):
+    exported = {"/ff/net.2/MatMul", "/Transpose_3", "/pos_embed/proj/Conv", "/part_score/TopK"}
+    assert part_of(name, op, exported) == part
+
+
+def _node(name, op, ts, dur):
+    return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "ph": "X", "args": {"op_name": op}}
+
+
+def _run(ts, dur):
+    return {"cat": "Session", "name": "model_run", "ts": ts, "dur": dur, "ph": "X", "args": {}}
+
+
+def test_trace_parser_maps_runs_to_steps_and_nodes_to_runs(tmp_path):
+    """Schedule graphs [0, 1, 1] over a warm-up and one kept generation: session 0 runs steps
+    0, 0 (generations 0, 1); session 1 runs steps 1, 2, 1, 2. Node events belong to the run whose
+    span holds them, in whatever order the file lists them."""
+    assert steps_of_runs([0, 1, 1], 2, 2) == [[(0, 0), (1, 0)], [(0, 1), (0, 2), (1, 1), (1, 2)]]
+    session0 = [_run(1000, 100), _node("/part_sampler/Sub", "Sub", 1010, 5), _run(100, 100),   # the warm-up run first
+                _node("/Add_1", "Add", 1020, 30), _node("/Add_1", "Add", 120, 70),
+                {"cat": "Session", "name": "session_initialization", "ts": 0, "dur": 50},
+                {"cat": "Node", "name": "/Add_1_fence_before", "ts": 1020, "dur": 0, "args": {"op_name": "Add"}}]
+    session1 = [_run(10, 50), _run(100, 50), _run(200, 60), _run(300, 70),
+                _node("/part_score/TopK", "TopK", 210, 10), _node("/part_gather/Gather", "Gather", 222, 3),
+                _node("/to_q/MatMul", "MatMul", 230, 20), _node("/part_scatter_2/ScatterND", "ScatterND", 252, 4),
+                _node("ReorderOutput", "ReorderOutput", 256, 1),
+                _node("/part_score/TopK", "TopK", 310, 12), _node("/to_q/MatMul", "MatMul", 330, 21),
+                _node("/to_q/MatMul", "MatMul", 380, 5)]   # ends after its run: in no run
+    runs, outside = session_runs(session1, {"/to_q/MatMul"})
+    assert [r.run_us for r in runs] == [50, 50, 60, 70] and outside == 5
+    assert runs[2].parts == {"score": 10, "gather": 3, "compute": 20, "scatter": 4, "other": 1}
+    assert runs[3].ops == {"TopK": 12, "MatMul": 21} and runs[0].parts == {}
+    paths = []
+    for g, events in enumerate((session0, session1)):
+        paths.append(tmp_path / f"g{g}.json")
+        paths[-1].write_text(json.dumps(events))
+    ops = ort_ops(paths, [0, 1, 1], generations=1, skip=1, exported=[{"/Add_1"}, {"/to_q/MatMul"}])
+    assert ops.generations == 1 and ops.per_step_run_ms == pytest.approx([0.1, 0.06, 0.07])
+    assert ops.per_step[0] == pytest.approx({**dict.fromkeys(PARTS, 0.0), "compute": 0.03, "sampler": 0.005})
+    assert ops.per_step[1]["scatter"] == pytest.approx(0.004) and ops.per_step[2]["score"] == pytest.approx(0.012)
+    assert ops.total_by_part["compute"] == pytest.approx(0.03 + 0.02 + 0.021)
+    assert ops.node_ms == pytest.approx(sum(ops.op_types.values())) and ops.outside_ms == pytest.approx(0.005)
+    d = ops.to_dict()
+    assert list(d["total_by_op_type"])[0] == "MatMul" and d["run_ms"] == pytest.approx(0.23)
+    # two kept generations: each step's time is the mean per generation; without the exported
+    # names an unscoped Add is not known to be the transformer's (rule 3: other)
+    two = ort_ops(paths, [0, 1, 1], generations=2, skip=0)
+    assert two.per_step[0]["other"] == pytest.approx((0.07 + 0.03) / 2) and two.per_step[0]["compute"] == 0
+    with pytest.raises(ValueError, match="runs of graph 1"):
+        ort_ops(paths, [0, 1], generations=2)
+
+
+def test_latency_fit_on_synthetic_numbers():
+    macs = [1e9, 2e9, 4e9, 8e9]
+    fit = fit_latency(macs, [2 + 3 * g for g in (1, 2, 4, 8)])
+    assert fit["a_ms"] == pytest.approx(2) and fit["b_ms_per_gmac"] == pytest.approx(3)
+    assert fit["r2"] == pytest.approx(1) and fit["steps"] == 4
+    noisy = fit_latency(macs, [5.5, 7.5, 14.5, 25.5])
+    x, y = np.array(macs) / 1e9, np.array([5.5, 7.5, 14.5, 25.5])
+    b, a = np.polyfit(x, y, 1)
+    assert noisy["a_ms"] == pytest.approx(a) and noisy["b_ms_per_gmac"] == pytest.approx(b)
+    assert noisy["r2"] == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2) and noisy["r2"] < 1
+    dense = fit_latency([5e9] * 3, [10.0, 11.0, 12.0])   # one MACs value: no slope to fit
+    assert dense == {"a_ms": pytest.approx(11.0), "b_ms_per_gmac": None, "r2": None, "steps": 3}
+    assert fit_latency(macs, [3.0] * 4)["r2"] is None
+    with pytest.raises(ValueError):
+        fit_latency(macs, [1.0])
+
+
+def test_ops_parts_add_up_to_onnxruntime_kernel_total(tiny_bundles, monkeypatch):
+    """Every kernel event in ONNX Runtime's own traces ends up in exactly one part (or, outside
+    every run, in outside_ms): with no warm-up dropped the totals agree."""
+    traces = []
+    end = OrtBackend.end_profiling
+
+    def keep(self):
+        paths = end(self)
+        traces.extend(json.loads(Path(p).read_text()) for p in paths)
+        return paths
+
+    monkeypatch.setattr(OrtBackend, "end_profiling", keep)
+    bundle = Bundle(tiny_bundles["toca"])
+    pipe = Pipeline.from_bundle(bundle.folder, backend="onnxruntime", verify=False)
+    cond = pipe.spec.example_conditioning(np.random.default_rng(0))
+    ops = measure_ops(bundle, pipe, lambda p: p.generate(conditioning=cond, seed=0), generations=1, warmup=0)
+    kernel_us = sum(e["dur"] for t in traces for e in t if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
+    assert len(traces) == len(bundle.manifest.graphs)
+    assert ops.node_ms + ops.outside_ms == pytest.approx(kernel_us / 1000)
+    assert ops.node_ms == pytest.approx(sum(ops.op_types.values())) and 0 < ops.node_ms <= ops.run_ms
+
+
+def _check_ops_sides(sparse: dict, base: dict, steps: int) -> None:
+    for side in (sparse, base):
+        ops = side["ops"]
+        assert ops["generations"] == 1 and len(ops["per_step"]) == steps == len(ops["per_step_run_ms"])
+        total = ops["total_by_part"]
+        assert list(total) == list(PARTS)
+        # parts add up to the operator total, which the by-type view splits the other way
+        assert sum(total.values()) == pytest.approx(ops["node_ms"]) == pytest.approx(sum(ops["total_by_op_type"].values()))
+        assert [sum(step.values()) for step in ops["per_step"]] == pytest.approx(
+            [sum(s[p] for p in PARTS) for s in ops["per_step"]])
+        assert 0 < ops["node_ms"] <= ops["run_ms"] and total["compute"] > 0 and total["sampler"] > 0
+    for part in ("score", "gather", "scatter"):
+        assert sparse["ops"]["total_by_part"][part] > 0, part
+        assert base["ops"]["total_by_part"][part] == 0, part
+
+
+def test_dsprofile_ops_end_to_end(tiny_bundles, tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert profile_main([str(tiny_bundles["toca"]), "--baseline", str(tiny_bundles["dense"]), "--out", str(out),
+                         "--ops", "--ops-runs", "1", "--runs", "1", "--warmup", "0", "--no-memory"]) == 0
+    d = json.loads((out / "profile.json").read_text())
+    assert d["config"]["ops"] is True and d["sparse"]["ops"]["source"] == "onnxruntime profiler"
+    _check_ops_sides(d["sparse"], d["baseline"], 6)
+    fit = d["sparse"]["latency_fit"]
+    assert fit["steps"] == 6 and fit["b_ms_per_gmac"] is not None and d["baseline"]["latency_fit"]["b_ms_per_gmac"] is None
+    assert (out / "step_parts.png").read_bytes()[:8] == PNG
+    md = (out / "profile.md").read_text()
+    assert "| score |" in md and "| operator type |" in md and "step_parts.png" in md and "a + b·GMACs" in md
+    assert "| part |" in capsys.readouterr().out
+
+
+def test_ops_on_the_torch_backend(tiny_bundles):
+    """torch.profiler: the same parts, from the Part scopes of the modules the backend runs."""
+    report = profile(tiny_bundles["toca"], tiny_bundles["dense"],
+                     ProfileConfig(backend="torch", runs=1, warmup=0, memory=False, ops=True, ops_runs=1))
+    d = report.to_dict()
+    assert d["sparse"]["ops"]["source"] == "torch.profiler"
+    _check_ops_sides(d["sparse"], d["baseline"], 6)
+    assert any(op.startswith("aten::") for op in d["sparse"]["ops"]["total_by_op_type"])
+
+
+def test_rendering_a_hand_built_ops_report(tiny_bundles, tmp_path):
+    report = _hand_built(tiny_bundles, memory=False)
+    steps = report.sparse.manifest.schedule.num_steps
+    for side, score in ((report.sparse, 0.5), (report.baseline, 0.0)):
+        per_step = [{**dict.fromkeys(PARTS, 0.0), "compute": 2.0, "score": score} for _ in range(steps)]
+        side.ops = OpsProfile(source="onnxruntime profiler", generations=2, per_step=per_step,
+                              per_step_run_ms=[3.0] * steps, op_types={"MatMul": 1.5 * steps, "TopK": score * steps})
+    md = markdown_summary(report)
+    assert f"| score | {0.5 * steps:.2f} | 20.0% | 0.00 | 0.0% |" in md.splitlines()
+    assert f"| **operators, total** | {2.5 * steps:.2f} | | {2.0 * steps:.2f} | |" in md
+    assert "| MatMul |" in md and "| TopK |" in md
+    paths = write_report(report, tmp_path / "rep")
+    assert paths["parts"].name == "step_parts.png" and paths["parts"].read_bytes()[:8] == PNG
+    assert json.loads(paths["json"].read_text())["sparse"]["ops"]["total_by_part"]["score"] == pytest.approx(0.5 * steps)
