@@ -39,14 +39,21 @@ from diffsparse.schedule import SCORES, Schedule
 log = logging.getLogger("token_scores")
 
 
-def schedules(spec, steps: int) -> dict[str, Schedule]:
+def schedules(spec, steps: int, learned_dir: Path | None) -> dict[str, Schedule]:
+    """ToCa-style and learned schedules per score: the learned one trained for that score
+    (`LEARNED_DIR/learned-50-<score>.json`, from `dstrain --score`) where given, else the shipped
+    learned K table with that score."""
     base = spec.default_selector()
-    learned = resolve_schedule("mnist-dit-learned-50", spec, steps, 0.5)
+    shipped = resolve_schedule("mnist-dit-learned-50", spec, steps, 0.5)
     out = {}
     for score in SCORES:
         selector = replace(base, score=score)
         out[f"toca/{score}"] = toca_schedule(spec, steps, 0.5, full_every=3, selector=selector)
-        out[f"learned/{score}"] = replace(learned, selector=selector)
+        trained = learned_dir / f"learned-50-{score}.json" if learned_dir else None
+        if trained is not None and trained.is_file():
+            out[f"learned/{score}"] = Schedule.load(trained)
+        else:
+            out[f"learned/{score}"] = replace(shipped, selector=selector)
     return out
 
 
@@ -63,7 +70,7 @@ def export(spec, sched, folder: Path, notes: dict, name: str) -> None:
 
 def quality(args, out: Path, notes: dict) -> dict:
     spec = make_spec("mnist-dit", batch_size=args.eval_batch)
-    scheds = {"dense": dense_schedule(spec, args.steps), **schedules(spec, args.steps)}
+    scheds = {"dense": dense_schedule(spec, args.steps), **schedules(spec, args.steps, args.learned_dir)}
     folders = {}
     for name, sched in scheds.items():
         folders[name] = out / "bundles-eval" / name.replace("/", "-")
@@ -81,7 +88,7 @@ def quality(args, out: Path, notes: dict) -> dict:
 
 def latency(args, out: Path, notes: dict) -> dict:
     spec = make_spec("mnist-dit", batch_size=10)
-    scheds = {"dense": dense_schedule(spec, args.steps), **schedules(spec, args.steps)}
+    scheds = {"dense": dense_schedule(spec, args.steps), **schedules(spec, args.steps, args.learned_dir)}
     pipes = {}
     for name, sched in scheds.items():
         folder = out / "bundles-latency" / name.replace("/", "-")
@@ -128,6 +135,8 @@ def main() -> None:
     p.add_argument("--n-per-class", type=int, default=100)
     p.add_argument("--eval-batch", type=int, default=50)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--learned-dir", type=Path, default=None,
+                   help="learned-50-<score>.json per score (dstrain --score); default: the shipped K table")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     require_classifier()

@@ -70,6 +70,7 @@ class TrainConfig:
     num_full_steps: int | None = None  # |T_f|; default: as many as the initial schedule has
     temperature: float = 1.0          # of the STE's softmax surrogate
     init: str = "toca"                # initial schedule: toca (paper) or dense
+    score: str | None = None          # token score s1 the schedule selects with (None: the model's default)
     seed: int = 0
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
 
@@ -95,10 +96,13 @@ class ScheduleTrainer:
         self.spec, self.cfg = spec, cfg
         self.rank, self.world_size = world
         self.out_dir = Path(out_dir) if out_dir else None
+        selector = spec.default_selector()
+        if cfg.score is not None:
+            selector = dataclasses.replace(selector, score=cfg.score)
         if cfg.init == "toca":
-            self.init_schedule = toca_schedule(spec, cfg.num_steps, cfg.ratio)
+            self.init_schedule = toca_schedule(spec, cfg.num_steps, cfg.ratio, selector=selector)
         elif cfg.init == "dense":
-            self.init_schedule = dense_schedule(spec, cfg.num_steps)
+            self.init_schedule = dense_schedule(spec, cfg.num_steps, selector=selector)
         else:
             raise ValueError(f"init must be 'toca' or 'dense', got {cfg.init!r}")
         self.selector = self.init_schedule.selector

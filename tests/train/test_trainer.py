@@ -32,6 +32,13 @@ def test_learned_schedule_costs_exactly_what_the_toca_schedule_costs(tiny_spec):
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.history)
 
 
+def test_a_schedule_is_learned_for_the_token_score_asked(tiny_spec):
+    trainer = ScheduleTrainer(tiny_spec, config(score="l2norm"))
+    assert trainer.selector.score == "l2norm" and trainer.init_schedule.selector.score == "l2norm"
+    assert trainer.selector.lambdas == tiny_spec.default_selector().lambdas
+    assert ScheduleTrainer(tiny_spec, config()).selector == tiny_spec.default_selector()
+
+
 def test_costs_move_and_the_loss_is_differentiated(tiny_spec):
     trainer = ScheduleTrainer(tiny_spec, config())
     before = trainer.costs.layer_cost.detach().clone()
