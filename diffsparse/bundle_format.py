@@ -3,17 +3,19 @@
 `dsexport` writes a bundle and the runtime reads it; neither imports the other. What both must
 agree on lives here (the schema of `manifest.json` is in diffsparse/manifest.py):
 
-* file names: the manifest, the shared weights, one graph per distinct step, the universal step
+* file names: the manifest, the shared weights, the step graphs, the universal step
   graph and the TensorRT engines (one folder per TensorRT version + GPU model: `engine_key`);
-* which graph each step runs (`step_graph_indices`): steps with the same K(t, l) share a graph,
-  numbered in order of first use;
+* the sparsity pattern each step runs (`step_graph_indices`): steps with the same K(t, l) share a
+  pattern (one PyTorch module, one TensorRT profile), numbered in order of first use. The bundle's
+  graph files go one step further: one per (pattern, cache entries the step writes), export/prune.py;
+  the manifest's `steps` say which file each step runs;
 * whether a bundle carries the layer cache (`needs_layer_cache`).
 
 A bundle folder::
 
     manifest.json
     weights.bin                         every weight once; graphs name it as ONNX external data
-    step_000.onnx, step_001.onnx, ...   one graph per distinct step
+    step_000.onnx, step_001.onnx, ...   one graph per (K pattern, cache entries written)
     universal.onnx                      (with engines) every layer's K a dynamic carrier length
     engines/<engine key>/universal.plan (with engines) one TensorRT engine, a profile per step
     engines/<engine key>/timing.cache
@@ -35,7 +37,7 @@ ENGINES_DIR = "engines"
 
 
 def graph_file(index: int) -> str:
-    """File name of the bundle's `index`-th distinct step graph."""
+    """File name of the bundle's `index`-th step graph."""
     return f"step_{index:03d}.onnx"
 
 

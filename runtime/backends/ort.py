@@ -71,8 +71,9 @@ def thread_options(ort, opts, threads: int | None, shared: bool) -> None:
         ort.capi._pybind_state.set_global_thread_pool_sizes(threads or 0, 1)
         _GLOBAL_THREADS = threads or 0
     elif (threads or 0) != _GLOBAL_THREADS:
-        log.warning("onnxruntime's thread pool of this process has %s threads; the %s asked for now is ignored",
-                    _GLOBAL_THREADS or "default", threads)
+        # (export verification, for one, creates the first sessions with the default)
+        log.info("onnxruntime's thread pool of this process has %s threads; the %s asked for now is not used",
+                 _GLOBAL_THREADS or "default", threads)
     opts.use_per_session_threads = False
 
 
