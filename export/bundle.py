@@ -147,8 +147,8 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
                 raise ExportError(f"step graph {i} is outside TensorRT's supported subset: " + "; ".join(problems))
         rel = graph_file(i)
         onnx.save(model, str(folder / rel))
-        graphs.append(GraphEntry(file=rel, sha256="", bytes=0, keep=list(sig),
-                                 macs=spec.step_macs(sig), ops=operator_set(model)))
+        # checksum, size and operators are recorded once the graphs are pruned (_prune_cache_writes)
+        graphs.append(GraphEntry(file=rel, sha256="", bytes=0, keep=list(sig), macs=spec.step_macs(sig), ops=[]))
         log.info("exported graph %d/%d in %.1fs", i + 1, len(signatures), time.perf_counter() - t0)
     if config.tensorrt is not None:
         universal = export_universal_step(spec, selector, store=store)  # same weights: stored once
@@ -160,9 +160,6 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
     universal_entry, engines = None, []
     if config.tensorrt is not None:
         universal_entry, engines = _build_engines(spec, schedule, folder, config.tensorrt)
-    for g in graphs:
-        g.sha256 = sha256_file(folder / g.file)
-        g.bytes = (folder / g.file).stat().st_size
     steps = [{"index": t, "timestep": float(plan.timesteps[t]), "graph": g}
              for t, g in enumerate(step_graph_indices(schedule))]
     dense = spec.dense_macs(schedule.num_steps)

@@ -73,6 +73,13 @@ class Bundle:
             out[name] = tensor.T if transposed else tensor
         return out
 
+    def check_cache_layout(self, layout) -> None:
+        """BundleError unless `layout` (what a backend builds for this bundle's model and schedule)
+        is the cache layout the bundle records."""
+        if layout != self.manifest.cache:
+            raise BundleError(f"bundle {self.folder}: its cache layout is not the one this diffsparse builds for "
+                              "its model and schedule; re-export the bundle")
+
     def model_spec(self) -> ModelSpec:
         """A spec whose model holds this bundle's own weights (a fresh model each call): what the
         torch backend runs. BundleError if the parameter map does not fit the model."""

@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image
 
 from diffsparse.bundle_format import current_engine_key, step_graph_indices
-from diffsparse.manifest import BundleError
 from diffsparse.models.base import ModelSpec, StepCall
 from diffsparse.models.zoo import make_spec
 from diffsparse.runtime.backends.base import Backend
@@ -97,9 +96,7 @@ class Pipeline:
         if backend == "torch":
             spec = bundle.model_spec()
             torch_backend = TorchBackend(spec, m.schedule, device=device, dtype=dtype, layer_cache=m.layer_cache)
-            if torch_backend.cache_layout != m.cache:
-                raise BundleError(f"bundle {bundle.folder}: its cache layout is not the one this diffsparse builds for "
-                                  "its model and schedule; re-export the bundle")
+            bundle.check_cache_layout(torch_backend.cache_layout)
             return cls(torch_backend, spec, m.sampler, step_graph_indices(m.schedule))
         return cls(OrtBackend(bundle, device=device, threads=threads), bundle.spec, m.sampler, m.step_graphs)
 

@@ -197,8 +197,8 @@ class OrtBackend(Backend):
         # the exporter drops inputs a graph does not read (e.g. reuse counts of a full step), and
         # graphs output only the cache entries a later step reads
         self._declared = [{i.name for i in s.get_inputs()} for s in self.sessions]
-        self._written = [[s.name for s in self.cache_specs if output_name(s.name) in {o.name for o in sess.get_outputs()}]
-                         for sess in self.sessions]
+        outputs = [{o.name for o in sess.get_outputs()} for sess in self.sessions]
+        self._written = [[s.name for s in self.cache_specs if output_name(s.name) in outs] for outs in outputs]
 
     def _zero_parity(self) -> dict[str, int]:
         """Which of the two buffers holds each entry's (and the latent's) latest value."""

@@ -45,9 +45,7 @@ class TensorRTBackend(TorchBackend):
         # the engine holds the weights: the spec is only the model's structure
         super().__init__(bundle.spec, bundle.schedule, device=device, static=True, cuda_graphs=True,
                          layer_cache=bundle.manifest.layer_cache)
-        if self.cache_layout != bundle.manifest.cache:
-            raise BackendError(f"bundle {bundle.folder}: its cache layout is not the one this diffsparse builds for "
-                               "its model and schedule; re-export the bundle")
+        bundle.check_cache_layout(self.cache_layout)
         self.bundle = bundle
         try:
             self.engine_entry = find_engine(bundle, current_engine_key())
