@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from diffsparse.runtime.backends.base import BackendError
+from diffsparse.runtime.backends.ort import PREPACK_MEMORY_SHARE, PREPACK_MODES
 from diffsparse.runtime.backends.select import BACKENDS, DEVICES
 from diffsparse.runtime.backends.torch_backend import DTYPES
 from diffsparse.runtime.pipeline import Pipeline
@@ -18,6 +19,8 @@ from diffsparse.runtime.report import write_report
 from diffsparse.manifest import BundleError
 from diffsparse.schedule import ScheduleError
 
+PREPACK_HELP = ("onnxruntime on the CPU: each step session keeps pre-packed matmul weights (faster, a copy of the "
+                f"weights per session); auto: when the copies fit in {round(100 * PREPACK_MEMORY_SHARE)}%% of physical memory")
 USER_ERRORS = (BundleError, BackendError, ScheduleError, ValueError, FileNotFoundError)
 
 
@@ -39,12 +42,14 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="torch backend precision")
+    p.add_argument("--prepack", default="auto", choices=PREPACK_MODES, help=PREPACK_HELP)
     p.add_argument("--out", default="samples.png", help="PNG grid to write")
     p.add_argument("--scale", type=int, default=4, help="pixel upscaling of the grid")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, dtype=args.dtype)
+        pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, dtype=args.dtype,
+                                    prepack=args.prepack)
         conditioning = None
         if args.conditioning:
             with np.load(args.conditioning) as data:
@@ -72,6 +77,7 @@ def profile_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="torch backend precision")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--prepack", default=ProfileConfig.prepack, choices=PREPACK_MODES, help=PREPACK_HELP)
     p.add_argument("--no-memory", action="store_true",
                    help="skip the memory footprint (each bundle loaded and run once more in a fresh process)")
     p.add_argument("--ops", action="store_true",
@@ -81,7 +87,7 @@ def profile_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg = ProfileConfig(runs=args.runs, warmup=args.warmup, backend=args.backend, device=args.device,
-                        threads=args.threads, dtype=args.dtype, memory=not args.no_memory, ops=args.ops,
+                        threads=args.threads, dtype=args.dtype, prepack=args.prepack, memory=not args.no_memory, ops=args.ops,
                         ops_runs=args.ops_runs)
     try:
         report = profile(args.bundle, args.baseline, cfg)

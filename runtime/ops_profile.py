@@ -42,7 +42,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import onnx
 import torch
@@ -95,10 +95,32 @@ class RunTimes:
     run_us: float
     parts: dict[str, float] = field(default_factory=dict)
     ops: dict[str, float] = field(default_factory=dict)
+    shapes: dict[str, float] = field(default_factory=dict)
 
-    def add(self, part: str, op: str, us: float) -> None:
+    def add(self, part: str, op: str, us: float, shapes: str = "") -> None:
+        """shapes: the call's input shapes (`op_call`), when the profiler recorded them."""
         self.parts[part] = self.parts.get(part, 0.0) + us
         self.ops[op] = self.ops.get(op, 0.0) + us
+        if shapes:
+            key = op_call(op, shapes)
+            self.shapes[key] = self.shapes.get(key, 0.0) + us
+
+
+def op_call(op: str, shapes: str) -> str:
+    """The key of an operator call by its input shapes: `MatMul(2x64x1152, 1152x4608)`. The same
+    operator at different shapes is told apart: where a K-row matmul costs more than K/N of the
+    dense one shows here."""
+    return f"{op}({shapes})"
+
+
+def shape_text(shapes: Iterable[Sequence[int] | None]) -> str:
+    """Input shapes -> `2x64x1152, 1152x4608` (a scalar is `()`, an absent input `-`)."""
+    return ", ".join("-" if s is None else ("x".join(str(d) for d in s) or "()") for s in shapes)
+
+
+def _ort_shapes(args: dict[str, Any]) -> str:
+    """`args.input_type_shape` of an ONNX Runtime node event ([{"float": [2, 64, 1152]}, ...])."""
+    return shape_text(next(iter(d.values()), None) for d in args.get("input_type_shape", []))
 
 
 def session_runs(events: list[dict[str, Any]], exported: Iterable[str] | None = None) -> tuple[list[RunTimes], float]:
@@ -116,8 +138,9 @@ def session_runs(events: list[dict[str, Any]], exported: Iterable[str] | None = 
         if i < 0 or e["ts"] + e["dur"] > runs[i]["ts"] + runs[i]["dur"]:
             outside += e["dur"]
             continue
-        op = e.get("args", {}).get("op_name", "?")
-        out[i].add(part_of(name[:-len(KERNEL_SUFFIX)], op, exported), op, float(e["dur"]))
+        args = e.get("args", {})
+        op = args.get("op_name", "?")
+        out[i].add(part_of(name[:-len(KERNEL_SUFFIX)], op, exported), op, float(e["dur"]), _ort_shapes(args))
     return out, outside
 
 
@@ -134,7 +157,11 @@ def steps_of_runs(step_graphs: Sequence[int], generations: int, graphs: int) -> 
 @dataclass
 class OpsProfile:
     """A bundle's profiled generations, averaged per generation (ms): per step by part, whole
-    runs per step, and by operator type. `outside_ms`: profiled node time in no run (normally 0)."""
+    runs per step, by operator type and by operator call (`op_call`: type and input shapes).
+    `outside_ms`: profiled node time in no run (normally 0)."""
+
+    #: operator calls `to_dict` keeps (the heaviest)
+    TOP_CALLS: ClassVar[int] = 40
 
     source: str
     generations: int
@@ -142,6 +169,7 @@ class OpsProfile:
     per_step_run_ms: list[float]
     op_types: dict[str, float]
     outside_ms: float = 0.0
+    op_calls: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_by_part(self) -> dict[str, float]:
@@ -162,8 +190,12 @@ class OpsProfile:
         by_op = dict(sorted(self.op_types.items(), key=lambda kv: -kv[1]))
         return {"source": self.source, "generations": self.generations, "per_step": self.per_step,
                 "per_step_run_ms": self.per_step_run_ms, "total_by_part": self.total_by_part,
-                "total_by_op_type": by_op, "node_ms": self.node_ms, "run_ms": self.run_ms,
-                "outside_ms": self.outside_ms}
+                "total_by_op_type": by_op, "top_op_calls": dict(self.top_calls()), "node_ms": self.node_ms,
+                "run_ms": self.run_ms, "outside_ms": self.outside_ms}
+
+    def top_calls(self, n: int | None = None) -> list[tuple[str, float]]:
+        """The `n` (default TOP_CALLS) heaviest operator calls, (op_call, ms per generation)."""
+        return sorted(self.op_calls.items(), key=lambda kv: -kv[1])[:n or self.TOP_CALLS]
 
     @classmethod
     def collect(cls, source: str, runs: Iterable[tuple[int, int, RunTimes]], num_steps: int, skip: int,
@@ -173,6 +205,7 @@ class OpsProfile:
         per_step = [{p: 0.0 for p in PARTS} for _ in range(num_steps)]
         run_ms = [0.0] * num_steps
         ops: dict[str, float] = {}
+        calls: dict[str, float] = {}
         scale = 1e-3 / generations  # µs over all generations -> ms per generation
         for gen, step, times in runs:
             if gen < skip:
@@ -182,8 +215,10 @@ class OpsProfile:
                 per_step[step][part] += us * scale
             for op, us in times.ops.items():
                 ops[op] = ops.get(op, 0.0) + us * scale
+            for call, us in times.shapes.items():
+                calls[call] = calls.get(call, 0.0) + us * scale
         return cls(source=source, generations=generations, per_step=per_step, per_step_run_ms=run_ms,
-                   op_types=ops, outside_ms=outside_us * scale)
+                   op_types=ops, outside_ms=outside_us * scale, op_calls=calls)
 
 
 def ort_ops(traces: Sequence[str | Path], step_graphs: Sequence[int], generations: int, skip: int = 0,
@@ -221,7 +256,7 @@ def measure_ops(bundle: Bundle, pipe: Pipeline, generate: Callable[[Pipeline], A
     backend = pipe.backend
     if isinstance(backend, OrtBackend):
         with tempfile.TemporaryDirectory(prefix="dsprofile-ops-") as tmp:
-            profiled = OrtBackend(bundle, device=backend.device, threads=backend.threads,
+            profiled = OrtBackend(bundle, device=backend.device, threads=backend.threads, prepack=backend.prepack,
                                   profile_prefix=str(Path(tmp) / "graph"))
             run = Pipeline(profiled, pipe.spec, pipe.plan, pipe.step_graphs)
             for _ in range(warmup + generations):
@@ -309,7 +344,7 @@ def _torch_ops(pipe: Pipeline, generate, generations: int, warmup: int) -> OpsPr
     graphs, backend.cuda_graphs = backend.cuda_graphs, False
     try:
         run = Pipeline(_ScopedSteps(backend, n), pipe.spec, pipe.plan, pipe.step_graphs)
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
             for _ in range(warmup + generations):
                 generate(run)
     finally:
@@ -346,7 +381,7 @@ def torch_events_ops(events, num_steps: int, generations: int, skip: int, device
         part = _around(parts, t)
         name = part[2] if part else ("compute" if _around(forwards, t) else "other")
         us = e.self_device_time_total if device else e.self_cpu_time_total
-        times[step[2:]].add(name, e.name, float(us))
+        times[step[2:]].add(name, e.name, float(us), shape_text(e.input_shapes or []))
     runs = [(gen, step, t) for (gen, step), t in times.items()]
     return OpsProfile.collect("torch.profiler", runs, num_steps, skip, generations)
 

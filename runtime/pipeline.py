@@ -76,10 +76,13 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, folder: str | Path, backend: str = "auto", device: str = "cpu",
-                    threads: int | None = None, verify: bool = True, dtype: str = "float32") -> Pipeline:
+                    threads: int | None = None, verify: bool = True, dtype: str = "float32",
+                    prepack: str = "auto") -> Pipeline:
         """backend: "auto" (the fastest available on the device), "onnxruntime", "torch" or
         "tensorrt"; device: "cpu", "cuda" or "auto" (CUDA when torch sees a GPU). dtype (torch
-        backend): "float32", "bfloat16" or "float16". Every backend runs the bundle itself: its
+        backend): "float32", "bfloat16" or "float16". prepack (ONNX Runtime): "auto", "on" or
+        "off": whether each step session keeps pre-packed weights, faster at a copy of the weights
+        per session (runtime/backends/ort.py `prepack_weights`). Every backend runs the bundle itself: its
         graphs, its engine, or (torch) the model rebuilt from its manifest with the weights of
         its weights.bin."""
         asked = backend
@@ -98,7 +101,8 @@ class Pipeline:
             torch_backend = TorchBackend(spec, m.schedule, device=device, dtype=dtype, layer_cache=m.layer_cache)
             bundle.check_cache_layout(torch_backend.cache_layout)
             return cls(torch_backend, spec, m.sampler, step_graph_indices(m.schedule))
-        return cls(OrtBackend(bundle, device=device, threads=threads), bundle.spec, m.sampler, m.step_graphs)
+        return cls(OrtBackend(bundle, device=device, threads=threads, prepack=prepack), bundle.spec, m.sampler,
+                   m.step_graphs)
 
     @classmethod
     def from_model(cls, model, schedule, batch_size: int = 1, guidance: bool = True, seed: int = 0,

@@ -41,7 +41,7 @@ from diffsparse.manifest import Manifest
 @dataclass
 class ProfileConfig:
     """runs: timed generations per bundle (median reported); warmup: untimed ones first.
-    backend/device/threads: as for Pipeline.from_bundle. guidance_scale and seed: generation inputs.
+    backend/device/threads/prepack: as for Pipeline.from_bundle. guidance_scale and seed: generation inputs.
     ops: after the timed runs, `ops_runs` more generations per bundle (and one warm-up) under the
     backend's profiler, by step, part and operator type (runtime/ops_profile.py); profiling slows
     the runs, so they are not in the latency medians."""
@@ -52,6 +52,7 @@ class ProfileConfig:
     device: str = "cpu"
     threads: int | None = None
     dtype: str = "float32"
+    prepack: str = "auto"
     seed: int = 0
     guidance_scale: float | None = None  # None: the model's default (recorded in the bundle)
     memory: bool = True  # measure each bundle's memory footprint in a fresh process (a few seconds each)
@@ -92,7 +93,7 @@ def memory_footprint(folder: str | Path, cfg: ProfileConfig | None = None, gener
     before = memory_status()
     t0 = time.perf_counter()
     pipe = Pipeline.from_bundle(folder, backend=cfg.backend, device=cfg.device, threads=cfg.threads,
-                                dtype=cfg.dtype, verify=False)
+                                dtype=cfg.dtype, prepack=cfg.prepack, verify=False)
     pipe.backend.prepare()
     loaded = memory_status()
     cuda = pipe.backend.device.startswith("cuda")
@@ -171,6 +172,7 @@ class BundleProfile:
     macs_breakdown: dict[str, Any]
     memory: dict[str, Any] | None = None
     ops: OpsProfile | None = None
+    prepacked: bool | None = None   # ONNX Runtime: whether the sessions pre-packed their weights
 
     @property
     def schedule_method(self) -> str:
@@ -209,7 +211,8 @@ class BundleProfile:
             "per_step_ms": self.per_step_ms,
             "total_ms": self.total_ms, "total_ms_runs": [1000 * x for x in self.totals],
             "macs_per_step": m.macs["per_step"], "macs_total": m.macs["total"], "dense_macs_total": m.macs["dense_total"],
-            "macs_ratio": m.macs["ratio"], "load_seconds": self.load_seconds, "memory": self.memory,
+            "macs_ratio": m.macs["ratio"], "load_seconds": self.load_seconds, "prepacked": self.prepacked,
+            "memory": self.memory,
             "weights_bytes": m.weights["bytes"], "macs_breakdown": self.macs_breakdown,
             "latency_fit": self.latency_fit, "ops": self.ops.to_dict() if self.ops else None,
         }
@@ -264,7 +267,7 @@ class _Subject:
         # then skips the verification it would otherwise repeat
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.pipe = Pipeline.from_bundle(self.bundle.folder, backend=cfg.backend, device=cfg.device,
-                                         threads=cfg.threads, dtype=cfg.dtype, verify=False)
+                                         threads=cfg.threads, dtype=cfg.dtype, prepack=cfg.prepack, verify=False)
         self.pipe.backend.prepare()
         self.load_seconds = time.perf_counter() - t0
         self.conditioning = self.pipe.spec.example_conditioning(np.random.default_rng(cfg.seed))
@@ -288,7 +291,8 @@ class _Subject:
         return BundleProfile(
             folder=self.bundle.folder, manifest=self.bundle.manifest, backend=self.pipe.backend.name,
             device=self.pipe.backend.device, runs=self.runs, load_seconds=self.load_seconds,
-            macs_breakdown=self.pipe.spec.macs_breakdown(self.bundle.schedule), memory=self.memory, ops=self.ops)
+            macs_breakdown=self.pipe.spec.macs_breakdown(self.bundle.schedule), memory=self.memory, ops=self.ops,
+            prepacked=getattr(self.pipe.backend, "prepacked", None))
 
 
 def profile(bundle: str | Path | Bundle, baseline: str | Path | Bundle, cfg: ProfileConfig | None = None) -> ProfileReport:

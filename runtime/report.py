@@ -50,6 +50,8 @@ def markdown_summary(report: ProfileReport) -> str:
         f"| GMACs | {s.macs_total / 1e9:.2f} | {b.macs_total / 1e9:.2f} |",
         f"| MACs ratio vs dense | {sm.macs['ratio']:.3f} | {bm.macs['ratio']:.3f} |",
         f"| weights on disk (MB) | {sm.weights['bytes'] * mb:.1f} | {bm.weights['bytes'] * mb:.1f} |",
+        *([f"| weights pre-packed per session (onnxruntime) | {_yes(s.prepacked)} | {_yes(b.prepacked)} |"]
+          if s.prepacked is not None or b.prepacked is not None else []),
         *_memory_rows(s.memory, b.memory), "",
         f"**Speed-up {report.speedup:.2f}x** wall-clock for **{report.macs_speedup:.2f}x** fewer MACs "
         f"(efficiency {report.efficiency:.2f} = speed-up / MACs speed-up). "
@@ -60,6 +62,10 @@ def markdown_summary(report: ProfileReport) -> str:
         *(ops_tables(s.ops, b.ops) if _has_ops(report) else []),
     ]
     return "\n".join(lines)
+
+
+def _yes(flag: bool | None) -> str:
+    return "-" if flag is None else ("yes" if flag else "no")
 
 
 def _has_ops(report: ProfileReport) -> bool:
@@ -101,6 +107,10 @@ def ops_tables(sparse: OpsProfile, base: OpsProfile, top: int = 10) -> list[str]
                  key=lambda op: -max(sparse.op_types.get(op, 0.0), base.op_types.get(op, 0.0)))
     for op in ops[:top]:
         lines.append(f"| {op} | {sparse.op_types.get(op, 0.0):.2f} | {base.op_types.get(op, 0.0):.2f} |")
+    for label, side in (("sparse", sparse), ("baseline", base)):
+        if side.op_calls:
+            lines += ["", f"| heaviest operator calls, {label} (type and input shapes) | ms/generation |", "|---|---:|"]
+            lines += [f"| `{call}` | {ms:.2f} |" for call, ms in side.top_calls(top)]
     return lines + ["", "![per-step time by part](step_parts.png)", ""]
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffsparse.runtime import BackendError, Pipeline
+from diffsparse.runtime.backends.ort import PREPACK_MEMORY_SHARE, physical_memory, prepack_weights
 from diffsparse.runtime.backends.select import resolve
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -176,3 +177,24 @@ def test_per_session_threads_give_the_same_samples(tiny_bundles, tmp_path):
         subprocess.run([sys.executable, "-c", code, str(tiny_bundles["toca"]), str(tmp_path / f"{shared}.npy")],
                        check=True, env=env)
     np.testing.assert_allclose(np.load(tmp_path / "1.npy"), np.load(tmp_path / "0.npy"), atol=1e-5)
+
+
+def test_prepacked_weights_give_the_same_samples(tiny_bundles):
+    """Pre-packing changes where the packed weights live (per session, once), not the results."""
+    runs = {}
+    for mode in ("on", "off"):
+        pipe = Pipeline.from_bundle(tiny_bundles["toca"], backend="onnxruntime", prepack=mode, verify=False)
+        assert pipe.backend.prepacked is (mode == "on")
+        runs[mode] = pipe.generate([1, 2, 3], seed=4).samples
+    np.testing.assert_allclose(runs["on"], runs["off"], atol=1e-5)
+    with pytest.raises(BackendError, match="prepack must be one of"):
+        Pipeline.from_bundle(tiny_bundles["toca"], backend="onnxruntime", prepack="yes", verify=False)
+
+
+def test_prepack_auto_weighs_the_copies_against_physical_memory():
+    total = physical_memory()
+    share = int(PREPACK_MEMORY_SHARE * total)
+    assert prepack_weights("auto", 1, share) and prepack_weights("auto", 4, share // 4)
+    assert not prepack_weights("auto", 5, share // 4), "5 copies of a quarter of the budget do not fit"
+    assert prepack_weights("auto", 50, total, device="cuda"), "only the CPU weighs the copies"
+    assert prepack_weights("on", 10**6, total) and not prepack_weights("off", 1, 1)

@@ -19,7 +19,7 @@ from diffsparse.runtime.report import markdown_summary, write_report
 
 SIDE_KEYS = ["bundle", "backend", "device", "batch_size", "guidance", "steps", "graphs", "schedule_method",
              "per_step_ms", "total_ms", "total_ms_runs", "macs_per_step", "macs_total", "dense_macs_total",
-             "macs_ratio", "load_seconds", "memory", "weights_bytes", "macs_breakdown", "latency_fit", "ops"]
+             "macs_ratio", "load_seconds", "prepacked", "memory", "weights_bytes", "macs_breakdown", "latency_fit", "ops"]
 REPORT_KEYS = ["config", "host", "peak_rss_bytes", "sparse", "baseline", "speedup", "macs_speedup", "macs_ratio",
                "efficiency"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -35,6 +35,7 @@ def test_profile_report_compares_in_one_run(tiny_bundles, tmp_path):
     assert d["speedup"] == b["total_ms"] / s["total_ms"]
     assert 0.3 < d["macs_ratio"] < 0.7 and b["macs_ratio"] == 1.0
     assert d["macs_speedup"] == b["macs_total"] / s["macs_total"]
+    assert s["prepacked"] is True and b["prepacked"] is True, "tiny bundles fit the auto budget"
     # measured in a fresh process each: the weights are mapped (file-backed), sessions are private
     for side in (s, b):
         mem = side["memory"]
@@ -177,8 +178,11 @@ def test_part_naming_rule(name, op, part):
     assert part_of(name, op, exported) == part
 
 
-def _node(name, op, ts, dur):
-    return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "ph": "X", "args": {"op_name": op}}
+def _node(name, op, ts, dur, shapes=None):
+    args = {"op_name": op}
+    if shapes is not None:
+        args["input_type_shape"] = [{"float": s} for s in shapes]
+    return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "ph": "X", "args": args}
 
 
 def _run(ts, dur):
@@ -222,6 +226,25 @@ def test_trace_parser_maps_runs_to_steps_and_nodes_to_runs(tmp_path):
     assert two.per_step[0]["other"] == pytest.approx((0.07 + 0.03) / 2) and two.per_step[0]["compute"] == 0
     with pytest.raises(ValueError, match="runs of graph 1"):
         ort_ops(paths, [0, 1], generations=2)
+
+
+def test_trace_parser_keys_operator_calls_by_input_shapes(tmp_path):
+    """The same operator at two shapes is two calls; a call without recorded shapes counts only
+    by type. Times are ms per kept generation, heaviest first."""
+    events = [_run(0, 100),
+              _node("/a/MatMul", "MatMul", 1, 30, [[2, 256, 1152], [1152, 4608]]),
+              _node("/b/MatMul", "MatMul", 40, 10, [[2, 64, 1152], [1152, 4608]]),
+              _node("/c/MatMul", "MatMul", 60, 20, [[2, 64, 1152], [1152, 4608]]),
+              _node("/s", "Mul", 85, 5, [[], [2, 64]]), _node("/t", "Add", 95, 2)]
+    path = tmp_path / "g0.json"
+    path.write_text(json.dumps(events))
+    ops = ort_ops([path], [0], generations=1, exported=[{"/a/MatMul", "/b/MatMul", "/c/MatMul"}])
+    assert ops.top_calls() == [("MatMul(2x256x1152, 1152x4608)", pytest.approx(0.03)),
+                               ("MatMul(2x64x1152, 1152x4608)", pytest.approx(0.03)),
+                               ("Mul((), 2x64)", pytest.approx(0.005))]
+    assert ops.op_types["MatMul"] == pytest.approx(0.06) and ops.op_types["Add"] == pytest.approx(0.002)
+    assert list(ops.to_dict()["top_op_calls"]) == [c for c, _ in ops.top_calls()]
+    assert len(ops.top_calls(1)) == 1
 
 
 def test_latency_fit_on_synthetic_numbers():
@@ -274,6 +297,9 @@ def _check_ops_sides(sparse: dict, base: dict, steps: int) -> None:
         assert [sum(step.values()) for step in ops["per_step"]] == pytest.approx(
             [sum(s[p] for p in PARTS) for s in ops["per_step"]])
         assert 0 < ops["node_ms"] <= ops["run_ms"] and total["compute"] > 0 and total["sampler"] > 0
+        # calls by input shape: real shapes, a share of the by-type total
+        calls = ops["top_op_calls"]
+        assert calls and all("(" in c for c in calls) and sum(calls.values()) <= ops["node_ms"] * (1 + 1e-9)
     for part in ("score", "gather", "scatter"):
         assert sparse["ops"]["total_by_part"][part] > 0, part
         assert base["ops"]["total_by_part"][part] == 0, part
@@ -290,7 +316,7 @@ def test_dsprofile_ops_end_to_end(tiny_bundles, tmp_path, capsys):
     assert fit["steps"] == 6 and fit["b_ms_per_gmac"] is not None and d["baseline"]["latency_fit"]["b_ms_per_gmac"] is None
     assert (out / "step_parts.png").read_bytes()[:8] == PNG
     md = (out / "profile.md").read_text()
-    assert "| score |" in md and "| operator type |" in md and "step_parts.png" in md and "a + b·GMACs" in md
+    assert "| score |" in md and "| operator type |" in md and "step_parts.png" in md and "heaviest operator calls" in md and "a + b·GMACs" in md
     assert "| part |" in capsys.readouterr().out
 
 
