@@ -127,14 +127,20 @@ class CacheLayout:
 
     @classmethod
     def from_tensors(cls, tensors: Sequence[TensorSpec]) -> CacheLayout:
-        """The layout a manifest records (its `cache` list); CacheLayoutError on an unknown name."""
+        """The layout a manifest records (its `cache` list); CacheLayoutError, naming the entry, on
+        an unknown name or a repeated one (a corrupted manifest; whether the shapes fit the model is
+        checked against the spec the runtime builds, runtime/bundle.py)."""
         entries = []
-        for t in tensors:
+        for i, t in enumerate(tensors):
             role, sep, owner = t.name.partition(".")
             if not sep or not owner or role not in {r.value for r in Role}:
-                raise CacheLayoutError(f"{t.name!r} is not a cache entry name (<role>.<layer>, role one of "
+                raise CacheLayoutError(f"[{i}] {t.name!r} is not a cache entry name (<role>.<layer>, role one of "
                                        f"{[r.value for r in Role]})")
             entries.append(CacheEntry(Role(role), owner, tuple(t.shape), t.dtype))
+        names = [e.name for e in entries]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise CacheLayoutError(f"names {repeated} more than once; cache entries must have unique names")
         return cls(entries)
 
     def to_list(self) -> list[dict[str, Any]]:

@@ -25,28 +25,79 @@ The files of a bundle and the rules writer and reader share are in diffsparse/bu
     universal, engines                             TensorRT (dsexport --tensorrt)
 
 Version 1 bundles (no parameter map, an unread sampler field) are refused with "re-export".
+
+Validation. A manifest may be corrupted, hand-edited or hostile, and every load checks it as
+strictly as a schedule file (diffsparse/schedule.py): each field's JSON type, range and finiteness,
+its consistency with the others, and that every file it names is a plain name inside the bundle
+folder. Whatever is wrong gives one `BundleError` naming the field by its path (e.g.
+`graphs[2].keep`) and the fix, never a traceback from deep inside numpy, torch or ONNX Runtime. What
+can only be checked against the model (the step signature and cache shapes the spec builds, the
+sampler plan its sampler computes, the graphs' external data) is checked when the runtime builds
+the spec or opens the graphs (runtime/bundle.py).
+
+Fields are of three kinds:
+
+* informational (`INFORMATIONAL_FIELDS`): provenance and statistics. They are type-checked (tools
+  read them) but no value of theirs changes what a bundle generates;
+* settings (`SETTING_FIELDS`): meant to be edited, they change the output by design (the default
+  guidance scale), within a sanity range;
+* everything else describes the graphs and weights as exported: a value other than the exported
+  one is refused (checked against the spec, the graphs, the schedule or the file checksums) or,
+  where the ONNX Runtime graphs do not read it (e.g. the selector's λ when the cache layout stays
+  the same), cannot change their output.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffsparse.bundle_format import MANIFEST_FILE
-from diffsparse.cache_layout import CacheLayout
-from diffsparse.sampler import SamplerPlan
+from diffsparse.bundle_format import ENGINES_DIR, MANIFEST_FILE, engine_file, graph_file
+from diffsparse.cache_layout import CacheLayout, CacheLayoutError
+from diffsparse.sampler import SamplerError, SamplerPlan
 from diffsparse.schedule import Schedule, ScheduleError
-from diffsparse.tensors import TensorSpec
+from diffsparse.tensors import TensorSpec, TensorSpecError
 
 FORMAT = "diffsparse-bundle"
 VERSION = 2
 
+#: fields that do not affect the generated output (paths as in error messages; `[]` any element):
+#: provenance and statistics for reports and profiles
+INFORMATIONAL_FIELDS = ("tool", "created", "source", "macs", "schedule.provenance", "schedule.macs_ratio",
+                        "graphs[].macs", "graphs[].ops", "graphs[].parity_max_abs_err",
+                        "engines[].precision", "engines[].profiles")
+#: fields meant to be edited: they change the output by design
+SETTING_FIELDS = ("guidance_scale",)
+#: a guidance scale outside this range is a corruption, not a setting (diffusers' defaults are 1-10)
+GUIDANCE_SCALE_RANGE = (0.0, 1000.0)
+#: weights.bin tensor dtypes (numpy `dtype.str`, little-endian as the exporter writes them)
+WEIGHT_DTYPES = ("<f4", "<f2", "<f8", "<i8", "<i4", "<i2", "|i1", "|u1", "|b1")
+#: model_config integers whose name says they count layers or blocks: the model is built from the
+#: config before anything else can be compared with it, and a corrupted count would build for hours
+MAX_LAYER_COUNT = 512
+MAX_CONFIG_INT = 1 << 24
+MAX_BATCH_SIZE = 1 << 16
+_ENGINE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FIX = "re-export the bundle with dsexport"
+
 
 class BundleError(ValueError):
     """A bundle that is missing, half-written, corrupted or of an unknown version."""
+
+
+class _Invalid(Exception):
+    """One manifest field is wrong: its path (graphs[2].keep) and what is wrong with it."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        # a problem of a sub-field (".shape must be ...", "[2] is ...") continues the path
+        super().__init__(f"{path}{'' if problem.startswith(('.', '[')) else ' '}{problem}")
+        self.path, self.problem = path, problem
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -55,6 +106,127 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr for an error message, cut short (a corrupted field may hold a 400-digit number)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ---- field readers: each returns the value or raises _Invalid naming the field ---------------------
+def _keys(d: Any, path: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise _Invalid(path, f"must be a JSON object, got {type(d).__name__}")
+    missing = [k for k in required if k not in d]
+    unknown = sorted(str(k) for k in d if k not in required and k not in optional)
+    if missing or unknown:
+        raise _Invalid(path, f"has missing key(s) {missing}, unknown key(s) {unknown} "
+                             f"(it has {list(required)}{f', optionally {list(optional)}' if optional else ''})")
+    return d
+
+
+def _int(v: Any, path: str, lo: int = 0, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise _Invalid(path, f"must be an integer {rng}, got {_short(v)}")
+    return v
+
+
+def _number(v: Any, path: str, lo: float = -math.inf, hi: float = math.inf) -> float:
+    ok = not isinstance(v, bool) and isinstance(v, (int, float))
+    ok = ok and (math.isfinite(v) if isinstance(v, float) else abs(v) < 1 << 1000) and lo <= v <= hi
+    if not ok:
+        rng = "" if (lo, hi) == (-math.inf, math.inf) else f" in [{lo:g}, {hi:g}]"
+        raise _Invalid(path, f"must be a finite number{rng}, got {_short(v)}")
+    return float(v)
+
+
+def _str(v: Any, path: str, empty: bool = True) -> str:
+    if not isinstance(v, str) or (not empty and not v):
+        raise _Invalid(path, f"must be a {'' if empty else 'non-empty '}string, got {_short(v)}")
+    return v
+
+
+def _bool(v: Any, path: str) -> bool:
+    if not isinstance(v, bool):
+        raise _Invalid(path, f"must be true or false, got {_short(v)}")
+    return v
+
+
+def _list(v: Any, path: str) -> list:
+    if not isinstance(v, list):
+        raise _Invalid(path, f"must be a list, got {type(v).__name__}")
+    return v
+
+
+def _dict(v: Any, path: str) -> dict:
+    if not isinstance(v, dict):
+        raise _Invalid(path, f"must be a JSON object, got {type(v).__name__}")
+    return v
+
+
+def is_plain_file_name(name: Any) -> bool:
+    """Whether `name` is a plain file name inside the bundle folder: no separator, no "..", not
+    absolute, not hidden, so that no manifest (or graph naming external data) makes the runtime
+    read a file elsewhere."""
+    return (isinstance(name, str) and bool(name) and not name.startswith(".") and name == name.strip()
+            and not any(c in name for c in "/\\:\0"))
+
+
+def _file_name(name: Any, path: str) -> str:
+    if not is_plain_file_name(name):
+        raise _Invalid(path, f"must be a plain file name inside the bundle folder (no separators, no '..', not "
+                             f"absolute), got {_short(name)}")
+    return name
+
+
+def _file_entry(d: Any, path: str, extra: tuple[str, ...] = (), optional: tuple[str, ...] = (),
+                plain: bool = True) -> dict[str, Any]:
+    """{file, sha256, bytes, ...}: a file of the bundle with its checksum and size. plain: the
+    file is a plain name (an engine's is checked against its key instead)."""
+    _keys(d, path, ("file", "sha256", "bytes", *extra), optional)
+    if plain:
+        _file_name(d["file"], f"{path}.file")
+    # "" while an export is still writing the bundle (export/bundle.py verifies before it records them)
+    if not isinstance(d["sha256"], str) or not (d["sha256"] == "" or _SHA256.fullmatch(d["sha256"])):
+        raise _Invalid(f"{path}.sha256", f"must be 64 lowercase hex digits, got {_short(d['sha256'])}")
+    _int(d["bytes"], f"{path}.bytes")
+    return d
+
+
+def _json_value(v: Any, path: str, depth: int = 0) -> None:
+    """A model config value: JSON with finite numbers and bounded integers (a huge or infinite
+    value would make the model constructor allocate, loop or fail deep inside diffusers)."""
+    if depth > 8:
+        raise _Invalid(path, "nests too deep")
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _json_value(x, f"{path}.{k}", depth + 1)
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            _json_value(x, f"{path}[{i}]", depth + 1)
+    elif isinstance(v, float):
+        _number(v, path)
+    elif isinstance(v, int) and not isinstance(v, bool):
+        name = path.rpartition(".")[2].lower()
+        hi = MAX_LAYER_COUNT if ("layers" in name or "blocks" in name) else MAX_CONFIG_INT
+        _int(v, path, -MAX_CONFIG_INT, hi)
+    elif not (v is None or isinstance(v, (str, bool))):
+        raise _Invalid(path, f"must be a JSON value, got {type(v).__name__}")
+
+
+def _tensors(v: Any, path: str) -> list[TensorSpec]:
+    out = []
+    for i, t in enumerate(_list(v, path)):
+        try:
+            out.append(TensorSpec.from_dict(t))
+        except TensorSpecError as e:
+            raise _Invalid(f"{path}[{i}]", str(e)) from None
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise _Invalid(path, f"names a tensor more than once: {names}")
+    return out
 
 
 @dataclass
@@ -69,6 +241,28 @@ class GraphEntry:
     # the cache entries the graph outputs (those a later step reads, export/prune.py); the others
     # keep their latest buffer. None: every entry
     cache_writes: list[str] | None = None
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str, num_layers: int, cache: CacheLayout) -> GraphEntry:
+        _file_entry(d, path, ("keep", "macs", "ops"), ("parity_max_abs_err", "cache_writes"))
+        keep = _list(d["keep"], f"{path}.keep")
+        if len(keep) != num_layers:
+            raise _Invalid(f"{path}.keep", f"must hold one token count per schedule layer ({num_layers}), got {len(keep)}")
+        for j, k in enumerate(keep):
+            _int(k, f"{path}.keep[{j}]")
+        _number(d["macs"], f"{path}.macs", 0)
+        if not all(isinstance(op, str) for op in _list(d["ops"], f"{path}.ops")):
+            raise _Invalid(f"{path}.ops", "must be a list of operator names")
+        err = d.get("parity_max_abs_err")
+        if err is not None:
+            _number(err, f"{path}.parity_max_abs_err", 0)
+        writes = d.get("cache_writes")
+        if writes is not None:
+            names = cache.names
+            if not all(isinstance(w, str) and w in names for w in _list(writes, f"{path}.cache_writes")):
+                raise _Invalid(f"{path}.cache_writes", f"must list entries of the manifest's cache, got {_short(writes)}")
+        return cls(file=d["file"], sha256=d["sha256"], bytes=d["bytes"], keep=list(keep), macs=d["macs"],
+                   ops=list(d["ops"]), parity_max_abs_err=err, cache_writes=None if writes is None else list(writes))
 
 
 @dataclass
@@ -112,6 +306,14 @@ class Manifest:
         """Model parameter/buffer name -> [stored tensor name, transposed] (weights.bin)."""
         return self.weights["parameters"]
 
+    @property
+    def files(self) -> list[tuple[str, str, int]]:
+        """(file name, sha256, bytes) of every file the manifest names."""
+        files = [(g.file, g.sha256, g.bytes) for g in self.graphs]
+        files.append((self.weights["file"], self.weights["sha256"], self.weights["bytes"]))
+        return files + [(e["file"], e["sha256"], e["bytes"]) for e in ([self.universal] if self.universal else [])
+                        + self.engines]
+
     def engine(self, key: str) -> dict[str, Any] | None:
         """The entry of the engine built for engine key `key`, if any."""
         return next((e for e in self.engines if e["key"] == key), None)
@@ -130,60 +332,178 @@ class Manifest:
             "universal": self.universal, "engines": self.engines,
         }
 
+    _REQUIRED = ("format", "version", "family", "diffusers_class", "model_config", "batch_size", "guidance",
+                 "inputs", "outputs", "cache", "schedule", "sampler", "graphs", "steps", "weights", "macs")
+    _OPTIONAL = ("tool", "created", "source", "spec_options", "guidance_scale", "universal", "engines")
+
     @classmethod
     def from_dict(cls, d: Any, source: str) -> Manifest:
+        """Read and validate a manifest (module docstring); BundleError naming the field and the fix."""
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise BundleError(f"{source} is not a diffsparse bundle manifest (format must be {FORMAT!r})")
-        if d.get("version") != VERSION:
-            raise BundleError(f"{source}: bundle version {d.get('version')!r} is not supported by this "
+        if d.get("version") != VERSION or isinstance(d.get("version"), bool):
+            raise BundleError(f"{source}: bundle version {_short(d.get('version'))} is not supported by this "
                               f"diffsparse (it reads version {VERSION}); re-export the bundle with dsexport")
         try:
-            schedule = Schedule.from_dict(d["schedule"], source=f"{source}: schedule")
-            m = cls(family=d["family"], diffusers_class=d["diffusers_class"], model_config=d["model_config"],
-                    batch_size=int(d["batch_size"]), guidance=bool(d["guidance"]),
-                    spec_options=dict(d.get("spec_options", {})),
-                    guidance_scale=None if d.get("guidance_scale") is None else float(d["guidance_scale"]),
-                    inputs=[TensorSpec.from_dict(t) for t in d["inputs"]],
-                    outputs=[TensorSpec.from_dict(t) for t in d["outputs"]],
-                    cache=CacheLayout.from_tensors([TensorSpec.from_dict(t) for t in d["cache"]]),
-                    schedule=schedule, sampler=SamplerPlan.from_dict(d["sampler"]),
-                    graphs=[GraphEntry(**g) for g in d["graphs"]], steps=list(d["steps"]),
-                    weights=dict(d["weights"]), macs=dict(d["macs"]), source=dict(d.get("source", {})),
-                    universal=d.get("universal"), engines=list(d.get("engines", [])),
-                    tool=d.get("tool", ""), created=d.get("created", ""))
-        except ScheduleError:
-            raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{source}: malformed manifest ({type(e).__name__}: {e}); re-export the bundle") from None
-        if not m.layer_cache and m.schedule.reuses_tokens:
-            raise BundleError(f"{source}: the schedule reuses tokens but the bundle records no layer cache; "
-                              "re-export the bundle")
-        m.check_consistent(source)
-        m.check_weights(source)
+            return cls._read(d, source)
+        except _Invalid as e:
+            raise BundleError(f"{source}: {e}; the manifest is corrupted or was edited: {_FIX}") from None
+
+    @classmethod
+    def _read(cls, d: dict[str, Any], source: str) -> Manifest:
+        _keys(d, "manifest", cls._REQUIRED, cls._OPTIONAL)
+        try:
+            schedule = Schedule.from_dict(d["schedule"], source="schedule")
+        except ScheduleError as e:  # one error type for a bad manifest, whichever part is bad
+            raise _Invalid("schedule", f"is invalid ({e})") from None
+        except (ArithmeticError, TypeError, ValueError, KeyError, AttributeError) as e:
+            # Schedule.from_dict refuses what it knows; anything else in the embedded copy is still this field
+            raise _Invalid("schedule", f"is malformed ({type(e).__name__}: {_short(str(e), 120)})") from None
+        try:
+            sampler = SamplerPlan.from_dict(d["sampler"], num_steps=schedule.num_steps)
+        except SamplerError as e:
+            raise _Invalid("sampler", f"is invalid: {e}") from None
+        try:
+            cache = CacheLayout.from_tensors(_tensors(d["cache"], "cache"))
+        except CacheLayoutError as e:
+            raise _Invalid("cache", str(e)) from None
+        if not cache.has_layer_cache and schedule.reuses_tokens:
+            raise _Invalid("cache", "has no layer entries: the schedule reuses tokens but the bundle records no layer cache")
+        guidance_scale = d.get("guidance_scale")
+        if guidance_scale is not None:
+            guidance_scale = _number(guidance_scale, "guidance_scale", *GUIDANCE_SCALE_RANGE)
+        model_config = _dict(d["model_config"], "model_config")
+        _json_value(model_config, "model_config")
+        spec_options = _dict(d.get("spec_options", {}), "spec_options")
+        _json_value(spec_options, "spec_options")
+        engines = [_file_entry(e, f"engines[{i}]", ("key", "precision", "profiles"), plain=False)
+                   for i, e in enumerate(_list(d.get("engines", []), "engines"))]
+        for i, e in enumerate(engines):
+            if not isinstance(e["key"], str) or not _ENGINE_KEY.fullmatch(e["key"]) or ".." in e["key"]:
+                raise _Invalid(f"engines[{i}].key", f"must be an engine key (letters, digits, '.', '_', '-'), got "
+                                                    f"{_short(e['key'])}")
+            if e["file"] != engine_file(e["key"]):
+                raise _Invalid(f"engines[{i}].file", f"must be {engine_file(e['key'])!r} (the engine of its key, in "
+                                                     f"{ENGINES_DIR}/), got {_short(e['file'])}")
+            _str(e["precision"], f"engines[{i}].precision")
+            _int(e["profiles"], f"engines[{i}].profiles")
+        universal = d.get("universal")
+        if universal is not None:
+            _file_entry(universal, "universal")
+        source_info = _dict(d.get("source", {}), "source")
+        m = cls(family=_str(d["family"], "family", empty=False),
+                diffusers_class=_str(d["diffusers_class"], "diffusers_class", empty=False),
+                model_config=model_config, batch_size=_int(d["batch_size"], "batch_size", 1, MAX_BATCH_SIZE),
+                guidance=_bool(d["guidance"], "guidance"), spec_options=dict(spec_options),
+                guidance_scale=guidance_scale, inputs=_tensors(d["inputs"], "inputs"),
+                outputs=_tensors(d["outputs"], "outputs"), cache=cache, schedule=schedule, sampler=sampler,
+                graphs=[GraphEntry.from_dict(g, f"graphs[{i}]", schedule.num_layers, cache)
+                        for i, g in enumerate(_list(d["graphs"], "graphs"))],
+                steps=_list(d["steps"], "steps"), weights=_dict(d["weights"], "weights"),
+                macs=_dict(d["macs"], "macs"), source=dict(source_info),
+                universal=universal, engines=engines, tool=_str(d.get("tool", ""), "tool"),
+                created=_str(d.get("created", ""), "created"))
+        if not m.inputs or not m.outputs:
+            raise _Invalid("inputs" if not m.inputs else "outputs", "must name at least one tensor (the latent)")
+        m._check_steps()
+        m._check_macs()
+        m._check_weights()
         return m
 
-    def check_consistent(self, source: str) -> None:
+    def _check_steps(self) -> None:
+        """steps[i] = {index: i, timestep: the sampler's i-th, graph: a graph running the schedule's
+        K for step i}; every graph is run by some step, numbered in order of first use."""
         t = self.schedule.num_steps
-        if len(self.steps) != t or len(self.sampler.timesteps) != t:
-            raise BundleError(f"{source}: {len(self.steps)} steps and {len(self.sampler.timesteps)} timesteps "
-                              f"for a schedule of T={t}; the manifest is inconsistent, re-export the bundle")
-        for s in self.steps:
-            if not 0 <= s["graph"] < len(self.graphs):
-                raise BundleError(f"{source}: step {s['index']} names graph {s['graph']} of {len(self.graphs)}")
-            if self.graphs[s["graph"]].keep != self.schedule.keep[s["index"]]:
-                raise BundleError(f"{source}: step {s['index']}'s graph does not match the schedule's K for it")
+        if len(self.steps) != t:
+            raise _Invalid("steps", f"has {len(self.steps)} entries for a schedule of T={t} steps")
+        if not self.graphs:
+            raise _Invalid("graphs", "is empty")
+        first_use: list[int] = []
+        for i, s in enumerate(self.steps):
+            _keys(s, f"steps[{i}]", ("index", "timestep", "graph"))
+            if _int(s["index"], f"steps[{i}].index") != i:
+                raise _Invalid(f"steps[{i}].index", f"must be {i} (steps are listed in order), got {s['index']}")
+            if _number(s["timestep"], f"steps[{i}].timestep") != float(self.sampler.timesteps[i]):
+                raise _Invalid(f"steps[{i}].timestep", f"must be the sampler's timestep {float(self.sampler.timesteps[i])}, "
+                                                       f"got {s['timestep']}")
+            g = _int(s["graph"], f"steps[{i}].graph", 0, len(self.graphs) - 1)
+            if g not in first_use:
+                if g != len(first_use):
+                    raise _Invalid(f"steps[{i}].graph", f"is {g}, but graphs are numbered in order of first use "
+                                                        f"(expected {len(first_use)} or one of {first_use})")
+                first_use.append(g)
+            if self.graphs[g].keep != self.schedule.keep[i]:
+                raise _Invalid(f"graphs[{g}].keep", f"is not the schedule's K for step {i}, which runs it")
+        if len(first_use) != len(self.graphs):
+            raise _Invalid("graphs", f"lists {len(self.graphs)} graphs but the steps run only {len(first_use)}")
+        for i, g in enumerate(self.graphs):
+            if g.file != graph_file(i):
+                raise _Invalid(f"graphs[{i}].file", f"must be {graph_file(i)!r} (graph files are numbered), got "
+                                                    f"{_short(g.file)}")
 
-    def check_weights(self, source: str) -> None:
-        """Every parameter names a stored tensor of its shape (transposed where marked)."""
-        index = self.weights.get("index")
-        params = self.weights.get("parameters")
-        if not isinstance(index, dict) or not isinstance(params, dict):
-            raise BundleError(f"{source}: the weights entry has no tensor index or parameter map; re-export the bundle")
+    def _check_macs(self) -> None:
+        """Informational, but read by profiles and reports: numbers of the right shape."""
+        _keys(self.macs, "macs", ("dense_total", "total", "ratio", "per_step"))
+        for k in ("dense_total", "total", "ratio"):
+            _number(self.macs[k], f"macs.{k}", 0)
+        per_step = _list(self.macs["per_step"], "macs.per_step")
+        if len(per_step) != self.schedule.num_steps:
+            raise _Invalid("macs.per_step", f"must hold one number per step ({self.schedule.num_steps})")
+        for i, x in enumerate(per_step):
+            _number(x, f"macs.per_step[{i}]", 0)
+
+    def _check_weights(self) -> None:
+        """weights {file, sha256, bytes, tensors, index, parameters}: every stored tensor lies
+        inside the file, apart from the others, its length dtype size × elements; every
+        parameter names a stored tensor."""
+        w = _file_entry(self.weights, "weights", ("tensors", "index", "parameters"))
+        size = w["bytes"]
+        index = _dict(w["index"], "weights.index")
+        if _int(w["tensors"], "weights.tensors") != len(index):
+            raise _Invalid("weights.tensors", f"is {w['tensors']} but the index lists {len(index)} tensors")
+        spans = []
+        for name, entry in index.items():
+            path = f"weights.index[{name!r}]"
+            if not isinstance(entry, list) or len(entry) != 4:
+                raise _Invalid(path, f"must be [offset, bytes, dtype, shape], got {_short(entry)}")
+            offset, length, dtype, shape = entry
+            if not isinstance(dtype, str) or dtype not in WEIGHT_DTYPES:
+                raise _Invalid(f"{path}[2]", f"(dtype) must be one of {list(WEIGHT_DTYPES)}, got {_short(dtype)}")
+            itemsize = int(dtype[2:])
+            _int(offset, f"{path}[0]", 0, size)
+            if offset % itemsize:
+                raise _Invalid(f"{path}[0]", f"(offset {offset}) is not aligned to its dtype's {itemsize} bytes")
+            if not isinstance(shape, list) or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 40
+                                                      for x in shape):
+                raise _Invalid(f"{path}[3]", f"(shape) must be a list of non-negative integers, got {_short(shape)}")
+            elements = math.prod(shape)
+            if _int(length, f"{path}[1]", 0, size - offset) != elements * itemsize:
+                raise _Invalid(f"{path}[1]", f"(bytes) is {length}, but shape {shape} of {dtype} takes {elements * itemsize}")
+            spans.append((offset, offset + length, name))
+        spans.sort()
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise _Invalid(f"weights.index[{b!r}]", f"overlaps {a!r} in {w['file']}")
+        params = _dict(w["parameters"], "weights.parameters")
         for name, entry in params.items():
             stored = entry[0] if isinstance(entry, list) and len(entry) == 2 else None
             if not isinstance(stored, str) or stored not in index:
-                raise BundleError(f"{source}: parameter {name} names {stored}, which weights.bin does not hold; "
-                                  "re-export the bundle")
+                raise _Invalid(f"weights.parameters[{name!r}]", f"names {_short(stored)}, which weights.bin does not hold")
+            _bool(entry[1], f"weights.parameters[{name!r}][1] (transposed)")
+
+    def check_consistent(self, source: str) -> None:
+        """Steps, timesteps, graphs and schedule agree (BundleError otherwise); `from_dict` runs it."""
+        try:
+            self._check_steps()
+        except _Invalid as e:
+            raise BundleError(f"{source}: {e}; the manifest is inconsistent: {_FIX}") from None
+
+    def check_weights(self, source: str) -> None:
+        """Every stored tensor lies within weights.bin; every parameter names one (`from_dict` runs it)."""
+        try:
+            self._check_weights()
+        except _Invalid as e:
+            raise BundleError(f"{source}: {e}; {_FIX}") from None
 
     def save(self, folder: Path) -> Path:
         path = folder / MANIFEST_FILE
@@ -192,7 +512,8 @@ class Manifest:
 
     @classmethod
     def load(cls, folder: str | Path, verify: bool = True) -> Manifest:
-        """Read and validate a bundle's manifest; with verify, check every file's size and checksum."""
+        """Read and validate a bundle's manifest; every file it names must lie inside the folder
+        (no symbolic link out of it); with verify, check every file's size and checksum."""
         folder = Path(folder)
         if not folder.is_dir():
             raise BundleError(f"bundle folder {folder} does not exist")
@@ -203,20 +524,31 @@ class Manifest:
                               f"finish{partial}; run dsexport again")
         try:
             data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{path} is not valid JSON ({e}): the bundle is corrupted; re-export it") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise BundleError(f"{path} is not valid JSON ({_short(str(e), 120)}): the bundle is corrupted; "
+                              "re-export it") from None
         m = cls.from_dict(data, str(path))
-        if verify:
-            files = [(g.file, g.sha256, g.bytes) for g in m.graphs]
-            files.append((m.weights["file"], m.weights["sha256"], m.weights["bytes"]))
-            files += [(e["file"], e["sha256"], e["bytes"]) for e in ([m.universal] if m.universal else []) + m.engines]
-            for name, digest, size in files:
-                f = folder / name
-                if not f.is_file():
-                    raise BundleError(f"bundle {folder} is missing {name}; re-export it")
-                if f.stat().st_size != size:
-                    raise BundleError(f"bundle file {f} has {f.stat().st_size} bytes, the manifest says {size}: "
-                                      "it is truncated or was modified; re-export the bundle")
-                if sha256_file(f) != digest:
-                    raise BundleError(f"bundle file {f} fails its checksum: it is corrupted; re-export the bundle")
+        for name, digest, size in m.files:
+            f = bundle_file(folder, name)
+            if not verify:
+                continue
+            if f.stat().st_size != size:
+                raise BundleError(f"bundle file {f} has {f.stat().st_size} bytes, the manifest says {size}: "
+                                  "it is truncated or was modified; re-export the bundle")
+            if sha256_file(f) != digest:
+                raise BundleError(f"bundle file {f} fails its checksum: it is corrupted; re-export the bundle")
         return m
+
+
+def bundle_file(folder: Path, name: str) -> Path:
+    """The path of a file the manifest names: a regular file that resolves inside the bundle
+    folder (a symbolic link pointing out of it is refused: the manifest's checksum would then
+    vouch for a file someone else controls). BundleError otherwise."""
+    root = folder.resolve()
+    f = folder / name
+    if not f.is_file():
+        raise BundleError(f"bundle {folder} is missing {name}; re-export it")
+    if not f.resolve().is_relative_to(root):
+        raise BundleError(f"bundle file {f} is a link to {f.resolve()}, outside the bundle folder: a bundle's files "
+                          "must lie inside it; copy the file into the bundle or re-export it")
+    return f

@@ -21,6 +21,7 @@ Names: a *sampler* is an instance of one of these classes (`ModelSpec.sampler`);
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -56,17 +57,113 @@ class SamplerPlan:
                 "coefficients": self.coefficients.tolist(), "config": dict(self.config)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SamplerPlan:
-        """The inverse of `to_dict`: exactly its keys; a missing or an unknown one is an error."""
+    def from_dict(cls, data: Any, num_steps: int | None = None) -> SamplerPlan:
+        """The inverse of `to_dict`: exactly its keys, each checked, SamplerError naming the field
+        otherwise. A plan comes from a bundle manifest that may be corrupted or edited, and its
+        numbers go straight into every step: `kind` a known sampler, `config` exactly that
+        sampler's settings with their types and in range (so that rebuilding the sampler from it
+        cannot fail deep inside diffusers), `timesteps` T finite numbers within the training
+        timesteps (integers for the samplers whose model timesteps are), `coefficients` T rows of
+        the sampler's C finite numbers. num_steps: the T expected (None: any, at least 1)."""
         if not isinstance(data, dict):
             raise SamplerError(f"a sampler plan is a JSON object, got {type(data).__name__}")
         keys = list(cls.__dataclass_fields__)
-        missing, unknown = [k for k in keys if k not in data], sorted(set(data) - set(keys))
+        missing, unknown = [k for k in keys if k not in data], sorted(map(str, set(data) - set(keys)))
         if missing or unknown:
             raise SamplerError(f"sampler plan: missing key(s) {missing}, unknown key(s) {unknown} "
                                f"(it has exactly {keys})")
-        return cls(kind=data["kind"], timesteps=np.asarray(data["timesteps"], dtype=np.float32),
-                   coefficients=np.asarray(data["coefficients"], dtype=np.float32), config=dict(data["config"]))
+        kind = data["kind"]
+        if not isinstance(kind, str) or kind not in SAMPLERS:
+            raise SamplerError(f"sampler.kind must be one of {sorted(SAMPLERS)}, got {kind!r}")
+        sampler_cls = SAMPLERS[kind]
+        config = _check_config(sampler_cls, data["config"])
+        timesteps = _number_array(data["timesteps"], "timesteps", 1)
+        t = len(timesteps)
+        if t == 0 or (num_steps is not None and t != num_steps):
+            raise SamplerError(f"sampler.timesteps has {t} entries; the schedule has {num_steps} steps")
+        top = config["num_train_timesteps"]
+        integral = sampler_cls.integer_timesteps
+        last = top - 1 if integral else top   # an index into the training timesteps, or σ·top
+        bad = [i for i, x in enumerate(timesteps) if not (0 <= x <= last and (not integral or x == int(x)))]
+        if bad:
+            what = f"an integer in [0, {last}]" if integral else f"a number in [0, {last}]"
+            raise SamplerError(f"sampler.timesteps[{bad[0]}] = {float(timesteps[bad[0]])!r} must be {what} "
+                               f"(the sampler's num_train_timesteps is {top})")
+        coefficients = _number_array(data["coefficients"], "coefficients", 2)
+        c = sampler_cls.num_coefficients
+        if coefficients.shape != (t, c):
+            raise SamplerError(f"sampler.coefficients must be {t} rows of {c} numbers (one row per step for "
+                               f"{kind!r}), got shape {list(coefficients.shape)}")
+        return cls(kind=kind, timesteps=timesteps.astype(np.float32), coefficients=coefficients.astype(np.float32),
+                   config=config)
+
+
+#: per setting type (the dataclass annotations, strings under `from __future__ import annotations`):
+#: the JSON types that may hold it
+_SETTING_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+#: settings that index, size or spread the training timesteps: a huge one would make diffusers
+#: build a huge schedule, so they are bounded well beyond any real model's
+_SETTING_RANGES = {"num_train_timesteps": (1, 100_000), "steps_offset": (0, 100_000),
+                   "base_image_seq_len": (1, 1 << 24), "max_image_seq_len": (1, 1 << 24)}
+#: string settings and the values the matching diffusers schedulers accept
+_SETTING_CHOICES = {"beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+                    "timestep_spacing": ("leading", "trailing", "linspace"),
+                    "final_sigmas_type": ("zero", "sigma_min")}
+
+
+def _check_config(sampler_cls: type[Sampler], config: Any) -> dict[str, Any]:
+    """A plan's `config`: exactly the sampler's settings (`asdict` of it), each of its type and range."""
+    if not isinstance(config, dict):
+        raise SamplerError(f"sampler.config must be an object, got {type(config).__name__}")
+    fields = sampler_cls.__dataclass_fields__
+    missing, unknown = [k for k in fields if k not in config], sorted(map(str, set(config) - set(fields)))
+    if missing or unknown:
+        raise SamplerError(f"sampler.config: missing key(s) {missing}, unknown key(s) {unknown} "
+                           f"({sampler_cls.kind!r} has exactly {list(fields)})")
+    for name, f in fields.items():
+        value, kind = config[name], str(f.type)
+        ok = isinstance(value, _SETTING_TYPES.get(kind, (object,))) and (kind == "bool" or not isinstance(value, bool))
+        if ok and kind == "float":
+            ok = bool(np.isfinite(value))
+        if ok and name in _SETTING_RANGES:
+            lo, hi = _SETTING_RANGES[name]
+            ok = lo <= value <= hi
+        if ok and name in _SETTING_CHOICES:
+            ok = value in _SETTING_CHOICES[name]
+        if not ok:
+            rule = (f"one of {_SETTING_CHOICES[name]}" if name in _SETTING_CHOICES
+                    else f"an integer in {list(_SETTING_RANGES[name])}" if name in _SETTING_RANGES
+                    else "a finite number" if kind == "float" else f"a {kind}")
+            raise SamplerError(f"sampler.config.{name} must be {rule}, got {_short(value)}")
+    return dict(config)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr for an error message, cut short (a corrupted file may hold a 400-digit number)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _finite_number(x: Any) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    return math.isfinite(x) if isinstance(x, float) else abs(x) < 1 << 1000   # float() of a larger int fails
+
+
+def _number_array(value: Any, name: str, ndim: int) -> np.ndarray:
+    """A list (ndim 1) or a list of equally long lists (ndim 2) of finite JSON numbers, as float64;
+    SamplerError naming the first bad entry otherwise."""
+    rows = [value] if ndim == 1 else value
+    if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows) or len({len(r) for r in rows}) > 1:
+        shape = "a list of numbers" if ndim == 1 else "a list of equally long lists of numbers"
+        raise SamplerError(f"sampler.{name} must be {shape}")
+    for i, row in enumerate(rows):
+        for j, x in enumerate(row):
+            if not _finite_number(x):
+                where = f"[{j}]" if ndim == 1 else f"[{i}][{j}]"
+                raise SamplerError(f"sampler.{name}{where} must be a finite number, got {_short(x)}")
+    array = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1 if rows and rows[0] else 0)
+    return array[0] if ndim == 1 else array
 
 
 class Sampler(ABC):
@@ -90,6 +187,9 @@ class Sampler(ABC):
     kind: ClassVar[str]
     state: ClassVar[tuple[str, ...]]
     num_coefficients: ClassVar[int]
+    #: whether the plan's timesteps are integers (indices into the training schedule) or, for
+    #: flow matching, σ·num_train_timesteps (`SamplerPlan.from_dict` checks them accordingly)
+    integer_timesteps: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod
@@ -296,6 +396,7 @@ class FlowMatchSampler(Sampler):
     kind = "flow_euler"
     state = ()
     num_coefficients = 2
+    integer_timesteps = False
 
     num_train_timesteps: int = 1000
     shift: float = 1.0

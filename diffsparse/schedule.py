@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,7 +84,9 @@ class SelectorConfig:
         if len(self.lambdas) != 4:
             raise ScheduleError("selector.lambdas must hold 4 numbers (λ1 score, λ2 cross-attention, λ3 reuse, λ4 bonus)")
         object.__setattr__(self, "lambdas", tuple(float(x) for x in self.lambdas))
-        if int(self.window) < 1:
+        if not all(math.isfinite(x) for x in self.lambdas):
+            raise ScheduleError(f"selector.lambdas must be finite numbers, got {list(self.lambdas)}")
+        if isinstance(self.window, float) and not math.isfinite(self.window) or int(self.window) < 1:
             raise ScheduleError(f"selector.window must be >= 1, got {self.window}")
 
 
@@ -252,6 +255,8 @@ class Schedule:
         try:
             layers = [LayerRef(int(l["block"]), str(l["kind"])) for l in data["layers"]]
             sel = data.get("selector", {})
+            if not isinstance(sel, dict):
+                raise ScheduleError(f"selector must be an object {{score, lambdas, window}}, got {type(sel).__name__}")
             selector = SelectorConfig(score=sel.get("score", "attention"),
                                       lambdas=tuple(sel.get("lambdas", SelectorConfig.lambdas)),
                                       window=int(sel.get("window", 2)))
@@ -267,7 +272,7 @@ class Schedule:
             )
         except ScheduleError as e:
             raise ScheduleError(f"{source}: {e}") from None
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
             raise ScheduleError(f"{source}: malformed field ({type(e).__name__}: {e})") from None
         if data["num_steps"] != sched.num_steps:
             raise ScheduleError(f"{source}: num_steps={data['num_steps']} but keep has {sched.num_steps} rows")

@@ -1,20 +1,44 @@
 """Write a bundle: schedule + model -> per-step ONNX graphs, shared weights, manifest.
 
-Everything is written into a hidden temporary folder beside the target and renamed into place
-only when complete and verified, so an interrupted export never leaves a half bundle under the
-target name and never destroys an existing one.
+Faults during an export lose nothing: a kill (even SIGKILL) at any moment, a full disk or a power
+cut never leaves a folder under the target name that loads as a bundle unless it is a complete one
+(the old or the new), never harms an existing bundle there, and the next export succeeds.
+
+- Everything is written into a hidden temporary folder `.{name}.tmp-{pid}` beside the target,
+  flushed to disk (fsync: files, then folder) and renamed into place only when complete and
+  verified; a write failure (ENOSPC, EIO, ...) removes it and raises an `ExportError` that names the
+  target, the OS error and the fix.
+- Replacing an existing bundle is one atomic swap where the OS has one: Linux's
+  renameat2(RENAME_EXCHANGE) (through ctypes, glibc >= 2.28) exchanges the temporary folder and the
+  target, so the target always names a complete bundle; the old one, now under the temporary
+  name, is then deleted. Elsewhere (or on a file system without the flag) the old bundle is first
+  renamed to `.{name}.old-{pid}` and the new one renamed into place: a kill between the two
+  renames leaves no folder at the target, and the old bundle complete under that backup name.
+- Recovery rule (`recover_interrupted`, run at the start of every export): a `.{name}.old-{pid}`
+  of a process that is no longer running is restored to the target if the target is missing (the
+  kill landed between the two renames), else deleted; a `.{name}.tmp-{pid}` of such a process is
+  deleted. A backup name only ever holds a complete bundle: after the swap it is renamed back to
+  the (free) temporary name before being deleted, so a kill during that deletion cannot leave a
+  half-deleted bundle under a name recovery would restore. Folders of live processes (a concurrent
+  export) are left alone; liveness is checked by pid on this machine (a zombie counts as dead), so
+  a recycled pid at worst delays a cleanup, and two machines exporting to one shared folder at
+  once are not supported.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
+import errno
 import logging
 import os
+import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -37,6 +61,32 @@ from diffsparse.schedule import Schedule
 from diffsparse.tokencache import TOPK_LIMIT
 
 log = logging.getLogger(__name__)
+
+# Test hook: when set, called with the name of each point an export passes (after each file it
+# writes, each rename), so fault tests (tests/export/test_export_faults.py,
+# benchmarks/export_faults.py) can stop or kill an export at a deterministic point. None in use.
+FAULT_HOOK: Callable[[str], None] | None = None
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+_NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV}
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
+
+def _load_renameat2():
+    """libc's renameat2 (Linux, glibc >= 2.28), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _load_renameat2()
 
 
 class ExportError(RuntimeError):
@@ -64,6 +114,8 @@ def export_bundle(spec: ModelSpec, schedule: Schedule, out: str | Path, source: 
                   config: ExportConfig | None = None) -> Manifest:
     config = config or ExportConfig()
     out = Path(out)
+    if out.parent.is_dir():  # before the existence check: an interrupted swap may have moved the bundle aside
+        recover_interrupted(out)
     if out.exists() and not config.overwrite:
         raise ExportError(f"{out} already exists; pass overwrite (dsexport --overwrite) to replace it")
     spec.check_schedule(schedule)
@@ -78,18 +130,55 @@ def export_bundle(spec: ModelSpec, schedule: Schedule, out: str | Path, source: 
             check_available()
         except TensorRTUnavailable as e:
             raise ExportError(str(e)) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _check_disk_space(spec, out.parent)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _leftover_name(out, "tmp", os.getpid())
     try:
-        manifest = _write(spec, schedule, tmp, source or {}, config)
-        _replace(tmp, out)
-    except BaseException:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _check_disk_space(spec, out.parent)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _checkpoint("started")
+        manifest = _write(spec, schedule, tmp, source or {}, config)
+        _sync_tree(tmp)
+        _checkpoint("synced")
+        _replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        failure = _os_error(e)
+        if failure is not None:
+            raise ExportError(_write_failure(out, failure)) from e
         raise
     return manifest
+
+
+def _checkpoint(name: str) -> None:
+    if FAULT_HOOK is not None:
+        FAULT_HOOK(name)
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OS error behind a failed write: `e` itself, or (for a full disk) one that a library
+    wrapped in its own exception type."""
+    if isinstance(e, OSError):
+        return e
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _write_failure(out: Path, e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in _DISK_FULL:
+        quota = "" if e.errno == errno.ENOSPC else f" ({e.strerror})"
+        return (f"writing the bundle {out} failed: no space left on the device{quota}{where}. "
+                f"The partial export was removed and {out} is unchanged; free space on {out.parent} "
+                "or export elsewhere (--out), then run dsexport again")
+    return (f"writing the bundle {out} failed: {e.strerror or e}{where}. The partial export was removed and "
+            f"{out} is unchanged; fix the cause (permissions, device) or export elsewhere (--out), then run "
+            "dsexport again")
 
 
 def _check_disk_space(spec: ModelSpec, folder: Path) -> None:
@@ -117,14 +206,119 @@ def _build_engines(spec: ModelSpec, schedule: Schedule, folder: Path, precision:
     return _file_entry(folder, UNIVERSAL_FILE), [engine]
 
 
+def _leftover_name(out: Path, kind: str, pid: int) -> Path:
+    """`.{name}.tmp-{pid}` (an export in progress) or `.{name}.old-{pid}` (a bundle moved aside)."""
+    return out.parent / f".{out.name}.{kind}-{pid}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs on this machine (a zombie does not); unsure counts as alive."""
+    if pid == os.getpid() or os.name == "nt":  # Windows: os.kill would end the process, so never delete
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (macOS) or it just exited
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def recover_interrupted(out: str | Path) -> list[str]:
+    """Clean up after exports to `out` that were killed: restore a bundle an interrupted swap moved
+    aside (when `out` is missing), delete their temporary folders and backups. Folders of running
+    exports are left alone. Returns what was done, one line each (also logged)."""
+    out = Path(out)
+    done = []
+    try:
+        entries = sorted(out.parent.iterdir(), key=lambda p: p.name)
+    except OSError:
+        return done
+    stale = []
+    for path in entries:
+        m = _LEFTOVER.match(path.name)
+        if m and m["name"] == out.name and not _alive(int(m["pid"])):
+            stale.append((m["kind"], path))
+    for kind, path in sorted(stale, key=lambda kp: kp[0] != "old"):  # restore before deleting anything
+        try:
+            if kind == "old" and not os.path.lexists(out):
+                os.rename(path, out)
+                done.append(f"restored {out} from {path.name}, left by an interrupted export")
+                continue
+            shutil.rmtree(path)
+            done.append(f"removed {path.name}, left by an interrupted export")
+        except FileNotFoundError:  # another export cleaned it up first
+            continue
+        except OSError as e:
+            log.warning("could not clean up %s (%s); delete it by hand", path, e)
+    for line in done:
+        log.warning("%s", line)
+    return done
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (renameat2 RENAME_EXCHANGE); False where the OS or file system has no
+    such call, so the caller falls back to two renames."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_EXCHANGE:
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(folder: Path) -> None:
+    """Flush the bundle's files and folder entry to disk before it is renamed into place, so that a
+    power cut cannot leave a renamed but empty bundle (data is written back after metadata)."""
+    for f in folder.iterdir():
+        if f.is_file():
+            _fsync(f)
+    if os.name != "nt":  # folders cannot be opened for fsync there
+        _fsync(folder)
+
+
 def _replace(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Put the complete bundle at `tmp` in place of `out` (see the module docstring)."""
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        _checkpoint("renamed")
+    elif _exchange(tmp, out):
+        _checkpoint("swapped")  # tmp now holds the old bundle
+    else:
+        old = _leftover_name(out, "old", os.getpid())
+        os.rename(out, old)
+        _checkpoint("moved-aside")
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            os.rename(old, out)
+            raise
+        _checkpoint("renamed")
+        try:  # out of its recoverable name in one step, then deleted at leisure
+            os.rename(old, tmp)
+        except OSError as e:
+            log.warning("could not remove the replaced bundle %s (%s); the next export removes it", old, e)
+    if os.name != "nt":
+        try:  # the rename's durability; the new bundle is in place either way
+            _fsync(out.parent)
+        except OSError as e:
+            log.warning("could not flush %s to disk (%s)", out.parent, e)
+    shutil.rmtree(tmp, ignore_errors=True)
+    _checkpoint("cleaned")
 
 
 def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, Any],
@@ -147,6 +341,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
                 raise ExportError(f"step graph {i} is outside TensorRT's supported subset: " + "; ".join(problems))
         rel = graph_file(i)
         onnx.save(model, str(folder / rel))
+        _checkpoint(f"graph-{i}")
         # checksum, size and operators are recorded once the graphs are pruned (_prune_cache_writes)
         graphs.append(GraphEntry(file=rel, sha256="", bytes=0, keep=list(sig), macs=spec.step_macs(sig), ops=[]))
         log.info("exported graph %d/%d in %.1fs", i + 1, len(signatures), time.perf_counter() - t0)
@@ -157,6 +352,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
     weights = store.close()
     weights["parameters"] = parameters
     weights["sha256"] = sha256_file(folder / weights["file"])
+    _checkpoint("weights")
     universal_entry, engines = None, []
     if config.tensorrt is not None:
         universal_entry, engines = _build_engines(spec, schedule, folder, config.tensorrt)
@@ -179,6 +375,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
         source=source, tool=f"diffsparse {__version__}",
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     manifest.save(folder)
+    _checkpoint("manifest")
     if config.verify:
         try:
             errors = verify_graphs(folder, spec)
@@ -191,8 +388,10 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
             raise ExportError(f"exported graphs differ from the PyTorch step by up to {worst:.3g} "
                               f"(tolerance {config.tolerance:g}); per graph: {errors}")
     # verified with every output (the tie check reads reuse counts); pruning only removes nodes
+    _checkpoint("verified")
     _prune_cache_writes(folder, manifest)
     manifest.save(folder)
+    _checkpoint("complete")
     return manifest
 
 
@@ -207,6 +406,7 @@ def _prune_cache_writes(folder: Path, manifest: Manifest) -> None:
         variants.setdefault((g, w), len(variants))
     for g in manifest.graphs:
         (folder / g.file).unlink()
+    _checkpoint("pruning")  # the manifest now names graphs that are gone
     graphs = []
     for (g, w), i in variants.items():
         model = onnx.ModelProto()

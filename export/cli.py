@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"dsexport: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the export removed its temporary folder: --out holds the old bundle or the new one
+        print(f"dsexport: interrupted; nothing partial was left at {args.out}", file=sys.stderr)
+        return 130
     parity = [g.parity_max_abs_err for g in manifest.graphs if g.parity_max_abs_err is not None]
     if not args.quiet:
         print(f"wrote {args.out}: {manifest.schedule.num_steps} steps, {len(manifest.graphs)} distinct graphs, "

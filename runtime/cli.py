@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from diffsparse.runtime.backends.base import BackendError
 from diffsparse.runtime.backends.ort import PREPACK_MEMORY_SHARE, PREPACK_MODES
 from diffsparse.runtime.backends.select import BACKENDS, DEVICES
 from diffsparse.runtime.backends.torch_backend import DTYPES
-from diffsparse.runtime.pipeline import Pipeline
+from diffsparse.runtime.pipeline import NonFiniteOutputError, Pipeline
 from diffsparse.runtime.profile import ProfileConfig, profile
 from diffsparse.runtime.report import write_report
 
@@ -21,11 +24,44 @@ from diffsparse.schedule import ScheduleError
 
 PREPACK_HELP = ("onnxruntime on the CPU: each step session keeps pre-packed matmul weights (faster, a copy of the "
                 f"weights per session); auto: when the copies fit in {round(100 * PREPACK_MEMORY_SHARE)}%% of physical memory")
-USER_ERRORS = (BundleError, BackendError, ScheduleError, ValueError, FileNotFoundError)
+USER_ERRORS = (BundleError, BackendError, ScheduleError, NonFiniteOutputError, ValueError, FileNotFoundError)
+
+
+def _load_conditioning(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, or ValueError saying it is not one."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, ValueError) as e:
+        raise ValueError(f"--conditioning {path} could not be read as an .npz file ({e}); save the arrays "
+                         "with np.savez") from None
+    if isinstance(data, np.ndarray):
+        raise ValueError(f"--conditioning {path} holds one unnamed array; save the named arrays with np.savez")
+    with data:
+        return {k: data[k] for k in data.files}
 
 
 def _labels(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def output_problem(out: str) -> str | None:
+    """Why the image file `out` could not be written, or None: checked before generating, so a
+    typo in --out does not cost a whole generation and end in a traceback."""
+    path = Path(out)
+    folder = path.parent
+    if path.is_dir():
+        return f"--out {out} is a folder; give a file name, e.g. {path / 'samples.png'}"
+    if not folder.exists():
+        return f"the folder of --out {out} does not exist: create it (mkdir -p {folder}) or choose another path"
+    if not folder.is_dir():
+        return f"--out {out}: {folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"--out {out} is not writable: choose a path in a folder you can write to"
+    if path.suffix.lower() not in Image.registered_extensions():
+        return f"--out {out}: unknown image type {path.suffix or '(no extension)'!r}; use a name ending in .png"
+    return None
 
 
 def run_main(argv: list[str] | None = None) -> int:
@@ -46,21 +82,28 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="samples.png", help="PNG grid to write")
     p.add_argument("--scale", type=int, default=4, help="pixel upscaling of the grid")
     args = p.parse_args(argv)
+    problem = output_problem(args.out)
+    if problem:
+        print(f"dsrun: error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, dtype=args.dtype,
                                     prepack=args.prepack)
         conditioning = None
         if args.conditioning:
-            with np.load(args.conditioning) as data:
-                conditioning = {k: data[k] for k in data.files}
+            conditioning = _load_conditioning(args.conditioning)
         labels = args.labels if args.labels is not None or conditioning else list(range(10))
         result = pipe.generate(labels, seed=args.seed, guidance_scale=args.guidance_scale,
                                conditioning=conditioning)
     except USER_ERRORS as e:
         print(f"dsrun: error: {e}", file=sys.stderr)
         return 2
-    result.grid(scale=args.scale).save(args.out)
+    try:
+        result.grid(scale=args.scale).save(args.out)
+    except OSError as e:  # the disk filled up, or the folder changed while generating
+        print(f"dsrun: error: could not write {args.out}: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}: {len(result.samples)} samples in {result.total_seconds:.2f}s on "
           f"{result.backend}/{result.device}")
     return 0

@@ -49,7 +49,7 @@ import torch
 
 from diffsparse.models.cached import PARTS as STEP_PARTS
 from diffsparse.models.cached import Part
-from diffsparse.runtime.backends.base import Backend, BackendError
+from diffsparse.runtime.backends.base import Backend, BackendContext, BackendError
 from diffsparse.runtime.backends.ort import OrtBackend
 from diffsparse.runtime.backends.torch_backend import TorchBackend
 from diffsparse.runtime.bundle import Bundle
@@ -278,30 +278,36 @@ STEP_SCOPE, FORWARD_SCOPE, PART_SCOPE = "diffsparse.step.", "diffsparse.forward"
 
 
 class _ScopedSteps(Backend):
-    """A torch backend whose steps run inside record_function scopes `diffsparse.step.<gen>.<step>`."""
+    """A torch backend whose steps run inside record_function scopes `diffsparse.step.<gen>.<step>`
+    (in a context of its own over the inner backend's modules)."""
 
     def __init__(self, inner: TorchBackend, num_steps: int) -> None:
         super().__init__()
         self.inner, self.num_steps, self.calls = inner, num_steps, 0
         self.name = inner.name
-        self.loaded = self.allocated = True
+        self.loaded = inner.loaded
 
     @property
     def device(self) -> str:
         return self.inner.device
 
     def load(self) -> None:
-        self.inner.load()
+        self.inner.prepare()
 
-    def allocate(self) -> None:
-        self.inner.allocate()
+    def new_context(self) -> _ScopedContext:
+        return _ScopedContext(self, self.inner.new_context())
+
+
+class _ScopedContext(BackendContext):
+    def __init__(self, scoped: _ScopedSteps, inner: BackendContext) -> None:
+        self.scoped, self.inner = scoped, inner
 
     def start(self, latent) -> None:
         self.inner.start(latent)
 
     def run_step(self, graph: int, feeds) -> None:
-        gen, step = divmod(self.calls, self.num_steps)
-        self.calls += 1
+        gen, step = divmod(self.scoped.calls, self.scoped.num_steps)
+        self.scoped.calls += 1
         with torch.profiler.record_function(f"{STEP_SCOPE}{gen}.{step}"):
             self.inner.run_step(graph, feeds)
             self.inner.synchronize()

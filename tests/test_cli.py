@@ -63,3 +63,43 @@ def test_text_model_from_the_command_line(tmp_path, capsys):
     assert "'prompt_embeds' must have shape (1, 6, 24), got (1, 3, 24)" in capsys.readouterr().err
     assert dsexport(["--model", "pixart-tiny", "--option", "txt_len=6", "--out", str(tmp_path / "y")]) == 2
     assert "unknown option" in capsys.readouterr().err
+
+
+def test_dsrun_checks_the_output_path_before_generating(tiny_bundles, tmp_path, capsys, monkeypatch):
+    """A bad --out is refused first (exit 2, one line, no traceback); a failure at the end too."""
+    import os
+
+    import numpy as np
+
+    from diffsparse.runtime import NonFiniteOutputError, Pipeline
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before checking --out")
+
+    bundle = str(tiny_bundles["toca"])
+    with monkeypatch.context() as m:
+        m.setattr(Pipeline, "from_bundle", no_generation)
+        assert dsrun([bundle, "--out", str(tmp_path / "no" / "such" / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert "does not exist: create it (mkdir -p" in err and "Traceback" not in err
+        (tmp_path / "file").write_text("")
+        assert dsrun([bundle, "--out", str(tmp_path / "file" / "x.png")]) == 2
+        assert "is not a folder" in capsys.readouterr().err
+        assert dsrun([bundle, "--out", str(tmp_path)]) == 2
+        assert "is a folder; give a file name" in capsys.readouterr().err
+        assert dsrun([bundle, "--out", str(tmp_path / "x.nope")]) == 2
+        assert "unknown image type '.nope'" in capsys.readouterr().err
+        m.setattr(os, "access", lambda *a, **k: False)  # as on a read-only folder (root ignores permissions)
+        assert dsrun([bundle, "--out", str(tmp_path / "x.png")]) == 2
+        assert "is not writable" in capsys.readouterr().err
+
+    def nan(self, *args, **kwargs):
+        raise NonFiniteOutputError("samples [0] (batch 0) ended with non-finite latents")
+
+    monkeypatch.setattr(Pipeline, "generate", nan)
+    assert dsrun([bundle, "--out", str(tmp_path / "x.png")]) == 2
+    assert "non-finite latents" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+    np_file = tmp_path / "one.npy"
+    np.save(np_file, np.zeros(3))
+    assert dsrun([bundle, "--conditioning", str(np_file), "--out", str(tmp_path / "y.png")]) == 2
+    assert "one unnamed array" in capsys.readouterr().err

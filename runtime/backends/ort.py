@@ -6,8 +6,9 @@ each session keeps its own packed copy of every matmul weight. On the CPU the Or
 of one memory map of weights.bin;
 on CUDA (onnxruntime-gpu) each weight is uploaded once as a device OrtValue, which ORT uses in
 place when the initializer is planned on the same device (onnxruntime PR #5092).
-Cache: two preallocated buffers per entry (and for the latent) on the device, bound with IO
-binding. A step reads each entry from the buffer holding its latest value and writes the entries
+Cache (per `OrtContext`, one per generation running at a time; the sessions and weights are
+shared by all contexts): two preallocated buffers per entry (and for the latent) on the device,
+bound with IO binding. A step reads each entry from the buffer holding its latest value and writes the entries
 it outputs into the other one, which then holds the latest value: an entry a graph does not
 output (export/prune.py: not read later, or carried over unchanged) costs nothing and keeps its
 buffer. Input and output are never the same buffer. On CUDA the steps run without synchronising the stream after each one
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import numpy as np
 import onnx
 
 from diffsparse.cache_layout import output_name
-from diffsparse.runtime.backends.base import Backend, BackendError, check_latent
+from diffsparse.runtime.backends.base import Backend, BackendContext, BackendError, check_latent
 from diffsparse.runtime.backends.select import check_ort_device
 from diffsparse.runtime.bundle import Bundle
 
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 
 
 _ENV_ALLOCATOR = False
+#: held while a backend sets up what is process-wide (the shared thread pool, the environment's
+#: CPU arena) and creates its sessions: pipelines of two bundles may load from two threads at once
+_PROCESS_SETUP = threading.RLock()
 #: ONNX Runtime graph optimizers left off on the CPU. MatMulAddFusion rewrites a 3-D MatMul + Add as
 #: Reshape -> Gemm -> Reshape; where the result is a graph output (every cache entry a step writes)
 #: the last Reshape becomes a copy into the bound buffer. Without it the MatMul writes the output
@@ -174,6 +179,12 @@ class OrtBackend(Backend):
     def device(self) -> str:
         return self._device
 
+    @property
+    def max_contexts(self) -> int | None:
+        """Contexts that may run at once: any number on the CPU (sessions run concurrently with
+        distinct IO bindings, tested); one on CUDA (not yet supported: untested there)."""
+        return None if self._device == "cpu" else 1
+
     def _providers(self):
         if self._device == "cuda":
             return [("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
@@ -188,8 +199,12 @@ class OrtBackend(Backend):
         ort = self.ort
         shared = {name: self._ortvalue(array) for name, array in self.bundle.weights.items()}
         self._shared = shared  # the sessions borrow these buffers: keep them alive
-        if self._device == "cpu":
-            share_cpu_allocator(ort)
+        with _PROCESS_SETUP:  # pipelines of other bundles may be loading in other threads
+            if self._device == "cpu":
+                share_cpu_allocator(ort)
+            self._load_sessions(ort, shared)
+
+    def _load_sessions(self, ort, shared: dict) -> None:
         for i in range(len(self.bundle.manifest.graphs)):
             path = self.bundle.graph_path(i)
             graph = onnx.load(str(path), load_external_data=False).graph
@@ -215,61 +230,13 @@ class OrtBackend(Backend):
                                                           disabled_optimizers=disabled))
             except Exception as e:
                 raise BackendError(f"onnxruntime could not load {path}: {e}") from e
-        log.info("loaded %d onnxruntime sessions on %s (weights %s)", len(self.sessions), self._device,
-                 "pre-packed per session" if self.prepacked else "shared, packed per call")
-
-    def allocate(self) -> None:
-        def buffers():
-            bufs = {s.name: self._ortvalue(s.zeros()) for s in self.cache_specs}
-            bufs["latent"] = self._ortvalue(self.latent_spec.zeros())
-            return bufs
-        self._sets = [buffers(), buffers()]
-        self._latest = self._zero_parity()
-        self._bindings = [s.io_binding() for s in self.sessions]
-        self._run_options = self.ort.RunOptions()
-        if self._device == "cuda":
-            # no stream synchronisation after each step; `synchronize` waits once
-            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        self._last_binding = None
         # the exporter drops inputs a graph does not read (e.g. reuse counts of a full step), and
         # graphs output only the cache entries a later step reads
-        self._declared = [{i.name for i in s.get_inputs()} for s in self.sessions]
+        self.declared = [{i.name for i in s.get_inputs()} for s in self.sessions]
         outputs = [{o.name for o in sess.get_outputs()} for sess in self.sessions]
-        self._written = [[s.name for s in self.cache_specs if output_name(s.name) in outs] for outs in outputs]
-
-    def _zero_parity(self) -> dict[str, int]:
-        """Which of the two buffers holds each entry's (and the latent's) latest value."""
-        return {name: 0 for name in ["latent", *(s.name for s in self.cache_specs)]}
-
-    def start(self, latent: np.ndarray) -> None:
-        latent = check_latent(latent, self.latent_spec)
-        for bufs in self._sets:
-            for spec in self.cache_specs:
-                bufs[spec.name].update_inplace(spec.zeros())
-        self._latest = self._zero_parity()
-        self._sets[0]["latent"].update_inplace(latent)
-
-    def run_step(self, graph: int, feeds: dict[str, np.ndarray]) -> None:
-        latest = self._latest
-        binding = self._bindings[graph]
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
-        declared = self._declared[graph]
-        for name, value in feeds.items():
-            if name in declared:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=self.inputs[name].numpy_dtype))
-        binding.bind_ortvalue_input(self.latent_spec.name, self._sets[latest["latent"]]["latent"])
-        binding.bind_ortvalue_output(self.output_latent, self._sets[1 - latest["latent"]]["latent"])
-        for spec in self.cache_specs:
-            if spec.name in declared:
-                binding.bind_ortvalue_input(spec.name, self._sets[latest[spec.name]][spec.name])
-        written = self._written[graph]
-        for name in written:
-            binding.bind_ortvalue_output(output_name(name), self._sets[1 - latest[name]][name])
-        self.sessions[graph].run_with_iobinding(binding, self._run_options)
-        self._last_binding = binding
-        for name in ["latent", *written]:
-            latest[name] = 1 - latest[name]
+        self.written = [[s.name for s in self.cache_specs if output_name(s.name) in outs] for outs in outputs]
+        log.info("loaded %d onnxruntime sessions on %s (weights %s)", len(self.sessions), self._device,
+                 "pre-packed per session" if self.prepacked else "shared, packed per call")
 
     def end_profiling(self) -> list[str]:
         """Stop profiling; the trace file of each session, in graph order."""
@@ -277,8 +244,71 @@ class OrtBackend(Backend):
             raise BackendError("this backend was not created with profile_prefix")
         return [s.end_profiling() for s in self.sessions]
 
+    def new_context(self) -> OrtContext:
+        return OrtContext(self)
+
+
+class OrtContext(BackendContext):
+    """One generation's state over an OrtBackend's shared sessions: two buffers per cache entry
+    and for the latent, which of the two holds each one's latest value, and one IOBinding per
+    session. ONNX Runtime allows concurrent `run_with_iobinding` calls on one session with
+    distinct bindings, so contexts of one backend may run in different threads at once."""
+
+    def __init__(self, backend: OrtBackend) -> None:
+        self.backend = b = backend
+        if not b.sessions:
+            raise BackendError("the onnxruntime backend is not loaded: call prepare() before new_context()")
+
+        def buffers():
+            bufs = {s.name: b._ortvalue(s.zeros()) for s in b.cache_specs}
+            bufs["latent"] = b._ortvalue(b.latent_spec.zeros())
+            return bufs
+        self._sets = [buffers(), buffers()]
+        self._latest = self._zero_parity()
+        self._bindings = [s.io_binding() for s in b.sessions]
+        self._run_options = b.ort.RunOptions()
+        if b.device == "cuda":
+            # no stream synchronisation after each step; `synchronize` waits once
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._last_binding = None
+
+    def _zero_parity(self) -> dict[str, int]:
+        """Which of the two buffers holds each entry's (and the latent's) latest value."""
+        return {name: 0 for name in ["latent", *(s.name for s in self.backend.cache_specs)]}
+
+    def start(self, latent: np.ndarray) -> None:
+        b = self.backend
+        latent = check_latent(latent, b.latent_spec)
+        for bufs in self._sets:
+            for spec in b.cache_specs:
+                bufs[spec.name].update_inplace(spec.zeros())
+        self._latest = self._zero_parity()
+        self._sets[0]["latent"].update_inplace(latent)
+
+    def run_step(self, graph: int, feeds: dict[str, np.ndarray]) -> None:
+        b, latest, sets = self.backend, self._latest, self._sets
+        binding = self._bindings[graph]
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        declared = b.declared[graph]
+        for name, value in feeds.items():
+            if name in declared:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=b.inputs[name].numpy_dtype))
+        binding.bind_ortvalue_input(b.latent_spec.name, sets[latest["latent"]]["latent"])
+        binding.bind_ortvalue_output(b.output_latent, sets[1 - latest["latent"]]["latent"])
+        for spec in b.cache_specs:
+            if spec.name in declared:
+                binding.bind_ortvalue_input(spec.name, sets[latest[spec.name]][spec.name])
+        written = b.written[graph]
+        for name in written:
+            binding.bind_ortvalue_output(output_name(name), sets[1 - latest[name]][name])
+        b.sessions[graph].run_with_iobinding(binding, self._run_options)
+        self._last_binding = binding
+        for name in ["latent", *written]:
+            latest[name] = 1 - latest[name]
+
     def synchronize(self) -> None:
-        if self._device == "cuda" and self._last_binding is not None:
+        if self.backend.device == "cuda" and self._last_binding is not None:
             self._last_binding.synchronize_outputs()
 
     def latent(self) -> np.ndarray:
@@ -287,7 +317,7 @@ class OrtBackend(Backend):
     def cache(self) -> dict[str, np.ndarray]:
         """The latest value of every cache entry on the host (for tests and debugging); an entry
         no graph writes any more holds its last written value."""
-        return {s.name: self._sets[self._latest[s.name]][s.name].numpy().copy() for s in self.cache_specs}
+        return {s.name: self._sets[self._latest[s.name]][s.name].numpy().copy() for s in self.backend.cache_specs}
 
 
 def default_threads() -> int | None:

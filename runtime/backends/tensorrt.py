@@ -6,7 +6,8 @@ One execution context per profile, all on one device-memory pool (steps run one 
 one stream, so they can share activations); `set_tensor_address` binds the step's source and
 destination buffers (never the same buffer as input and output: TensorRT gives wrong results when
 they alias). The K carriers point at one zero buffer; only their lengths (the profile's shapes)
-matter.
+matter. The execution contexts and the activation pool are the engine's, shared: one generation
+runs at a time (`max_contexts` 1; a pipeline serialises its calls).
 
 NOT YET RUN on real TensorRT (it cannot be installed on our machines); written against the
 TensorRT 10 Python API.
@@ -41,6 +42,12 @@ def find_engine(bundle: Bundle, key: str) -> dict:
 class TensorRTBackend(TorchBackend):
     name = "tensorrt"
 
+    @property
+    def max_contexts(self) -> int:
+        """One generation at a time (not yet supported: several would need an execution context
+        and an activation pool each, and captured CUDA graphs per context)."""
+        return 1
+
     def __init__(self, bundle: Bundle, device: str = "cuda") -> None:
         # the engine holds the weights: the spec is only the model's structure
         super().__init__(bundle.spec, bundle.schedule, device=device, static=True, cuda_graphs=True,
@@ -74,10 +81,10 @@ class TensorRTBackend(TorchBackend):
                 ctx.set_input_shape(carrier_name(layer), (k,))
         log.info("loaded TensorRT engine %s: %d profiles", self.engine_entry["file"], len(self.contexts))
 
-    def _run(self, graph: int, src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+    def _run(self, graph: int, inputs: dict[str, torch.Tensor], src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
         ctx = self.contexts[graph]
         names = [self.latent_spec.name] + [s.name for s in self.cache_specs]
-        addresses = {**{n: t.data_ptr() for n, t in self._inputs.items()},
+        addresses = {**{n: t.data_ptr() for n, t in inputs.items()},
                      **dict(zip(names, (t.data_ptr() for t in src))),
                      self.bundle.manifest.outputs[0].name: dst[0].data_ptr(),
                      **{output_name(s.name): t.data_ptr() for s, t in zip(self.cache_specs, dst[1:])}}

@@ -12,6 +12,11 @@ Two modes:
     On CUDA each (distinct step graph, ping-pong parity) is captured once as a CUDA graph and
     replayed (`cuda_graphs=True`): static shapes per step are what make capture possible.
 
+The step modules (and the model's weights) are shared; the buffers, pinned staging memory and
+captured graphs of one generation are a `TorchContext`. Without CUDA graphs several contexts may
+run from several threads at once (inference only reads the modules); with CUDA graphs one context
+runs at a time (`max_contexts`).
+
 `dtype` "bfloat16"/"float16" runs the transformer under autocast (matmuls in low precision); the
 latent, the sampler update and the stored cache stay float32; "float32" is the reference.
 """
@@ -25,7 +30,7 @@ import torch
 
 from diffsparse.bundle_format import needs_layer_cache
 from diffsparse.models.base import ModelSpec
-from diffsparse.runtime.backends.base import Backend, BackendError, check_latent
+from diffsparse.runtime.backends.base import Backend, BackendContext, BackendError, check_latent
 from diffsparse.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -66,34 +71,85 @@ class TorchBackend(Backend):
     def device(self) -> str:
         return str(self._device)
 
+    @property
+    def max_contexts(self) -> int | None:
+        """Contexts that may run at once: any number over eager or uncaptured static buffers (the
+        step modules only read their weights), one with CUDA graphs (not yet supported: capture
+        in one thread while another launches work on the device is invalid)."""
+        return 1 if self.cuda_graphs else None
+
     # ---- load -> allocate ----------------------------------------------------------------------
     def load(self) -> None:
         self.spec.model.to(self._device)
         self.modules = [self.spec.build_step(list(sig), self.schedule.selector, self.layer_cache)
                         for sig in self.schedule.distinct_signatures()]
 
-    def allocate(self) -> None:
-        dev = self._device
+    def new_context(self) -> TorchContext:
+        return TorchContext(self)
+
+    # ---- a step, for any context -----------------------------------------------------------
+    def _step(self, graph: int, inputs: dict[str, torch.Tensor], src: list[torch.Tensor]) -> list[torch.Tensor]:
+        args = [inputs[s.name] for s in self.input_specs[1:]]
+        autocast = DTYPES[self.dtype]
+        with torch.no_grad(), torch.autocast(self._device.type, dtype=autocast, enabled=autocast is not None):
+            return list(self.modules[graph](src[0], *args, *src[1:]))
+
+    def _run(self, graph: int, inputs: dict[str, torch.Tensor], src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+        """One step reading the latent and cache in `src` (and the step inputs in `inputs`) and
+        writing them into `dst`."""
+        for d, o in zip(dst, self._step(graph, inputs, src)):
+            d.copy_(o)  # casts low-precision outputs back to the float32 buffers
+
+    def _capture(self, graph: int, inputs: dict[str, torch.Tensor], src: list[torch.Tensor], dst: list[torch.Tensor]):
+        """Capture one step (reading `src`, writing `dst`) as a CUDA graph. The step runs once on
+        a side stream first (warm-up, as torch.cuda.graphs requires); it writes only `dst`, which
+        the replay that follows overwrites, so the warm-up changes no result."""
+        stream = torch.cuda.Stream(self._device)
+        stream.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(stream):
+            self._run(graph, inputs, src, dst)
+        torch.cuda.current_stream(self._device).wait_stream(stream)
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            self._run(graph, inputs, src, dst)
+        log.info("captured step graph %d as a CUDA graph", graph)
+        return cuda_graph
+
+    def synchronize(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
+
+class TorchContext(BackendContext):
+    """One generation's buffers over a TorchBackend's shared step modules: the ping-pong latent
+    and cache, the step's other inputs, pinned host staging buffers and (CUDA graphs) the steps
+    captured over these buffers."""
+
+    def __init__(self, backend: TorchBackend) -> None:
+        self.backend = b = backend
+        dev = b._device
 
         def state():
-            return [torch.zeros(self.latent_spec.shape, device=dev)] + [
-                torch.zeros(s.shape, dtype=s.torch_dtype, device=dev) for s in self.cache_specs]
+            return [torch.zeros(b.latent_spec.shape, device=dev)] + [
+                torch.zeros(s.shape, dtype=s.torch_dtype, device=dev) for s in b.cache_specs]
 
         self._sets = [state(), state()]
         self._src = 0
         # the step's other inputs, filled on the device from per-run tables or per-batch values
-        self._inputs = {s.name: torch.zeros(s.shape, dtype=s.torch_dtype, device=dev) for s in self.input_specs[1:]}
+        self._inputs = {s.name: torch.zeros(s.shape, dtype=s.torch_dtype, device=dev) for s in b.input_specs[1:]}
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pinned: dict[tuple[int, str], torch.Tensor] = {}
         self._eager_state: list[torch.Tensor] | None = None
-
-    # ---- a run -------------------------------------------------------------------------------
-    def start(self, latent: np.ndarray) -> None:
-        latent = torch.from_numpy(check_latent(latent, self.latent_spec))
         self._step_no = 0
         self._last_fed: dict[str, np.ndarray] = {}
-        if not self.static:
-            self._eager_state = [latent.to(self._device)] + [t.zero_() for t in self._sets[0][1:]]
+
+    def start(self, latent: np.ndarray) -> None:
+        b = self.backend
+        latent = torch.from_numpy(check_latent(latent, b.latent_spec))
+        self._step_no = 0
+        self._last_fed = {}
+        if not b.static:
+            self._eager_state = [latent.to(b._device)] + [t.zero_() for t in self._sets[0][1:]]
             return
         self._src = 0
         for buffers in self._sets:
@@ -106,7 +162,7 @@ class TorchBackend(Backend):
         to the device is truly asynchronous (from pageable memory it would wait for the device)
         and no buffer is rewritten while an earlier copy from it may still be pending."""
         host = torch.as_tensor(np.asarray(value), dtype=self._inputs[name].dtype)
-        if self._device.type != "cuda":
+        if self.backend._device.type != "cuda":
             return host
         key = (step_no, name)
         pinned = self._pinned.get(key)
@@ -115,21 +171,12 @@ class TorchBackend(Backend):
         pinned.copy_(host)
         return pinned
 
-    def _step(self, graph: int, inputs: dict[str, torch.Tensor], src: list[torch.Tensor]) -> list[torch.Tensor]:
-        args = [inputs[s.name] for s in self.input_specs[1:]]
-        autocast = DTYPES[self.dtype]
-        with torch.no_grad(), torch.autocast(self._device.type, dtype=autocast, enabled=autocast is not None):
-            return list(self.modules[graph](src[0], *args, *src[1:]))
-
-    def _write(self, dst: list[torch.Tensor], out: list[torch.Tensor]) -> None:
-        for d, o in zip(dst, out):
-            d.copy_(o)  # casts low-precision outputs back to the float32 buffers
-
     def run_step(self, graph: int, feeds: dict[str, np.ndarray]) -> None:
-        if not self.static:
-            inputs = {n: torch.as_tensor(np.asarray(v), dtype=self._inputs[n].dtype).to(self._device)
+        b = self.backend
+        if not b.static:
+            inputs = {n: torch.as_tensor(np.asarray(v), dtype=self._inputs[n].dtype).to(b._device)
                       for n, v in feeds.items()}
-            self._eager_state = self._step(graph, inputs, self._eager_state)
+            self._eager_state = b._step(graph, inputs, self._eager_state)
             return
         for name, value in feeds.items():
             # the batch's conditioning is the same array at every step: uploaded once
@@ -139,43 +186,23 @@ class TorchBackend(Backend):
             self._last_fed[name] = value
         self._step_no += 1
         src, dst = self._sets[self._src], self._sets[1 - self._src]
-        if self.cuda_graphs:
+        if b.cuda_graphs:
             key = (graph, self._src)
             if key not in self._graphs:
-                self._graphs[key] = self._capture(graph, src, dst)
+                self._graphs[key] = b._capture(graph, self._inputs, src, dst)
             self._graphs[key].replay()
         else:
-            self._run(graph, src, dst)
+            b._run(graph, self._inputs, src, dst)
         self._src = 1 - self._src
 
-    def _run(self, graph: int, src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
-        """One step reading the latent and cache in `src` and writing them into `dst`."""
-        self._write(dst, self._step(graph, self._inputs, src))
-
-    def _capture(self, graph: int, src: list[torch.Tensor], dst: list[torch.Tensor]):
-        """Capture one step (reading `src`, writing `dst`) as a CUDA graph. The step runs once on
-        a side stream first (warm-up, as torch.cuda.graphs requires); it writes only `dst`, which
-        the replay that follows overwrites, so the warm-up changes no result."""
-        stream = torch.cuda.Stream(self._device)
-        stream.wait_stream(torch.cuda.current_stream(self._device))
-        with torch.cuda.stream(stream):
-            self._run(graph, src, dst)
-        torch.cuda.current_stream(self._device).wait_stream(stream)
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):
-            self._run(graph, src, dst)
-        log.info("captured step graph %d (parity %d) as a CUDA graph", graph, self._src)
-        return cuda_graph
-
     def _current(self) -> list[torch.Tensor]:
-        return self._eager_state if not self.static else self._sets[self._src]
+        return self._eager_state if not self.backend.static else self._sets[self._src]
 
     def latent(self) -> np.ndarray:
         return self._current()[0].detach().float().cpu().numpy().copy()
 
     def cache(self) -> dict[str, np.ndarray]:
-        return {s.name: c.detach().cpu().numpy().copy() for s, c in zip(self.cache_specs, self._current()[1:])}
+        return {s.name: c.detach().cpu().numpy().copy() for s, c in zip(self.backend.cache_specs, self._current()[1:])}
 
     def synchronize(self) -> None:
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
+        self.backend.synchronize()

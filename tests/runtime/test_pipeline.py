@@ -1,11 +1,12 @@
 """The runtime API on ONNX Runtime (default) and the PyTorch reference backend."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
-from diffsparse.runtime import BackendError, Pipeline
+from diffsparse.runtime import BackendError, NonFiniteOutputError, Pipeline
 
 from diffsparse.manifest import BundleError
 from diffsparse.sampler import initial_noise
@@ -84,6 +85,50 @@ def test_bad_inputs_give_clear_errors(tiny_bundles, tmp_path):
         Pipeline.from_bundle(tiny_bundles["toca"], device="tpu")
 
 
+def test_bad_conditioning_is_refused_before_anything_runs(tiny_bundles):
+    """Names, values and label ranges of every batch are checked before the first step runs."""
+    pipe = Pipeline.from_bundle(tiny_bundles["toca"], verify=False)
+    ran = []
+    acquire = pipe._pool.acquire
+    pipe._pool.acquire = lambda: (ran.append(1), acquire())[1]
+    with pytest.raises(ValueError, match=r"samples 4-4 of 5 \(batch 2, padded .*\): class labels must be in \[0, 9\]"):
+        pipe.generate([1, 2, 3, 4, 12])  # the last batch is out of range
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 9\]"):
+        pipe.generate([-1])
+    with pytest.raises(ValueError, match=r"'class_labels' holds values outside int32"):
+        pipe.generate([2**40])
+    with pytest.raises(ValueError, match="class labels must be whole numbers, got \\[1.5\\]"):
+        pipe.generate([1.5])
+    with pytest.raises(ValueError, match="class labels must be whole numbers"):
+        pipe.generate(["cat"])
+    with pytest.raises(ValueError, match="'class_labels' holds NaN or infinite values"):
+        pipe.generate(conditioning={"class_labels": np.array([1.0, np.nan])})
+    with pytest.raises(ValueError, match=r"conditioning \['prompt_embeds'\] is not an input of this model; "
+                                         r"it takes \['class_labels'\]"):
+        pipe.generate([1], conditioning={"prompt_embeds": np.zeros((1, 4, 8))})
+    with pytest.raises(ValueError, match="must hold numbers"):
+        pipe.generate(conditioning={"class_labels": np.array(["1"])})
+    assert not ran, "a step ran before the conditioning was checked"
+    np.testing.assert_array_equal(pipe.generate(np.array([1.0, 2.0]), seed=0).samples,
+                                  pipe.generate([1, 2], seed=0).samples)
+
+
+def test_non_finite_latents_raise_a_clear_error(tiny_bundles):
+    good = Pipeline.from_bundle(tiny_bundles["toca"], verify=False)
+    coefficients = good.plan.coefficients.copy()
+    coefficients[2, 0] = np.nan
+    plan = dataclasses.replace(good.plan, coefficients=coefficients)
+    pipe = Pipeline(good.backend, good.spec, plan, good.step_graphs)
+    with pytest.raises(NonFiniteOutputError, match=r"samples \[0, 1\] \(batch 0\) ended with non-finite latents "
+                                                   r".*sampler's coefficients or timesteps are not finite.*check_finite=False"):
+        pipe.generate([1, 2, 3], seed=0)
+    assert np.isnan(pipe.generate([1, 2, 3], seed=0, check_finite=False).samples).all()
+    # finite coefficients: the message points at the weights instead
+    with pytest.raises(NonFiniteOutputError, match="weights or graphs may be corrupted"):
+        good.generate([1, 2], seed=0, guidance_scale=1e38)
+    assert isinstance(NonFiniteOutputError("x"), RuntimeError)
+
+
 def _copy(src, dst):
     import shutil
 
@@ -140,7 +185,7 @@ def test_step_sessions_share_one_copy_of_the_weights(tmp_path):
 
     from diffsparse.builtin_schedules import toca_schedule
     from diffsparse.models.zoo import make_spec
-    from diffsparse.runtime.profile import fresh_process, memory_footprint
+    from diffsparse.runtime.profile import ProfileConfig, fresh_process, memory_footprint
 
     spec = make_spec("dit-small", batch_size=2)
     sparse = toca_schedule(spec, 12, 0.5, full_every=6)
@@ -152,9 +197,14 @@ def test_step_sessions_share_one_copy_of_the_weights(tmp_path):
     export_bundle(spec, sparse, tmp_path / "sparse", config=cfg)
     export_bundle(spec, two_graphs, tmp_path / "two", config=cfg)
     weights = (tmp_path / "two" / "weights.bin").stat().st_size
-    two, many = (fresh_process(memory_footprint, tmp_path / name) for name in ("two", "sparse"))
+    shared = ProfileConfig(prepack="off")   # pre-packing gives each session its own packed copy, by design
+    two, many = (fresh_process(memory_footprint, tmp_path / name, shared) for name in ("two", "sparse"))
     # each extra session's own memory (graph, kernels) is less than one copy of the weights
     assert many["private_bytes"] - two["private_bytes"] < extra * weights, (many, two, weights)
+    # pre-packed, each extra session keeps about a copy of the (matmul) weights: the price of "on"
+    packed = [fresh_process(memory_footprint, tmp_path / name, ProfileConfig(prepack="on"), False)
+              for name in ("two", "sparse")]
+    assert packed[1]["private_bytes"] - packed[0]["private_bytes"] > 0.5 * extra * weights, packed
     assert abs(many["file_backed_bytes"] - two["file_backed_bytes"]) < 0.25 * weights, "weights.bin mapped once"
     # running adds the same activation memory however many sessions there are
     added = [m["run_private_bytes"] - m["private_bytes"] for m in (many, two)]

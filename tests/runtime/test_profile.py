@@ -316,7 +316,8 @@ def test_dsprofile_ops_end_to_end(tiny_bundles, tmp_path, capsys):
     assert fit["steps"] == 6 and fit["b_ms_per_gmac"] is not None and d["baseline"]["latency_fit"]["b_ms_per_gmac"] is None
     assert (out / "step_parts.png").read_bytes()[:8] == PNG
     md = (out / "profile.md").read_text()
-    assert "| score |" in md and "| operator type |" in md and "step_parts.png" in md and "heaviest operator calls" in md and "a + b·GMACs" in md
+    assert "| score |" in md and "| operator type |" in md and "step_parts.png" in md and "a + b·GMACs" in md
+    assert "heaviest operator calls" in md
     assert "| part |" in capsys.readouterr().out
 
 
