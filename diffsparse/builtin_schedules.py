@@ -1,4 +1,12 @@
-"""Built-in schedules: `dense` (every token, every step) and a ToCa-style hand schedule.
+"""Built-in schedules, all in the one schedule space (diffsparse/schedule.py: skip / refresh /
+partial steps):
+
+- `dense`: every token of every layer at every step;
+- `toca`: the ToCa-style hand schedule below;
+- `fora`: FORA-style whole-layer reuse: full steps spread evenly, every layer reused (K = 0) in
+  between; the number of full steps is the one whose MACs ratio is nearest the target;
+- `fewer-steps`: round(R·T) computed dense steps spread evenly over the T-step grid (step 0 among
+  them), the others skipped: the sampler on a sub-grid, at R of the dense MACs.
 
 The ToCa-style schedule (the paper's main baseline, after Zou et al. 2025) recomputes, at step t and
 layer l, the fraction
@@ -32,7 +40,7 @@ from diffsparse.schedule import (
 )
 
 KIND_FACTOR = {"SA": 1.1, "CA": 1.0, "MLP": 0.9, "TMLP": 0.9}
-BUILTIN_NAMES = ("dense", "toca")
+BUILTIN_NAMES = ("dense", "toca", "fora", "fewer-steps")
 # learned schedules shipped for the built-in models (written by dstrain), by file stem
 SHIPPED_DIR = Path(__file__).resolve().parent / "schedules"
 
@@ -46,6 +54,51 @@ def dense_schedule(spec: ModelSpec, num_steps: int, selector: SelectorConfig | N
                      layer_tokens=spec.dense_keep(), keep=[spec.dense_keep() for _ in range(num_steps)],
                      selector=selector or spec.default_selector(), provenance=provenance("dense"))
     sched.macs_ratio = {"target": 1.0, "achieved": spec.macs_ratio(sched)}
+    return sched
+
+
+def _spread(num_steps: int, count: int) -> set[int]:
+    """`count` of the steps 0..T-1 spread evenly, step 0 among them."""
+    return set(np.round(np.linspace(0, num_steps, count, endpoint=False)).astype(int).tolist())
+
+
+def _check_ratio(target_ratio: float) -> None:
+    if not 0.0 < target_ratio <= 1.0:
+        raise ScheduleError(f"target MACs ratio must be in (0, 1], got {target_ratio}")
+
+
+def fora_schedule(spec: ModelSpec, num_steps: int, target_ratio: float = 0.5,
+                  candidates: tuple[float, ...] = DEFAULT_CANDIDATES, selector: SelectorConfig | None = None) -> Schedule:
+    _check_ratio(target_ratio)
+    if 0.0 not in candidates or 1.0 not in candidates:
+        raise ScheduleError("FORA-style reuse needs 0 and 1 in the candidate set")
+    zero = [0] * len(spec.layers)
+    best = None
+    for full in range(1, num_steps + 1):
+        steps = _spread(num_steps, full)
+        keep = [spec.dense_keep() if t in steps else zero for t in range(num_steps)]
+        ratio = sum(spec.step_macs(r) for r in keep) / spec.dense_macs(num_steps)
+        if best is None or abs(ratio - target_ratio) < abs(best[0] - target_ratio):
+            best = (ratio, keep, full)
+    ratio, keep, full = best
+    return Schedule(family=spec.family, num_tokens=spec.num_tokens, layers=spec.layers, keep=keep,
+                    layer_tokens=spec.dense_keep(), candidates=tuple(candidates),
+                    selector=selector or spec.default_selector(), macs_ratio={"target": target_ratio, "achieved": ratio},
+                    provenance=provenance("fora", full_steps=full))
+
+
+def fewer_steps_schedule(spec: ModelSpec, num_steps: int, target_ratio: float = 0.5,
+                         candidates: tuple[float, ...] = DEFAULT_CANDIDATES,
+                         selector: SelectorConfig | None = None) -> Schedule:
+    _check_ratio(target_ratio)
+    computed = _spread(num_steps, max(1, int(round(target_ratio * num_steps))))
+    zero = [0] * len(spec.layers)
+    sched = Schedule(family=spec.family, num_tokens=spec.num_tokens, layers=spec.layers,
+                     keep=[spec.dense_keep() if t in computed else zero for t in range(num_steps)],
+                     skip=[t not in computed for t in range(num_steps)], layer_tokens=spec.dense_keep(),
+                     candidates=tuple(candidates), selector=selector or spec.default_selector(),
+                     provenance=provenance("fewer-steps", computed_steps=len(computed)))
+    sched.macs_ratio = {"target": target_ratio, "achieved": spec.macs_ratio(sched)}
     return sched
 
 
@@ -71,8 +124,7 @@ def _toca_keep(spec: ModelSpec, num_steps: int, base: float, full_every: int,
 def toca_schedule(spec: ModelSpec, num_steps: int, target_ratio: float = 0.5, full_every: int = 3,
                   candidates: tuple[float, ...] = DEFAULT_CANDIDATES,
                   selector: SelectorConfig | None = None) -> Schedule:
-    if not 0.0 < target_ratio <= 1.0:
-        raise ScheduleError(f"target MACs ratio must be in (0, 1], got {target_ratio}")
+    _check_ratio(target_ratio)
     if full_every < 1:
         raise ScheduleError(f"full_every must be >= 1, got {full_every}")
     selector = selector or spec.default_selector()
@@ -99,6 +151,10 @@ def resolve_schedule(name_or_path: str | Path, spec: ModelSpec, num_steps: int |
             raise ScheduleError(f"built-in schedule {name!r} needs a step count (--steps)")
         if name == "dense":
             return dense_schedule(spec, num_steps)
+        if name == "fora":
+            return fora_schedule(spec, num_steps, target_ratio)
+        if name == "fewer-steps":
+            return fewer_steps_schedule(spec, num_steps, target_ratio)
         return toca_schedule(spec, num_steps, target_ratio, full_every)
     path = SHIPPED_DIR / f"{name}.json" if name in shipped_schedules() else Path(name)
     if not path.exists():

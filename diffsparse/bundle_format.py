@@ -5,8 +5,9 @@ agree on lives here (the schema of `manifest.json` is in diffsparse/manifest.py)
 
 * file names: the manifest, the shared weights, the step graphs, the universal step
   graph and the TensorRT engines (one folder per TensorRT version + GPU model: `engine_key`);
-* the sparsity pattern each step runs (`step_graph_indices`): steps with the same K(t, l) share a
-  pattern (one PyTorch module, one TensorRT profile), numbered in order of first use. The bundle's
+* the sparsity pattern each computed step runs (`step_graph_indices`; a skipped step runs no
+  graph: the sampler plan folds it into the step before, diffsparse/schedule.py): steps with the
+  same K(t, l) share a pattern (one PyTorch module, one TensorRT profile), numbered in order of first use. The bundle's
   graph files go one step further: one per (pattern, cache entries the step writes), export/prune.py;
   the manifest's `steps` say which file each step runs;
 * whether a bundle carries the layer cache (`needs_layer_cache`).
@@ -50,10 +51,11 @@ def timing_cache_file(key: str) -> str:
 
 
 def step_graph_indices(schedule: Schedule) -> list[int]:
-    """For each step t, the index of the graph it runs: its position among the schedule's
-    distinct step signatures (`Schedule.distinct_signatures`, in order of first use)."""
+    """For each computed step (`Schedule.computed_steps`: a skipped step runs nothing), the index
+    of the graph it runs: its position among the schedule's distinct step signatures
+    (`Schedule.distinct_signatures`, in order of first use)."""
     signatures = schedule.distinct_signatures()
-    return [signatures.index(schedule.step_signature(t)) for t in range(schedule.num_steps)]
+    return [signatures.index(schedule.step_signature(t)) for t in schedule.computed_steps]
 
 
 def needs_layer_cache(schedule: Schedule, tensorrt: bool = False) -> bool:

@@ -15,7 +15,8 @@ The files of a bundle and the rules writer and reader share are in diffsparse/bu
     schedule                                       the schedule file's content (same schema)
     sampler                                        SamplerPlan: timesteps, coefficients, config
     graphs   [{file, sha256, bytes, keep, macs, ops, parity_max_abs_err, cache_writes}]
-    steps    [{index, timestep, graph}]            graph = index into graphs
+    steps    [{index, timestep, graph}]            the computed steps (a skipped one runs nothing);
+                                                   index = step t, graph = index into graphs
     weights  {file, sha256, bytes, tensors, index, parameters}
              index:      stored tensor -> [offset, bytes, dtype, shape] in the weights file
              parameters: model parameter or buffer -> [stored tensor, transposed]: the model's
@@ -360,7 +361,7 @@ class Manifest:
             # Schedule.from_dict refuses what it knows; anything else in the embedded copy is still this field
             raise _Invalid("schedule", f"is malformed ({type(e).__name__}: {_short(str(e), 120)})") from None
         try:
-            sampler = SamplerPlan.from_dict(d["sampler"], num_steps=schedule.num_steps)
+            sampler = SamplerPlan.from_dict(d["sampler"], num_steps=len(schedule.computed_steps))
         except SamplerError as e:
             raise _Invalid("sampler", f"is invalid: {e}") from None
         try:
@@ -411,18 +412,20 @@ class Manifest:
         return m
 
     def _check_steps(self) -> None:
-        """steps[i] = {index: i, timestep: the sampler's i-th, graph: a graph running the schedule's
-        K for step i}; every graph is run by some step, numbered in order of first use."""
-        t = self.schedule.num_steps
-        if len(self.steps) != t:
-            raise _Invalid("steps", f"has {len(self.steps)} entries for a schedule of T={t} steps")
+        """steps[i] = {index: the schedule's i-th computed step t, timestep: the sampler's i-th,
+        graph: a graph running the schedule's K for step t}; every graph is run by some step,
+        numbered in order of first use. A skipped step has no entry (it runs nothing)."""
+        computed = self.schedule.computed_steps
+        if len(self.steps) != len(computed):
+            raise _Invalid("steps", f"has {len(self.steps)} entries for a schedule that computes {len(computed)} steps")
         if not self.graphs:
             raise _Invalid("graphs", "is empty")
         first_use: list[int] = []
         for i, s in enumerate(self.steps):
             _keys(s, f"steps[{i}]", ("index", "timestep", "graph"))
-            if _int(s["index"], f"steps[{i}].index") != i:
-                raise _Invalid(f"steps[{i}].index", f"must be {i} (steps are listed in order), got {s['index']}")
+            if _int(s["index"], f"steps[{i}].index") != computed[i]:
+                raise _Invalid(f"steps[{i}].index", f"must be {computed[i]} (the schedule's computed steps, in order), "
+                                                    f"got {s['index']}")
             if _number(s["timestep"], f"steps[{i}].timestep") != float(self.sampler.timesteps[i]):
                 raise _Invalid(f"steps[{i}].timestep", f"must be the sampler's timestep {float(self.sampler.timesteps[i])}, "
                                                        f"got {s['timestep']}")
@@ -432,8 +435,8 @@ class Manifest:
                     raise _Invalid(f"steps[{i}].graph", f"is {g}, but graphs are numbered in order of first use "
                                                         f"(expected {len(first_use)} or one of {first_use})")
                 first_use.append(g)
-            if self.graphs[g].keep != self.schedule.keep[i]:
-                raise _Invalid(f"graphs[{g}].keep", f"is not the schedule's K for step {i}, which runs it")
+            if self.graphs[g].keep != self.schedule.keep[computed[i]]:
+                raise _Invalid(f"graphs[{g}].keep", f"is not the schedule's K for step {computed[i]}, which runs it")
         if len(first_use) != len(self.graphs):
             raise _Invalid("graphs", f"lists {len(self.graphs)} graphs but the steps run only {len(first_use)}")
         for i, g in enumerate(self.graphs):
@@ -447,8 +450,8 @@ class Manifest:
         for k in ("dense_total", "total", "ratio"):
             _number(self.macs[k], f"macs.{k}", 0)
         per_step = _list(self.macs["per_step"], "macs.per_step")
-        if len(per_step) != self.schedule.num_steps:
-            raise _Invalid("macs.per_step", f"must hold one number per step ({self.schedule.num_steps})")
+        if len(per_step) != len(self.schedule.computed_steps):
+            raise _Invalid("macs.per_step", f"must hold one number per computed step ({len(self.schedule.computed_steps)})")
         for i, x in enumerate(per_step):
             _number(x, f"macs.per_step[{i}]", 0)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -80,7 +81,7 @@ class SamplerPlan:
         timesteps = _number_array(data["timesteps"], "timesteps", 1)
         t = len(timesteps)
         if t == 0 or (num_steps is not None and t != num_steps):
-            raise SamplerError(f"sampler.timesteps has {t} entries; the schedule has {num_steps} steps")
+            raise SamplerError(f"sampler.timesteps has {t} entries; the schedule computes {num_steps} steps")
         top = config["num_train_timesteps"]
         integral = sampler_cls.integer_timesteps
         last = top - 1 if integral else top   # an index into the training timesteps, or σ·top
@@ -199,10 +200,17 @@ class Sampler(ABC):
         (another prediction type, thresholding, ...) raise SamplerError."""
 
     @abstractmethod
-    def plan(self, num_steps: int, image_seq_len: int | None = None) -> SamplerPlan:
+    def plan(self, num_steps: int, image_seq_len: int | None = None,
+             computed: Sequence[bool] | None = None) -> SamplerPlan:
         """Timesteps (T,) and coefficients (T, num_coefficients) for `num_steps` steps, exactly as
         diffusers' scheduler computes them. image_seq_len: the image token count, for samplers
-        whose schedule depends on the resolution (ignored by the others)."""
+        whose schedule depends on the resolution (ignored by the others).
+
+        computed: which of the T steps evaluate the model (None: all). The plan then has one row
+        per computed step, whose update goes straight to where the next computed step starts (or
+        to the end): the T-step grid with the skipped steps taken out. For DDIM (η = 0) and
+        flow-matching Euler this equals running the skipped steps on the last model output; for
+        DPM-Solver++ it is the multistep solver on the sub-grid (diffsparse/schedule.py: skip)."""
 
     @abstractmethod
     def update(self, sample: torch.Tensor, model_output: torch.Tensor, coef: torch.Tensor,
@@ -259,22 +267,27 @@ class DDIMSampler(Sampler):
 
         return DDIMScheduler(**asdict(self), prediction_type="epsilon")
 
-    def plan(self, num_steps: int, image_seq_len: int | None = None) -> SamplerPlan:
+    def plan(self, num_steps: int, image_seq_len: int | None = None,
+             computed: Sequence[bool] | None = None) -> SamplerPlan:
         """Timesteps and coefficients exactly as `DDIMScheduler.set_timesteps` + `step` compute them
-        (image_seq_len is not used)."""
+        (image_seq_len is not used). A computed step followed by skipped ones targets ᾱ of where
+        the last of them ends: x0 is unchanged by a DDIM step on the same ε, so this is exact."""
+        idx = computed_indices(num_steps, computed)
         sched = self.scheduler()
         sched.set_timesteps(num_steps)
         acp = sched.alphas_cumprod.to(torch.float32)
         final = sched.final_alpha_cumprod.to(torch.float32)
         stride = self.num_train_timesteps // num_steps
+        steps = sched.timesteps.tolist()
         coefs = []
-        for t in sched.timesteps.tolist():
-            prev = t - stride
-            a_t = acp[t]
+        for k, i in enumerate(idx):
+            last = (idx[k + 1] if k + 1 < len(idx) else len(steps)) - 1   # the step whose end this one reaches
+            a_t = acp[steps[i]]
+            prev = steps[last] - stride
             a_prev = acp[prev] if prev >= 0 else final
             coefs.append([a_t.sqrt(), (1 - a_t).sqrt(), a_prev.sqrt(), (1 - a_prev).sqrt()])
         coefficients = torch.tensor(coefs, dtype=torch.float32).numpy()
-        return SamplerPlan(kind=self.kind, timesteps=sched.timesteps.numpy().astype(np.float32),
+        return SamplerPlan(kind=self.kind, timesteps=sched.timesteps.numpy().astype(np.float32)[idx],
                            coefficients=coefficients, config=asdict(self))
 
     def update(self, sample, model_output, coef, state):
@@ -283,6 +296,17 @@ class DDIMSampler(Sampler):
         if self.clip_sample:
             x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
         return coef[2] * x0 + coef[3] * model_output, []
+
+
+def computed_indices(num_steps: int, computed: Sequence[bool] | None) -> list[int]:
+    """The indices of the computed steps (all when None); SamplerError unless step 0 is one of them."""
+    if computed is None:
+        return list(range(num_steps))
+    if len(computed) != num_steps:
+        raise SamplerError(f"computed has {len(computed)} entries for {num_steps} steps")
+    if not computed[0]:
+        raise SamplerError("step 0 must be computed: there is no model output before it")
+    return [i for i, c in enumerate(computed) if c]
 
 
 def _check_prediction(config: dict[str, Any], expected: str) -> None:
@@ -341,9 +365,12 @@ class DPMSolverSampler(Sampler):
         return DPMSolverMultistepScheduler(**asdict(self), algorithm_type="dpmsolver++", solver_order=2,
                                            solver_type="midpoint", prediction_type="epsilon")
 
-    def plan(self, num_steps: int, image_seq_len: int | None = None) -> SamplerPlan:
+    def plan(self, num_steps: int, image_seq_len: int | None = None,
+             computed: Sequence[bool] | None = None) -> SamplerPlan:
         """coefficients (T, 5) = [alpha_s, sigma_s, c_sample, c_x0, c_prev]:
-        x0 = (x - sigma_s eps) / alpha_s;  x' = c_sample x + c_x0 x0 + c_prev x0_prev."""
+        x0 = (x - sigma_s eps) / alpha_s;  x' = c_sample x + c_x0 x0 + c_prev x0_prev.
+        With skipped steps, the solver runs on the sub-grid of computed steps' sigmas (each step
+        to the next computed one; its order rules counted on the sub-grid)."""
         sched = self.scheduler()
         sched.set_timesteps(num_steps)
         sigmas = sched.sigmas.double()
@@ -351,11 +378,14 @@ class DPMSolverSampler(Sampler):
         with np.errstate(divide="ignore"):
             lam = (torch.log(alpha) - torch.log(sigma)).numpy()  # +inf at a zero final sigma
         alpha, sigma = alpha.numpy(), sigma.numpy()
-        n = len(sched.timesteps)
+        idx = computed_indices(len(sched.timesteps), computed)
+        grid = idx + [len(sched.timesteps)]   # sigma indices the solver visits, the end included
+        n = len(idx)
         coefs = []
         for i in range(n):
-            a_t, s_t, s_s0 = alpha[i + 1], sigma[i + 1], sigma[i]
-            h = lam[i + 1] - lam[i]
+            s_i, t_i = grid[i], grid[i + 1]
+            a_t, s_t, s_s0 = alpha[t_i], sigma[t_i], sigma[s_i]
+            h = lam[t_i] - lam[s_i]
             phi = a_t * (np.exp(-h) - 1.0)  # -> -a_t when the next sigma is zero
             last = i == n - 1 and (self.euler_at_final or (self.lower_order_final and n < 15)
                                    or self.final_sigmas_type == "zero")
@@ -366,11 +396,11 @@ class DPMSolverSampler(Sampler):
                 c_x0, c_prev = -phi, 0.0
             else:
                 # D0 = x0, D1 = (x0 - x0_prev) / r0; x' = c x - phi D0 - phi/2 D1
-                r0 = (lam[i] - lam[i - 1]) / h
+                r0 = (lam[s_i] - lam[grid[i - 1]]) / h
                 c_x0, c_prev = -phi - 0.5 * phi / r0, 0.5 * phi / r0
             del second_last  # order 2 is the maximum here, so diffusers' "lower order second" is a no-op
-            coefs.append([alpha[i], sigma[i], c_sample, c_x0, c_prev])
-        return SamplerPlan(kind=self.kind, timesteps=sched.timesteps.numpy().astype(np.float32),
+            coefs.append([alpha[s_i], sigma[s_i], c_sample, c_x0, c_prev])
+        return SamplerPlan(kind=self.kind, timesteps=sched.timesteps.numpy().astype(np.float32)[idx],
                            coefficients=np.asarray(coefs, dtype=np.float32), config=asdict(self))
 
     def update(self, sample, model_output, coef, state):
@@ -435,14 +465,18 @@ class FlowMatchSampler(Sampler):
         slope = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
         return image_seq_len * slope + self.base_shift - slope * self.base_image_seq_len
 
-    def plan(self, num_steps: int, image_seq_len: int | None = None) -> SamplerPlan:
-        """coefficients (T, 2) = [σ, σ' − σ]; the timesteps are diffusers' (σ·1000)."""
+    def plan(self, num_steps: int, image_seq_len: int | None = None,
+             computed: Sequence[bool] | None = None) -> SamplerPlan:
+        """coefficients (T, 2) = [σ, σ' − σ]; the timesteps are diffusers' (σ·1000). With skipped
+        steps σ' is where the next computed step starts (Euler steps on one v add up exactly)."""
+        idx = computed_indices(num_steps, computed)
         sched = self.scheduler()
         sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps) if self.schnell_sigmas else None
         sched.set_timesteps(num_steps, sigmas=sigmas, mu=self.mu(image_seq_len))
         s = sched.sigmas.to(torch.float32).numpy()
-        coefs = np.stack([s[:-1], s[1:] - s[:-1]], axis=1).astype(np.float32)
-        return SamplerPlan(kind=self.kind, timesteps=sched.timesteps.numpy().astype(np.float32),
+        nxt = np.asarray(idx[1:] + [len(s) - 1])
+        coefs = np.stack([s[idx], s[nxt] - s[idx]], axis=1).astype(np.float32)
+        return SamplerPlan(kind=self.kind, timesteps=sched.timesteps.numpy().astype(np.float32)[idx],
                            coefficients=coefs, config=asdict(self))
 
     def update(self, sample, model_output, coef, state):

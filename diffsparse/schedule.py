@@ -1,4 +1,5 @@
-"""The schedule file: which tokens each cacheable layer recomputes at each denoising step.
+"""The schedule file: which steps evaluate the model, and which tokens each cacheable layer
+recomputes at each step that does.
 
 One schema, versioned, shared by the trainer (writes it), `dsexport` (bakes it into per-step graphs)
 and the bundle manifest (embeds it). `Schedule.load` validates everything it reads and raises
@@ -7,7 +8,7 @@ and the bundle manifest (embeds it). `Schedule.load` validates everything it rea
 File layout (JSON)::
 
     {
-      "format": "diffsparse-schedule", "version": 1,
+      "format": "diffsparse-schedule", "version": 2,
       "family": "dit",                      # model family the layers belong to
       "num_tokens": 256,                    # N: tokens per layer (image/video tokens)
       "layer_tokens": [256, 256, ...],      # optional: N_l per layer where layers differ (FLUX's
@@ -17,10 +18,21 @@ File layout (JSON)::
       "candidates": [0, 0.25, 0.5, 0.75, 1.0],   # S, fractions of N
       "keep": [[256, 256, ...], ...],       # K(t, l): tokens recomputed, T rows of L ints
       "full_steps": [true, false, ...],     # steps that recompute every token of every layer
+      "skip": [false, false, true, ...],    # steps with no network evaluation (K row all 0)
       "selector": {"score": "attention", "lambdas": [1, 0, 0.0833, 0.6], "window": 2},
       "macs_ratio": {"target": 0.5, "achieved": 0.49},
       "provenance": {"method": "toca", "created": "...", "tool": "diffsparse 0.1.0", ...}
     }
+
+One space holds every baseline. Each step t is one of
+    skip     no network evaluation: the sampler goes on from the last computed step's model
+             output. For DDIM (η = 0) and flow-matching Euler this is exactly sampling on the
+             sub-grid of computed steps; the sampler plans that sub-grid (`Sampler.plan`'s
+             `computed`), so a skipped step costs nothing at all, fixed part included, and no
+             graph runs for it. Skipping steps evenly is "fewer steps".
+    refresh  every token of every layer (`full_steps`);
+    partial  K(t, l) ∈ S per layer; K = 0 everywhere is FORA-style whole-layer reuse.
+Version 1 files (no `skip`) are read as schedules without skipped steps.
 """
 
 from __future__ import annotations
@@ -36,7 +48,11 @@ from typing import Any
 from diffsparse import __version__
 
 FORMAT = "diffsparse-schedule"
-VERSION = 1
+VERSION = 2
+#: versions this diffsparse reads (1: no skipped steps)
+READ_VERSIONS = (1, 2)
+#: the step signature of a skipped step (no graph runs it)
+SKIP_SIGNATURE: tuple = ("skip",)
 # SA self-attention, CA cross-attention, MLP feed-forward (image tokens), TMLP feed-forward of a
 # separate text stream (FLUX's double-stream blocks)
 LAYER_KINDS = ("SA", "CA", "MLP", "TMLP")
@@ -104,13 +120,16 @@ class Schedule:
     macs_ratio: dict[str, float | None] = field(default_factory=lambda: {"target": None, "achieved": None})
     provenance: dict[str, Any] = field(default_factory=dict)
     layer_tokens: list[int] | None = None
+    skip: list[bool] | None = None
 
     def __post_init__(self) -> None:
         self._check_layer_tokens()
         if self.layer_tokens is not None and all(n == self.num_tokens for n in self.layer_tokens):
             self.layer_tokens = None  # uniform: stored as num_tokens alone
+        if self.skip is None:
+            self.skip = [False] * len(self.keep)
         if self.full_steps is None:
-            self.full_steps = [row == self.dense_keep() for row in self.keep]
+            self.full_steps = [row == self.dense_keep() and not skip for row, skip in zip(self.keep, self.skip)]
         self.validate()
 
     # ---- derived ---------------------------------------------------------------------------
@@ -135,19 +154,37 @@ class Schedule:
         return sorted({int(round(s * n)) for s in self.candidates})
 
     @property
-    def reuses_tokens(self) -> bool:
-        """Whether any step reuses any layer's tokens. A schedule that never does (dense) needs no
-        layer cache: its graphs are the plain model, so a dense baseline pays nothing for caching."""
-        dense = self.dense_keep()
-        return any(row != dense for row in self.keep)
+    def computed(self) -> list[bool]:
+        """Per step, whether it evaluates the model (not skipped)."""
+        return [not s for s in self.skip]
 
-    def step_signature(self, t: int) -> tuple[int, ...]:
-        """Steps with the same signature compile to the same graph (deduplicated on export)."""
-        return tuple(self.keep[t])
+    @property
+    def computed_steps(self) -> list[int]:
+        """The steps that evaluate the model, in order: the steps a bundle's graphs run."""
+        return [t for t in range(self.num_steps) if not self.skip[t]]
+
+    @property
+    def computed_keep(self) -> list[list[int]]:
+        """K rows of the computed steps: what the model runs (a skipped step runs nothing)."""
+        return [self.keep[t] for t in self.computed_steps]
+
+    @property
+    def reuses_tokens(self) -> bool:
+        """Whether any computed step reuses any layer's tokens. A schedule that never does (dense,
+        fewer steps) needs no layer cache: its graphs are the plain model, so a dense baseline pays
+        nothing for caching."""
+        dense = self.dense_keep()
+        return any(row != dense for row in self.computed_keep)
+
+    def step_signature(self, t: int) -> tuple:
+        """Steps with the same signature compile to the same graph (deduplicated on export); a
+        skipped step's is `SKIP_SIGNATURE` (it runs no graph)."""
+        return SKIP_SIGNATURE if self.skip[t] else tuple(self.keep[t])
 
     def distinct_signatures(self) -> list[tuple[int, ...]]:
+        """The signatures of the computed steps, in order of first use."""
         seen: dict[tuple[int, ...], None] = {}
-        for t in range(self.num_steps):
+        for t in self.computed_steps:
             seen.setdefault(self.step_signature(t), None)
         return list(seen)
 
@@ -173,12 +210,17 @@ class Schedule:
             raise ScheduleError("schedule has no steps (keep is empty)")
         if any(not (0.0 <= s <= 1.0) for s in self.candidates) or not self.candidates:
             raise ScheduleError(f"candidates must be fractions in [0, 1], got {list(self.candidates)}")
+        if (not isinstance(self.skip, list) or len(self.skip) != self.num_steps
+                or any(not isinstance(x, bool) for x in self.skip)):
+            raise ScheduleError(f"skip must hold one true/false per step ({self.num_steps}), got {self.skip!r}")
         allowed_by_n = {nl: set(self.allowed_keep(nl)) for nl in set(self.dense_keep())}
         dense = self.dense_keep()
         for t, row in enumerate(self.keep):
             if len(row) != self.num_layers:
                 raise ScheduleError(
                     f"keep[{t}] has {len(row)} entries but the schedule lists {self.num_layers} layers")
+            if self.skip[t]:
+                continue  # checked below: all 0
             for l, k in enumerate(row):
                 nl = dense[l]
                 if not isinstance(k, int) or isinstance(k, bool):
@@ -189,6 +231,8 @@ class Schedule:
                     raise ScheduleError(
                         f"K(t={t}, l={l}) = {k} is not in the candidate set S={list(self.candidates)} "
                         f"(allowed token counts for N={nl}: {sorted(allowed_by_n[nl])})")
+        if self.skip[0]:
+            raise ScheduleError("step 0 cannot be skipped: there is no model output before it to go on from")
         if self.keep[0] != dense:
             raise ScheduleError("step 0 must recompute every token of every layer: the token cache is empty before it")
         if len(self.full_steps) != self.num_steps:
@@ -196,6 +240,9 @@ class Schedule:
         for t, full in enumerate(self.full_steps):
             if full and self.keep[t] != dense:
                 raise ScheduleError(f"step {t} is marked full but does not keep every token of every layer")
+            if self.skip[t] and (full or any(not isinstance(k, int) or isinstance(k, bool) or k for k in self.keep[t])):
+                raise ScheduleError(f"step {t} is skipped, so it computes no token: its K row must be all 0 and it "
+                                    "cannot be a full step")
 
     def check_fits(self, family: str, layers: Sequence[LayerRef], num_tokens: int,
                    num_steps: int | None = None, layer_tokens: Sequence[int] | None = None) -> None:
@@ -233,6 +280,7 @@ class Schedule:
             "candidates": list(self.candidates),
             "keep": [list(r) for r in self.keep],
             "full_steps": list(self.full_steps),
+            "skip": list(self.skip),
             "selector": {**asdict(self.selector), "lambdas": list(self.selector.lambdas)},
             "macs_ratio": dict(self.macs_ratio),
             "provenance": dict(self.provenance),
@@ -244,10 +292,12 @@ class Schedule:
             raise ScheduleError(f"{source}: expected a JSON object, got {type(data).__name__}")
         if data.get("format") != FORMAT:
             raise ScheduleError(f"{source}: 'format' must be {FORMAT!r}, got {data.get('format')!r}")
-        if data.get("version") != VERSION:
+        if data.get("version") not in READ_VERSIONS:
             raise ScheduleError(
                 f"{source}: schedule version {data.get('version')!r} is not supported by this diffsparse "
-                f"(it reads version {VERSION}); upgrade diffsparse or re-create the schedule")
+                f"(it reads versions {list(READ_VERSIONS)}); upgrade diffsparse or re-create the schedule")
+        if data["version"] == 1 and "skip" in data:
+            raise ScheduleError(f"{source}: a version 1 schedule has no 'skip' field (skipped steps need version 2)")
         required = ("family", "num_tokens", "layers", "num_steps", "keep")
         missing = [k for k in required if k not in data]
         if missing:
@@ -269,6 +319,7 @@ class Schedule:
                 macs_ratio=dict(data.get("macs_ratio", {})),
                 provenance=dict(data.get("provenance", {})),
                 layer_tokens=list(data["layer_tokens"]) if data.get("layer_tokens") is not None else None,
+                skip=list(data["skip"]) if "skip" in data else None,
             )
         except ScheduleError as e:
             raise ScheduleError(f"{source}: {e}") from None

@@ -325,7 +325,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
            config: ExportConfig) -> Manifest:
     selector = schedule.selector
     layer_cache = needs_layer_cache(schedule, tensorrt=config.tensorrt is not None)
-    plan = spec.sampler_plan(schedule.num_steps)
+    plan = spec.schedule_plan(schedule)   # one row per computed step
     store = WeightStore(folder / WEIGHTS_FILE)
     if is_lazy(spec.model):  # larger than memory: initialised straight into the bundle's weights
         store.adopt(spec.model, spec.sliced_parameters())
@@ -356,8 +356,8 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
     universal_entry, engines = None, []
     if config.tensorrt is not None:
         universal_entry, engines = _build_engines(spec, schedule, folder, config.tensorrt)
-    steps = [{"index": t, "timestep": float(plan.timesteps[t]), "graph": g}
-             for t, g in enumerate(step_graph_indices(schedule))]
+    steps = [{"index": t, "timestep": float(plan.timesteps[k]), "graph": g}
+             for k, (t, g) in enumerate(zip(schedule.computed_steps, step_graph_indices(schedule)))]
     dense = spec.dense_macs(schedule.num_steps)
     total = spec.schedule_macs(schedule)
     diffusers_class = type(spec.model).__name__
@@ -371,7 +371,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
         schedule=schedule, sampler=plan,
         graphs=graphs, steps=steps, weights=weights,
         macs={"dense_total": dense, "total": total, "ratio": total / dense,
-              "per_step": [spec.step_macs(row) for row in schedule.keep]},
+              "per_step": spec.schedule_step_macs(schedule)},
         source=source, tool=f"diffsparse {__version__}",
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     manifest.save(folder)

@@ -160,14 +160,14 @@ class Bundle:
             raise self._error(f"cache[{diff}] is not the entry this diffsparse builds for its model and schedule "
                               f"({layout.tensors[diff] if diff < len(layout) else 'none'})")
         try:
-            plan = spec.sampler_plan(m.schedule.num_steps)
+            plan = spec.schedule_plan(m.schedule)   # skipped steps folded in
         except Exception as e:  # diffusers' scheduler, on settings it was not written for
             raise self._error(f"sampler.config does not plan {m.schedule.num_steps} steps ({type(e).__name__}: "
                               f"{str(e)[:200]})") from None
         for name in ("timesteps", "coefficients"):
             expected, recorded = getattr(plan, name), getattr(m.sampler, name)
             if expected.shape != recorded.shape or not np.allclose(recorded, expected, rtol=PLAN_RTOL, atol=PLAN_ATOL):
-                raise self._error(f"sampler.{name} is not what sampler.config computes for {m.schedule.num_steps} steps")
+                raise self._error(f"sampler.{name} is not what sampler.config computes for the schedule's steps")
         return spec
 
     @cached_property

@@ -197,7 +197,7 @@ class Pipeline:
         that may run at once from several threads, each on its own buffers over the shared step
         modules; more than 1 is refused with CUDA graphs (not yet supported: use cuda_graphs=False)."""
         backend = TorchBackend(spec, schedule, device=device, dtype=dtype, static=static, cuda_graphs=cuda_graphs)
-        return cls(backend, spec, spec.sampler_plan(schedule.num_steps), step_graph_indices(schedule),
+        return cls(backend, spec, spec.schedule_plan(schedule), step_graph_indices(schedule),
                    concurrency=concurrency)
 
     def generate(self, class_labels: Sequence[int] | None = None, seed: int = 0, guidance_scale: float | None = None,

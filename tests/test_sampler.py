@@ -148,3 +148,75 @@ def test_plan_from_dict_reads_exactly_its_keys():
         SamplerPlan.from_dict({k: v for k, v in data.items() if k != "config"})
     with pytest.raises(SamplerError, match="JSON object"):
         SamplerPlan.from_dict([data])
+
+
+def _reuse_last_output(cfg, plan, computed, x, outputs):
+    """The definition of a skipped step: no model call, the update runs on the last model output."""
+    last = None
+    for i, c in enumerate(computed):
+        if c:
+            last = outputs[i]
+        x, _ = cfg.update(x, last, torch.from_numpy(plan.coefficients[i]), [])
+    return x
+
+
+@pytest.mark.parametrize("cfg", [DDIMSampler(), DDIMSampler(clip_sample=True), FlowMatchSampler(),
+                                 FlowMatchSampler(shift=3.0, schnell_sigmas=False)])
+def test_skipping_every_other_step_is_the_sampler_on_the_sub_grid(cfg):
+    """20-step DDIM / flow Euler with every other step skipped (reusing the last model output)
+    = the folded plan (10 rows) stepping on the same computed timesteps, to 1e-5."""
+    computed = [i % 2 == 0 for i in range(20)]
+    full, folded = cfg.plan(20), cfg.plan(20, computed=computed)
+    assert len(folded.timesteps) == 10
+    np.testing.assert_array_equal(folded.timesteps, full.timesteps[::2])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    outputs = [torch.randn(2, 4, 8, 8, generator=g) for _ in range(20)]
+    ref = _reuse_last_output(cfg, full, computed, x.clone(), outputs)
+    ours = x.clone()
+    for k in range(10):
+        ours, _ = cfg.update(ours, outputs[2 * k], torch.from_numpy(folded.coefficients[k]), [])
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # an uneven pattern too, ending on skipped steps
+    uneven = [True, True, False, False, True] + [False] * 15
+    ref = _reuse_last_output(cfg, full, uneven, x.clone(), outputs)
+    plan, ours = cfg.plan(20, computed=uneven), x.clone()
+    for k, i in enumerate(i for i, c in enumerate(uneven) if c):
+        ours, _ = cfg.update(ours, outputs[i], torch.from_numpy(plan.coefficients[k]), [])
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(SAMPLERS))
+def test_computing_every_step_is_the_plain_plan(kind):
+    cfg = SAMPLERS[kind]()
+    seq = 256
+    a, b = cfg.plan(12, image_seq_len=seq), cfg.plan(12, image_seq_len=seq, computed=[True] * 12)
+    np.testing.assert_array_equal(a.timesteps, b.timesteps)
+    np.testing.assert_array_equal(a.coefficients, b.coefficients)
+    with pytest.raises(SamplerError, match="step 0 must be computed"):
+        cfg.plan(4, image_seq_len=seq, computed=[False, True, True, True])
+    with pytest.raises(SamplerError, match="3 entries for 4 steps"):
+        cfg.plan(4, image_seq_len=seq, computed=[True] * 3)
+
+
+def test_dpm_solver_on_a_sub_grid_matches_diffusers_on_those_timesteps():
+    """DPM-Solver++ with skipped steps is the solver on the computed steps' sigmas: diffusers'
+    scheduler given exactly those sigmas (its `sigmas` set by hand) takes the same steps."""
+    cfg = DPMSolverSampler()
+    computed = [i % 2 == 0 for i in range(20)]
+    plan = cfg.plan(20, computed=computed)
+    sched = cfg.scheduler()
+    sched.set_timesteps(20)
+    keep = [i for i, c in enumerate(computed) if c] + [20]
+    sched.sigmas = sched.sigmas[keep]
+    sched.timesteps = sched.timesteps[keep[:-1]]
+    sched.num_inference_steps = len(sched.timesteps)
+    np.testing.assert_array_equal(plan.timesteps, sched.timesteps.numpy().astype(np.float32))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ours, state = x.clone(), [torch.zeros(2, 4, 8, 8)]
+    for i, t in enumerate(sched.timesteps):
+        eps = torch.randn(2, 4, 8, 8, generator=g)
+        x = sched.step(eps, t, x).prev_sample
+        ours, state = cfg.update(ours, eps, torch.from_numpy(plan.coefficients[i]), state)
+    torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)

@@ -32,6 +32,11 @@ def _write(tmp_path, data):
     (lambda d: d["layers"][0].update(kind="XX"), "kind 'XX'"),
     (lambda d: d["selector"].update(score="magic"), "selector.score 'magic'"),
     (lambda d: d.update(num_steps=3), "num_steps=3 but keep has 6 rows"),
+    (lambda d: d["skip"].__setitem__(0, True), "step 0 cannot be skipped"),
+    (lambda d: d["skip"].__setitem__(1, True), "step 1 is skipped, so it computes no token"),
+    (lambda d: d["skip"].__setitem__(1, 1), "skip must hold one true/false per step"),
+    (lambda d: d["skip"].pop(), "skip must hold one true/false per step (6)"),
+    (lambda d: d.update(version=1), "a version 1 schedule has no 'skip' field"),
 ])
 def test_bad_files_name_the_problem(tmp_path, tiny_schedules, mutate, message):
     data = tiny_schedules["toca"].to_dict()
@@ -126,3 +131,25 @@ def test_per_layer_token_counts():
     # uniform counts are stored as num_tokens alone, so older files and readers see no change
     uniform = Schedule(family="dit", num_tokens=64, layers=layers[:2], layer_tokens=[64, 64], keep=[[64, 64]])
     assert uniform.layer_tokens is None and "layer_tokens" not in uniform.to_dict()
+
+
+def test_version_1_files_read_as_schedules_without_skips(tmp_path, tiny_schedules):
+    data = tiny_schedules["toca"].to_dict()
+    data.pop("skip")
+    data["version"] = 1
+    old = Schedule.load(_write(tmp_path, data))
+    assert old.skip == [False] * old.num_steps and old.computed_steps == list(range(old.num_steps))
+    assert old.to_dict()["version"] == 2 and old.keep == tiny_schedules["toca"].keep
+
+
+def test_skipped_steps_are_not_computed_steps(tiny_spec, tmp_path):
+    dense = tiny_spec.dense_keep()
+    zero = [0] * len(dense)
+    sched = Schedule(family=tiny_spec.family, num_tokens=tiny_spec.num_tokens, layers=tiny_spec.layers,
+                     keep=[dense, zero, dense, zero], skip=[False, True, False, False])
+    assert sched.computed_steps == [0, 2, 3] and sched.computed == [True, False, True, True]
+    assert sched.full_steps == [True, False, True, False], "a skipped step is not a full step"
+    # the skipped step runs no graph; the FORA-style step 3 (K = 0 everywhere) does
+    assert sched.distinct_signatures() == [tuple(dense), tuple(zero)] and sched.reuses_tokens
+    assert Schedule.load(sched.save(tmp_path / "s.json")).skip == sched.skip
+    assert tiny_spec.schedule_step_macs(sched) == [tiny_spec.step_macs(r) for r in (dense, dense, zero)]

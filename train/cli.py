@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from diffsparse.builtin_schedules import toca_schedule
+from diffsparse.builtin_schedules import fewer_steps_schedule, fora_schedule, toca_schedule
 from diffsparse.models.zoo import make_spec
 from diffsparse.schedule import SCORES, Schedule, ScheduleError, provenance
 from diffsparse.train.losses import DistillLossConfig
-from diffsparse.train.search import fewer_steps_schedule, fora_schedule, genetic_search, loss_fitness, random_search
+from diffsparse.train.search import genetic_search, loss_fitness, random_search
 from diffsparse.train.trainer import ScheduleTrainer, TrainConfig
 
 log = logging.getLogger("dstrain")

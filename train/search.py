@@ -1,9 +1,6 @@
-"""Baselines under the same budget as the learned schedule (paper §4, A.5.4).
+"""Baselines under the same budget as the learned schedule (paper §4, A.5.4). The hand
+baselines (FORA-style reuse, fewer steps, ToCa) are built-in schedules (diffsparse/builtin_schedules.py).
 
-- `fora_schedule`: FORA-style whole-layer reuse — full steps spread evenly, every layer reused
-  (K = 0) in between; the number of full steps is the one whose MACs ratio is nearest the target.
-- `fewer_steps_schedule`: the dense model with round(R·T) sampling steps (its MACs ratio is
-  against the T-step dense model; it needs its own export with that many steps).
 - `random_search` / `genetic_search`: populations of allocations that meet the budget exactly,
   scored by a fitness function (lower is better). The paper scores by FID; we score by the same
   distillation loss the trainer minimises on a fixed evaluation batch (`loss_fitness`), which is
@@ -21,45 +18,10 @@ import numpy as np
 import torch
 from diffsparse.train.costs import Budget, allocate_unified
 
-from diffsparse.models.base import ModelSpec
-from diffsparse.schedule import DEFAULT_CANDIDATES, Schedule, SelectorConfig, provenance
 
 log = logging.getLogger(__name__)
 
 Fitness = Callable[[list[list[int]]], float]
-
-
-def _schedule(spec: ModelSpec, keep, candidates, selector, method: str, target: float, **extra) -> Schedule:
-    sched = Schedule(family=spec.family, num_tokens=spec.num_tokens, layers=spec.layers, keep=keep,
-                     candidates=tuple(candidates), selector=selector or spec.default_selector(),
-                     provenance=provenance(method, **extra))
-    sched.macs_ratio = {"target": target, "achieved": spec.macs_ratio(sched)}
-    return sched
-
-
-def fora_schedule(spec: ModelSpec, num_steps: int, target_ratio: float,
-                  candidates=DEFAULT_CANDIDATES, selector: SelectorConfig | None = None) -> Schedule:
-    if 0.0 not in candidates or 1.0 not in candidates:
-        raise ValueError("FORA-style reuse needs 0 and 1 in the candidate set")
-    n, n_layers = spec.num_tokens, len(spec.layers)
-    best = None
-    for full in range(1, num_steps + 1):
-        steps = set(np.round(np.linspace(0, num_steps, full, endpoint=False)).astype(int).tolist())
-        keep = [[n if t in steps else 0] * n_layers for t in range(num_steps)]
-        ratio = sum(spec.step_macs(r) for r in keep) / spec.dense_macs(num_steps)
-        if best is None or abs(ratio - target_ratio) < abs(best[0] - target_ratio):
-            best = (ratio, keep, full)
-    return _schedule(spec, best[1], candidates, selector, "fora", target_ratio, full_steps=best[2])
-
-
-def fewer_steps_schedule(spec: ModelSpec, num_steps: int, target_ratio: float,
-                         candidates=DEFAULT_CANDIDATES, selector: SelectorConfig | None = None) -> Schedule:
-    steps = max(1, int(round(target_ratio * num_steps)))
-    n = spec.num_tokens
-    sched = _schedule(spec, [[n] * len(spec.layers) for _ in range(steps)], candidates, selector,
-                      "fewer-steps", target_ratio, reference_steps=num_steps)
-    sched.macs_ratio["achieved"] = spec.dense_macs(steps) / spec.dense_macs(num_steps)
-    return sched
 
 
 def _random_costs(rng: np.random.Generator, shape) -> torch.Tensor:

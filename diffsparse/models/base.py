@@ -231,8 +231,14 @@ class ModelSpec(abc.ABC):
         """Random valid conditioning for one batch (export checks, tests, benchmarks)."""
         return {t.name: rng.standard_normal(t.shape).astype(t.numpy_dtype) for t in self.conditioning_inputs()}
 
-    def sampler_plan(self, num_steps: int) -> SamplerPlan:
-        return self.sampler.plan(num_steps, image_seq_len=self.num_tokens)
+    def sampler_plan(self, num_steps: int, computed: Sequence[bool] | None = None) -> SamplerPlan:
+        """The sampler planned for `num_steps` steps; computed: which of them evaluate the model
+        (None: all; `Sampler.plan`)."""
+        return self.sampler.plan(num_steps, image_seq_len=self.num_tokens, computed=computed)
+
+    def schedule_plan(self, schedule: Schedule) -> SamplerPlan:
+        """The sampler plan a schedule runs: one row per computed step (skipped steps folded in)."""
+        return self.sampler_plan(schedule.num_steps, schedule.computed)
 
     # ---- cost ------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -248,8 +254,12 @@ class ModelSpec(abc.ABC):
         per_row = self.fixed_macs() + sum(self.layer_macs(l, k) for l, k in zip(self.layers, keep))
         return per_row * self.rows
 
+    def schedule_step_macs(self, schedule: Schedule) -> list[int]:
+        """MACs of each computed step of a schedule (a skipped step costs nothing, not listed)."""
+        return [self.step_macs(row) for row in schedule.computed_keep]
+
     def schedule_macs(self, schedule: Schedule) -> int:
-        return sum(self.step_macs(row) for row in schedule.keep)
+        return sum(self.schedule_step_macs(schedule))
 
     def dense_keep(self) -> list[int]:
         return [self.layer_tokens(l) for l in self.layers]
@@ -261,14 +271,16 @@ class ModelSpec(abc.ABC):
         """MACs of a whole run (all steps, all rows) split into the fixed part and each cacheable
         layer, dense and under the schedule: where the saving comes from."""
         steps, rows = schedule.num_steps, self.rows
+        computed = len(schedule.computed_steps)
         layers = [{"layer": l.name, "kind": l.kind,
                    "dense": self.layer_macs(l, self.layer_tokens(l)) * rows * steps,
-                   "scheduled": sum(self.layer_macs(l, row[i]) for row in schedule.keep) * rows}
+                   "scheduled": sum(self.layer_macs(l, row[i]) for row in schedule.computed_keep) * rows}
                   for i, l in enumerate(self.layers)]
         fixed = self.fixed_macs() * rows * steps
-        return {"fixed": fixed, "layers": layers,
+        fixed_scheduled = self.fixed_macs() * rows * computed
+        return {"fixed": fixed, "fixed_scheduled": fixed_scheduled, "layers": layers,
                 "dense_total": fixed + sum(x["dense"] for x in layers),
-                "scheduled_total": fixed + sum(x["scheduled"] for x in layers)}
+                "scheduled_total": fixed_scheduled + sum(x["scheduled"] for x in layers)}
 
     def macs_ratio(self, schedule: Schedule) -> float:
         return self.schedule_macs(schedule) / self.dense_macs(schedule.num_steps)

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from diffsparse.builtin_schedules import toca_schedule
+from diffsparse.builtin_schedules import fewer_steps_schedule, fora_schedule, toca_schedule
 from diffsparse.train.costs import Budget
-from diffsparse.train.search import fewer_steps_schedule, fora_schedule, genetic_search, random_search
+from diffsparse.train.search import genetic_search, random_search
 
 STEPS = 8
 
@@ -18,9 +18,13 @@ def test_fora_reuses_whole_layers_between_full_steps(tiny_spec):
     assert abs(sched.macs_ratio["achieved"] - 0.5) < 0.1
 
 
-def test_fewer_steps_is_dense_with_fewer_steps(tiny_spec):
+def test_fewer_steps_skips_steps_of_the_grid(tiny_spec):
+    """Fewer steps is a schedule of the same T: round(R·T) dense steps spread evenly, the rest
+    skipped (no network evaluation, no MACs, no layer cache needed)."""
     sched = fewer_steps_schedule(tiny_spec, STEPS, 0.4)
-    assert sched.num_steps == 3 and sched.macs_ratio["achieved"] == pytest.approx(3 / STEPS)
+    assert sched.num_steps == STEPS and sched.computed_steps == [0, 3, 5]
+    assert sched.macs_ratio["achieved"] == pytest.approx(3 / STEPS) == pytest.approx(tiny_spec.macs_ratio(sched))
+    assert not sched.reuses_tokens and sched.computed_keep == [tiny_spec.dense_keep()] * 3
 
 
 @pytest.fixture()

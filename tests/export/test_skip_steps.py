@@ -1,0 +1,95 @@
+"""Skipped steps end to end: export writes no graph for them, every backend runs the computed
+steps on the folded sampler plan, and the result is the sampler with the skipped steps reusing
+the last model output (DDIM, η = 0)."""
+
+import numpy as np
+import pytest
+import torch
+from diffsparse.export.bundle import ExportConfig, export_bundle
+from diffsparse.export.cli import main as export_main
+from diffsparse.runtime import Pipeline
+
+from diffsparse.builtin_schedules import fewer_steps_schedule, fora_schedule, toca_schedule
+from diffsparse.manifest import Manifest
+from diffsparse.sampler import initial_noise
+from diffsparse.schedule import Schedule
+
+STEPS = 6
+
+
+def _with_skips(sched: Schedule, skipped: set[int]) -> Schedule:
+    data = sched.to_dict()
+    zero = [0] * sched.num_layers
+    data["keep"] = [zero if t in skipped else row for t, row in enumerate(sched.keep)]
+    data["skip"] = [t in skipped for t in range(sched.num_steps)]
+    data["full_steps"] = [f and t not in skipped for t, f in enumerate(sched.full_steps)]
+    return Schedule.from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def skip_bundles(tmp_path_factory, tiny_spec):
+    root = tmp_path_factory.mktemp("skip")
+    toca = toca_schedule(tiny_spec, STEPS, 0.5, full_every=3)
+    scheds = {"mixed": _with_skips(toca, {2, 5}), "fewer": fewer_steps_schedule(tiny_spec, STEPS, 0.5)}
+    out = {}
+    for name, sched in scheds.items():
+        out[name] = root / name
+        export_bundle(tiny_spec, sched, out[name], source={"model": "dit-tiny", "seed": 0}, config=ExportConfig())
+    return out, scheds
+
+
+def test_manifest_lists_only_the_computed_steps(skip_bundles, tiny_spec):
+    folders, scheds = skip_bundles
+    m = Manifest.load(folders["mixed"])
+    assert [s["index"] for s in m.steps] == [0, 1, 3, 4] == m.schedule.computed_steps
+    assert len(m.sampler.timesteps) == 4 and len(m.macs["per_step"]) == 4
+    assert m.macs["total"] == tiny_spec.schedule_macs(scheds["mixed"]) < tiny_spec.schedule_macs(
+        toca_schedule(tiny_spec, STEPS, 0.5, full_every=3))
+    assert all(g.parity_max_abs_err is not None and g.parity_max_abs_err < 1e-4 for g in m.graphs)
+    fewer = Manifest.load(folders["fewer"])
+    assert not fewer.layer_cache and len(fewer.graphs) == 1 and [s["index"] for s in fewer.steps] == [0, 2, 4]
+    assert fewer.macs["ratio"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name", ["mixed", "fewer"])
+def test_backends_agree_on_skipped_steps(skip_bundles, tiny_spec, name):
+    folders, scheds = skip_bundles
+    ort = Pipeline.from_bundle(folders[name]).generate([0, 3], seed=5, guidance_scale=3.0)
+    torch_bundle = Pipeline.from_bundle(folders[name], backend="torch").generate([0, 3], seed=5, guidance_scale=3.0)
+    reference = Pipeline.from_model("dit-tiny", scheds[name], batch_size=2).generate([0, 3], seed=5, guidance_scale=3.0)
+    assert len(ort.step_seconds) == len(scheds[name].computed_steps)
+    for other in (torch_bundle, reference):
+        assert np.abs(ort.samples - other.samples).max() < 1e-3
+
+
+def test_fewer_steps_bundle_is_ddim_reusing_the_last_model_output(skip_bundles, tiny_spec):
+    """The definition of a skip: the 6-step DDIM scheduler of diffusers, where a skipped step
+    steps on the model output of the step before it."""
+    folders, scheds = skip_bundles
+    labels, guidance = np.array([4, 8]), 4.0
+    result = Pipeline.from_bundle(folders["fewer"]).generate(labels, seed=1, guidance_scale=guidance)
+    sched = tiny_spec.sampler.scheduler()
+    sched.set_timesteps(STEPS)
+    x = torch.from_numpy(initial_noise(1, 2, (4, 16, 16)))
+    eps = None
+    for t, skip in zip(sched.timesteps, scheds["fewer"].skip):
+        if not skip:
+            with torch.no_grad():
+                out = tiny_spec.model(torch.cat([x, x]), timestep=t.expand(4),
+                                      class_labels=torch.tensor([4, 8, 10, 10])).sample
+            cond, uncond = out.chunk(2)
+            eps = uncond + guidance * (cond - uncond)
+        x = sched.step(eps, t, x).prev_sample
+    scale = max(1.0, float(x.abs().max()))
+    assert np.abs(result.samples - x.numpy()).max() / scale < 1e-4
+
+
+def test_fora_and_fewer_steps_are_built_in_for_dsexport(tmp_path, tiny_spec):
+    for name in ("fora", "fewer-steps"):
+        out = tmp_path / name
+        assert export_main(["--model", "dit-tiny", "--schedule", name, "--steps", "6", "--ratio", "0.5",
+                            "--batch", "2", "--out", str(out), "--quiet"]) == 0
+        m = Manifest.load(out)
+        assert m.schedule.provenance["method"] == name and abs(m.macs["ratio"] - 0.5) < 0.2
+    fora = fora_schedule(tiny_spec, STEPS, 0.5)
+    assert all(set(row) in ({tiny_spec.num_tokens}, {0}) for row in fora.keep) and not any(fora.skip)
