@@ -22,7 +22,7 @@ from diffsparse.models.zoo import make_spec
 from diffsparse.schedule import SCORES, Schedule, ScheduleError, provenance
 from diffsparse.train.losses import DistillLossConfig
 from diffsparse.train.search import genetic_search, loss_fitness, random_search
-from diffsparse.train.trainer import ScheduleTrainer, TrainConfig
+from diffsparse.train.trainer import INITS, SPACES, ScheduleTrainer, TrainConfig
 
 log = logging.getLogger("dstrain")
 METHODS = ("diffsparse", "random", "genetic", "fora", "fewer-steps", "toca")
@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=d.delta)
     p.add_argument("--full-steps", type=int, default=None, help="|T_f| (default: as in the ToCa schedule)")
     p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--init", default=d.init, choices=["toca", "dense"])
+    p.add_argument("--init", default=d.init, choices=sorted(INITS),
+                   help="schedule the costs start from (fewer-steps needs --space joint)")
+    p.add_argument("--space", default=d.space, choices=SPACES,
+                   help="tokens: K per step and layer (the paper); joint: steps may also be skipped")
     p.add_argument("--score", default=None, choices=SCORES,
                    help="token score the schedule selects with (default: the model's, e.g. DiT's)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -74,7 +77,8 @@ def config_from_args(args) -> TrainConfig:
                        batch_size=args.batch_size, samples=args.samples, stage1_epochs=args.stage1_epochs,
                        stage2_epochs=args.stage2_epochs, lr_layer=args.lr_layer, lr_step=args.lr_step,
                        lr_unified=args.lr_unified, delta=args.delta, num_full_steps=args.full_steps,
-                       temperature=args.temperature, init=args.init, score=args.score, seed=args.seed, loss=loss)
+                       temperature=args.temperature, init=args.init, space=args.space, score=args.score,
+                       seed=args.seed, loss=loss)
 
 
 def _world() -> tuple[int, int]:

@@ -37,6 +37,7 @@ class Budget:
     weights: np.ndarray                 # (L, |S|) int units per layer and candidate
     unit_macs: float                    # MACs per unit
     exact: bool                         # units are the gcd (no rounding)
+    fixed_units: int = 0                # a computed step's fixed part (embeddings, modulation, head), rounded
 
     @property
     def full_step_units(self) -> int:
@@ -53,7 +54,8 @@ class Budget:
         exact = macs.max() // unit <= MAX_UNITS_PER_CHOICE
         if not exact:
             unit = macs.max() / MAX_UNITS_PER_CHOICE
-        return cls(counts, np.rint(macs / unit).astype(np.int64), float(unit), bool(exact))
+        fixed = int(round(spec.fixed_macs() / unit))   # joint space only (train/joint.py): skips save it
+        return cls(counts, np.rint(macs / unit).astype(np.int64), float(unit), bool(exact), fixed)
 
     def units_of(self, keep_rows) -> int:
         """Units used by a (T, L) table of token counts (every count must be a candidate)."""

@@ -41,18 +41,42 @@ class ScheduleRollout:
         return torch.nn.functional.one_hot(idx, len(self.token_counts)).to(torch.float32)
 
     def sample(self, latents: torch.Tensor, conditioning: dict[str, np.ndarray], guidance_scale: float,
-               weights: torch.Tensor) -> torch.Tensor:
+               weights: torch.Tensor, step_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The student's samples under candidate weights (T, L, |S|) and, in the joint space,
+        step weights (T, 2) = (skip, compute) (train/joint.py). A step with skip weight s runs
+
+            x' = s · update(x, ε_last) + (1 − s) · update(x, ε_t),   ε_last ← s · ε_last + (1 − s) · ε_t,
+
+        and keeps its cache where it skips (cache' = s · cache + (1 − s) · cache_t): with s ∈ {0, 1}
+        in the forward pass, a skipped step is the sampler going on from the last model output
+        (what the folded plan of an exported schedule computes, diffsparse/sampler.py), and the
+        straight-through gradient of s reaches the step costs. Needs a sampler without state."""
         if weights.shape[0] != self.num_steps:
             raise ValueError(f"weights cover {weights.shape[0]} steps, the rollout has {self.num_steps}")
+        if step_weights is not None and self.spec.sampler.state:
+            raise ValueError(f"skipped steps in training need a sampler without state, not {self.spec.sampler.kind}")
         x, dev = latents, latents.device
         cache = self.spec.cache_layout(self.selector).zeros(dev)
         weights = weights.to(dev)
+        last = None   # the last computed step's guided model output
         for t in range(self.num_steps):
             call = StepCall(float(self.plan.timesteps[t]), self.plan.coefficients[t])
             feeds = self.spec.feeds(call, conditioning, guidance_scale)
             args = [torch.from_numpy(np.asarray(feeds[s.name])).to(dev) for s in self.spec.step_inputs()[1:]]
-            out = self.step(x, *args, *cache, weights=weights[t])
-            x, cache = out[0], list(out[1:])
+            if step_weights is None:
+                out = self.step(x, *args, *cache, weights=weights[t])
+                x, cache = out[0], list(out[1:])
+                continue
+            x_new, cache_new, eps = self.step.run(x, *args, *cache, weights=weights[t])
+            s = step_weights[t, 0].to(dev)
+            if last is None:   # step 0 is always computed
+                x, cache, last = x_new, cache_new, eps
+                continue
+            coef = torch.from_numpy(np.asarray(self.plan.coefficients[t], dtype=np.float32)).to(dev)
+            x_skip, _ = self.spec.sampler.update(x, last, coef, [])
+            x = s * x_skip + (1 - s) * x_new
+            last = s * last + (1 - s) * eps
+            cache = [s * old + (1 - s) * new for old, new in zip(cache, cache_new)]
         return x
 
     @torch.no_grad()

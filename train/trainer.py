@@ -12,6 +12,10 @@ distillation loss, backpropagate into the costs, step the optimiser. The teacher
 kept for the whole run (they depend only on the noise), so each training sample is sampled
 densely once.
 
+The joint space (`space="joint"`, train/joint.py): each step is skipped or computed, a computed
+step picks K per layer; one stage, one exact DP over both, the layer cost and the (skip, compute)
+step cost learning together through the straight-through weights.
+
 Several processes (torchrun): each takes its own slice of every batch and the cost gradients are
 averaged with all_reduce before the step, which equals one process on the whole batch; rank 0
 writes checkpoints and the schedule.
@@ -35,10 +39,11 @@ from diffsparse.train.costs import (
     allocate_stage1,
     allocate_unified,
 )
+from diffsparse.train.joint import init_step_cost, joint_allocation, joint_units
 from diffsparse.train.losses import DistillLoss, DistillLossConfig
 from diffsparse.train.student import ScheduleRollout
 
-from diffsparse.builtin_schedules import dense_schedule, toca_schedule
+from diffsparse.builtin_schedules import dense_schedule, fewer_steps_schedule, fora_schedule, toca_schedule
 from diffsparse.models.base import ModelSpec
 from diffsparse.sampler import initial_noise
 from diffsparse.schedule import Schedule, provenance
@@ -70,12 +75,25 @@ class TrainConfig:
     num_full_steps: int | None = None  # |T_f|; default: as many as the initial schedule has
     temperature: float = 1.0          # of the STE's softmax surrogate
     init: str = "toca"                # initial schedule: toca (paper) or dense
+    # "tokens": the paper's space (K per step and layer, two stages); "joint": steps may also be
+    # skipped (train/joint.py), one stage of `stage2_epochs` at lr_unified / lr_step
+    space: str = "tokens"
     score: str | None = None          # token score s1 the schedule selects with (None: the model's default)
     seed: int = 0
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+SPACES = ("tokens", "joint")
+#: the schedules a run may start from (warm start); each (spec, T, ratio, selector) -> Schedule
+INITS = {
+    "toca": lambda spec, t, ratio, sel: toca_schedule(spec, t, ratio, selector=sel),
+    "dense": lambda spec, t, ratio, sel: dense_schedule(spec, t, selector=sel),
+    "fora": lambda spec, t, ratio, sel: fora_schedule(spec, t, ratio, selector=sel),
+    "fewer-steps": lambda spec, t, ratio, sel: fewer_steps_schedule(spec, t, ratio, selector=sel),
+}
 
 
 @dataclass
@@ -99,16 +117,19 @@ class ScheduleTrainer:
         selector = spec.default_selector()
         if cfg.score is not None:
             selector = dataclasses.replace(selector, score=cfg.score)
-        if cfg.init == "toca":
-            self.init_schedule = toca_schedule(spec, cfg.num_steps, cfg.ratio, selector=selector)
-        elif cfg.init == "dense":
-            self.init_schedule = dense_schedule(spec, cfg.num_steps, selector=selector)
-        else:
-            raise ValueError(f"init must be 'toca' or 'dense', got {cfg.init!r}")
+        if cfg.space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {cfg.space!r}")
+        if cfg.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {cfg.init!r}")
+        if cfg.init == "fewer-steps" and cfg.space != "joint":
+            raise ValueError("init 'fewer-steps' skips steps: it needs space='joint'")
+        self.init_schedule = INITS[cfg.init](spec, cfg.num_steps, cfg.ratio, selector)
         self.selector = self.init_schedule.selector
         self.candidates = self.init_schedule.candidates
         self.budget = Budget.for_spec(spec, self.init_schedule.allowed_keep())
-        if cfg.init == "toca":   # the learned schedule costs exactly what the ToCa one does
+        if cfg.space == "joint":   # the learned schedule costs what its start does, fixed parts included
+            self.units = joint_units(self.budget, self.init_schedule.keep, self.init_schedule.skip)
+        elif cfg.init != "dense":   # the learned schedule costs exactly what the one it starts from does
             self.units = self.budget.units_of(self.init_schedule.keep)
         else:
             self.units = self.budget.units_for_ratio(spec, cfg.num_steps, cfg.ratio)
@@ -121,7 +142,12 @@ class ScheduleTrainer:
         self.costs = CostPredictor(t, n_layers, n_cand)
         self.costs.init_from_schedule(self.init_schedule, self.budget.token_counts)
         self.unified: torch.nn.Parameter | None = None
+        self.step_kind: torch.nn.Parameter | None = None   # joint space: (T, 2) skip / compute costs
         self.state = TrainState()
+        if cfg.space == "joint":
+            self.unified = torch.nn.Parameter(self.costs.layer_cost.detach().clone())
+            self.step_kind = torch.nn.Parameter(init_step_cost(self.init_schedule.skip))
+            self.state.stage = 2
         self._teacher: dict[int, torch.Tensor] = {}
         self._make_optimizer()
 
@@ -133,9 +159,13 @@ class ScheduleTrainer:
                       {"params": [self.costs.step_cost], "lr": c.lr_step}]
         else:
             groups = [{"params": [self.unified], "lr": c.lr_unified}]
+            if self.step_kind is not None:
+                groups.append({"params": [self.step_kind], "lr": c.lr_step})
         self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
 
     def allocation(self):
+        if self.step_kind is not None:
+            return joint_allocation(self.unified, self.step_kind, self.budget, self.units, self.cfg.temperature)
         if self.state.stage == 1:
             return allocate_stage1(self.costs, self.budget, self.units, self.num_full, self.cfg.temperature)
         return allocate_unified(self.unified, self.budget, self.units, self.cfg.temperature)
@@ -177,14 +207,16 @@ class ScheduleTrainer:
         noise, cond = self._batch(index)
         teacher = self._teacher_for(index, noise, cond)
         alloc = self.allocation()
-        student = self.rollout.sample(noise, cond, self.cfg.guidance_scale, alloc.weights)
+        student = self.rollout.sample(noise, cond, self.cfg.guidance_scale, alloc.weights,
+                                      getattr(alloc, "step_weights", None))
         loss, terms = self.loss_fn(student, teacher)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self._average_gradients()
         self.opt.step()
         rec = {"stage": self.state.stage, "iteration": self.state.iteration, "loss": float(loss.detach()),
-               **terms, "units": alloc.units, "full_steps": int(sum(alloc.full_steps))}
+               **terms, "units": alloc.units, "full_steps": int(sum(alloc.full_steps)),
+               "skipped_steps": int(sum(getattr(alloc, "skip", [])))}
         self.state.iteration += 1
         self.state.history.append(rec)
         return rec
@@ -201,10 +233,14 @@ class ScheduleTrainer:
             p.grad /= self.world_size
 
     def _params(self) -> list[torch.nn.Parameter]:
-        return [self.costs.layer_cost, self.costs.step_cost] if self.state.stage == 1 else [self.unified]
+        if self.state.stage == 1:
+            return [self.costs.layer_cost, self.costs.step_cost]
+        return [self.unified] + ([self.step_kind] if self.step_kind is not None else [])
 
     # ---- the whole run ----------------------------------------------------------------------
     def stage_iterations(self, stage: int) -> int:
+        if stage == 1 and self.cfg.space == "joint":
+            return 0
         epochs = self.cfg.stage1_epochs if stage == 1 else self.cfg.stage2_epochs
         return epochs * self.batches_per_epoch()
 
@@ -233,7 +269,8 @@ class ScheduleTrainer:
         alloc = self.allocation()
         sched = Schedule(family=self.spec.family, num_tokens=self.spec.num_tokens, layers=self.spec.layers,
                          keep=alloc.keep, candidates=self.candidates, selector=self.selector,
-                         provenance=provenance("diffsparse", init=self.cfg.init, stage=self.state.stage,
+                         skip=list(getattr(alloc, "skip", [False] * len(alloc.keep))),
+                         provenance=provenance("diffsparse", init=self.cfg.init, space=self.cfg.space, stage=self.state.stage,
                                                iterations=len(self.state.history), train_config=self.cfg.to_dict(),
                                                final_loss=self.state.history[-1]["loss"] if self.state.history else None))
         sched.macs_ratio = {"target": self.cfg.ratio, "achieved": self.spec.macs_ratio(sched)}
@@ -251,6 +288,7 @@ class ScheduleTrainer:
         state = {"config": self.cfg.to_dict(), "stage": self.state.stage, "iteration": self.state.iteration,
                  "history": self.state.history, "costs": self.costs.state_dict(),
                  "unified": None if self.unified is None else self.unified.detach(),
+                 "step_kind": None if self.step_kind is None else self.step_kind.detach(),
                  "optimizer": self.opt.state_dict()}
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -269,6 +307,8 @@ class ScheduleTrainer:
         self.state = TrainState(ck["stage"], ck["iteration"], ck["history"])
         if ck["unified"] is not None:
             self.unified = torch.nn.Parameter(ck["unified"].clone())
+        if ck.get("step_kind") is not None:
+            self.step_kind = torch.nn.Parameter(ck["step_kind"].clone())
         self._make_optimizer()
         self.opt.load_state_dict(ck["optimizer"])
         return True

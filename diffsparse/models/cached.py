@@ -90,6 +90,15 @@ class CachedStep(nn.Module):
 
     # -- the whole step ------------------------------------------------------------------------
     def forward(self, *args):
+        next_latent, cache, _ = self._step(*args)
+        return (next_latent, *cache)
+
+    def run(self, *args) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """forward's computation -> (next latent, the new cache in layout order, the guided model
+        output): the training rollout (train/student.py) reuses the model output in skipped steps."""
+        return self._step(*args)
+
+    def _step(self, *args):
         n_in, n_k = len(self.input_names), (len(self.keep) if self.dynamic_k else 0)
         if len(args) != n_in + n_k + len(self.cache_names):
             raise TypeError(f"step takes {n_in} inputs, {n_k} K carriers and {len(self.cache_names)} cache "
@@ -100,17 +109,19 @@ class CachedStep(nn.Module):
         new: dict[str, torch.Tensor] = {}
         latent = inputs["latent"]
         out = self.predict(inputs, state, new)
-        next_latent, sampler_state = self.part_sampler(self._sample, latent, out, inputs, state)
+        next_latent, sampler_state, guided = self.part_sampler(self._sample, latent, out, inputs, state)
         new.update(zip(self.sampler_names, sampler_state))
-        return (next_latent, *[new[n] for n in self.cache_names])
+        return next_latent, [new[n] for n in self.cache_names], guided
 
     def _sample(self, latent: torch.Tensor, out: torch.Tensor, inputs: dict[str, torch.Tensor],
                 state: dict[str, torch.Tensor]):
-        """Guidance combine and sampler update -> (next latent, new sampler state)."""
+        """Guidance combine and sampler update -> (next latent, new sampler state, guided output)."""
         if self.halves == 2:
             cond, uncond = out.chunk(2)
             out = uncond + inputs["guidance_scale"] * (cond - uncond)
-        return self.spec.sampler.update(latent, out, inputs["sampler_coef"], [state[n] for n in self.sampler_names])
+        next_latent, sampler_state = self.spec.sampler.update(latent, out, inputs["sampler_coef"],
+                                                              [state[n] for n in self.sampler_names])
+        return next_latent, sampler_state, out
 
     def predict(self, inputs: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
                 new: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -36,12 +36,19 @@ class DiTMaskedStep(DiTCachedStep):
         self.weights: torch.Tensor | None = None
 
     def forward(self, *args, weights: torch.Tensor):
+        return self._with_weights(weights, super().forward, *args)
+
+    def run(self, *args, weights: torch.Tensor):
+        """`CachedStep.run` (the guided model output too) under candidate weights."""
+        return self._with_weights(weights, super().run, *args)
+
+    def _with_weights(self, weights: torch.Tensor, fn, *args):
         if weights.shape != (len(self.spec.layers), len(self.token_counts)):
             raise ValueError(f"weights must have shape (L={len(self.spec.layers)}, |S|={len(self.token_counts)}), "
                              f"got {tuple(weights.shape)}")
         self.weights = weights
         try:
-            return super().forward(*args)
+            return fn(*args)
         finally:
             self.weights = None
 
