@@ -2,8 +2,12 @@
 
 For each target ratio: the ToCa-style hand schedule; the DiffSparse schedule trained from it with
 dstrain's defaults (two stages, distillation loss = classifier features + L2) at exactly the ToCa
-schedule's MACs; FORA-style whole-layer reuse and fewer sampling steps at the nearest MACs;
-optionally random search and a GA (--search). Every schedule is exported to a bundle and scored
+schedule's MACs, in the paper's space (tokens only); the schedule learned in the joint space
+(steps may be skipped: `dstrain --space joint --init best`, warm-started from the best baseline on
+held-out draws, at exactly its MACs); FORA-style whole-layer reuse and fewer steps (skipped steps
+of the T-step grid) at the nearest MACs; optionally random search and a GA (--search). Both
+learned schedules are the best of their run on held-out draws (never worse than the start).
+Every schedule is exported to a bundle and scored
 with dseval's metrics on ONNX Runtime CPU (n per class, seed 0, the model's default guidance): accuracy, MNIST-FID
 against the 10,000 real test images, PSNR/SSIM against the dense bundle.
 
@@ -15,6 +19,7 @@ Writes OUT/results.json, OUT/results.md, OUT/schedules/*.json and OUT/k_heatmap_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -30,24 +35,30 @@ log = logging.getLogger("mnist_schedules")
 
 
 def build_schedules(ratio: float, args, out: Path) -> dict:
-    from diffsparse.builtin_schedules import toca_schedule
+    from diffsparse.builtin_schedules import fewer_steps_schedule, fora_schedule, toca_schedule
     from diffsparse.models.zoo import make_spec
-    from diffsparse.train.search import fewer_steps_schedule, fora_schedule
-    from diffsparse.train.trainer import ScheduleTrainer, TrainConfig
+    from diffsparse.train.trainer import ScheduleTrainer, TrainConfig, plot_history
 
     spec = make_spec(args.model, batch_size=args.batch_size)
     cfg = TrainConfig(ratio=ratio, num_steps=args.steps, batch_size=args.batch_size, samples=args.samples,
                       lr_layer=args.lr_layer, lr_unified=args.lr_unified)
     scheds = {"toca": toca_schedule(spec, args.steps, ratio), "fora": fora_schedule(spec, args.steps, ratio),
               "fewer-steps": fewer_steps_schedule(spec, args.steps, ratio)}
-    t0 = time.perf_counter()
-    trainer = ScheduleTrainer(spec, cfg, out / f"work-{ratio}")
-    trainer.resume()
-    scheds["diffsparse"] = trainer.run(progress=True)
-    scheds["diffsparse"].provenance["train_seconds"] = time.perf_counter() - t0
+    joint = dataclasses.replace(cfg, space="joint", init="best", stage2_epochs=args.joint_epochs)
+    for method, space_cfg in (("diffsparse", cfg), ("diffsparse-joint", joint)):
+        if args.methods and method not in args.methods:
+            continue
+        t0 = time.perf_counter()
+        work = out / f"work-{method}-{args.steps}-{ratio}"
+        trainer = ScheduleTrainer(spec, space_cfg, work)
+        trainer.resume()
+        scheds[method] = trainer.run(progress=True)
+        scheds[method].provenance["train_seconds"] = time.perf_counter() - t0
+        plot_history(trainer.state.history, work / "loss_curve.png")
     if args.search:
         from diffsparse.train.search import genetic_search, loss_fitness, random_search
 
+        trainer = ScheduleTrainer(spec, cfg, None)   # the paper's space: what random search and the GA search
         noise, cond = trainer._batch(0)
         fit = loss_fitness(trainer.rollout, trainer.loss_fn, noise, cond, trainer.cfg.guidance_scale)
         shape = tuple(trainer.costs.layer_cost.shape)
@@ -82,6 +93,8 @@ def main() -> None:
     p.add_argument("--population", type=int, default=12)
     p.add_argument("--generations", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--joint-epochs", type=int, default=6,
+                   help="epochs of the joint-space run at most (it stops earlier once held-out loss stalls)")
     p.add_argument("--lr-layer", type=float, default=TrainConfig.lr_layer)
     p.add_argument("--lr-unified", type=float, default=TrainConfig.lr_unified)
     p.add_argument("--methods", nargs="+", default=None,
@@ -116,7 +129,8 @@ def main() -> None:
                       config=ExportConfig(overwrite=True))
         dense_images = generate_set(dense_dir, ecfg)[0]
         np.save(cached, dense_images)
-        rows = [{"ratio_target": 1.0, "method": "dense", **evaluate_bundle(dense_dir, cfg=ecfg)}]
+        rows = [{"ratio_target": 1.0, "method": "dense", "steps": args.steps, "macs_ratio": 1.0,
+                 **evaluate_bundle(dense_dir, cfg=ecfg)}]
     for ratio in args.ratios:
         for method, sched in build_schedules(ratio, args, out).items():
             if args.methods and method not in args.methods:
@@ -130,14 +144,14 @@ def main() -> None:
             export_bundle(espec, sched, bundle, source=source, config=ExportConfig(overwrite=True))
             export_s = time.perf_counter() - t0
             res = evaluate_bundle(bundle, cfg=ecfg, reference_images=dense_images)
-            res.update(ratio_target=ratio, method=method, macs_ratio=sched.macs_ratio["achieved"],
+            res.update(ratio_target=ratio, method=method, steps=args.steps, macs_ratio=sched.macs_ratio["achieved"],
                        export_seconds=export_s, train_seconds=sched.provenance.get("train_seconds"))
             rows.append(res)
             log.info("%s: acc %.3f fid %.1f psnr %s", name, res["accuracy"], res["fid"], res.get("psnr"))
             (out / "results.json").write_text(json.dumps(rows, indent=1))
     lines = ["| target | method | MACs ratio | accuracy | MNIST-FID | PSNR vs dense (dB) | SSIM vs dense |",
              "|---|---|---|---|---|---|---|"]
-    order = ["dense", "toca", "fora", "fewer-steps", "random", "genetic", "diffsparse"]
+    order = ["dense", "toca", "fora", "fewer-steps", "random", "genetic", "diffsparse", "diffsparse-joint"]
     rows.sort(key=lambda r: (-r["ratio_target"], order.index(r["method"])))
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     for r in rows:

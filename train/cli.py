@@ -22,7 +22,7 @@ from diffsparse.models.zoo import make_spec
 from diffsparse.schedule import SCORES, Schedule, ScheduleError, provenance
 from diffsparse.train.losses import DistillLossConfig
 from diffsparse.train.search import genetic_search, loss_fitness, random_search
-from diffsparse.train.trainer import INITS, SPACES, ScheduleTrainer, TrainConfig
+from diffsparse.train.trainer import INITS, SPACES, ScheduleTrainer, TrainConfig, plot_history
 
 log = logging.getLogger("dstrain")
 METHODS = ("diffsparse", "random", "genetic", "fora", "fewer-steps", "toca")
@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="schedule the costs start from (fewer-steps needs --space joint)")
     p.add_argument("--space", default=d.space, choices=SPACES,
                    help="tokens: K per step and layer (the paper); joint: steps may also be skipped")
+    p.add_argument("--heldout-samples", type=int, default=d.heldout_samples,
+                   help="held-out draws the run validates on (default %(default)s)")
+    p.add_argument("--validate-every", type=int, default=d.validate_every,
+                   help="iterations between held-out validations; the best schedule seen is returned (0: off)")
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="stop after this many validations without improvement (0: run every epoch)")
     p.add_argument("--score", default=None, choices=SCORES,
                    help="token score the schedule selects with (default: the model's, e.g. DiT's)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -78,7 +84,8 @@ def config_from_args(args) -> TrainConfig:
                        stage2_epochs=args.stage2_epochs, lr_layer=args.lr_layer, lr_step=args.lr_step,
                        lr_unified=args.lr_unified, delta=args.delta, num_full_steps=args.full_steps,
                        temperature=args.temperature, init=args.init, space=args.space, score=args.score,
-                       seed=args.seed, loss=loss)
+                       seed=args.seed, loss=loss, heldout_samples=args.heldout_samples,
+                       validate_every=args.validate_every, patience=args.patience)
 
 
 def _world() -> tuple[int, int]:
@@ -112,6 +119,9 @@ def run(args) -> Path:
             log.info("resumed from %s: stage %d, iteration %d", trainer.checkpoint_path(), trainer.state.stage,
                      trainer.state.iteration)
         sched = trainer.run(progress=not args.no_progress and sys.stderr.isatty())
+        if rank == 0:
+            work.mkdir(parents=True, exist_ok=True)
+            log.info("loss curve: %s", plot_history(trainer.state.history, work / "loss_curve.png"))
     else:
         sched = _search(spec, cfg, args, device)
     if rank == 0:

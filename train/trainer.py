@@ -78,6 +78,12 @@ class TrainConfig:
     # "tokens": the paper's space (K per step and layer, two stages); "joint": steps may also be
     # skipped (train/joint.py), one stage of `stage2_epochs` at lr_unified / lr_step
     space: str = "tokens"
+    # held-out validation (never trained on: draws of their own seeds): the run returns the
+    # schedule with the best held-out loss seen, the warm start included, so it never loses to
+    # its start; it stops once `patience` validations in a row did not improve on the best
+    heldout_samples: int = 8
+    validate_every: int = 4           # iterations between validations (0: none, return the last schedule)
+    patience: int = 4                 # 0: run every epoch
     score: str | None = None          # token score s1 the schedule selects with (None: the model's default)
     seed: int = 0
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
@@ -87,12 +93,17 @@ class TrainConfig:
 
 
 SPACES = ("tokens", "joint")
+#: init "best": the baselines each space holds, one of which the run starts from (held-out loss)
+BEST_OF = {"tokens": ("toca", "fora"), "joint": ("toca", "fora", "fewer-steps")}
+#: the held-out draws' seed stream is the training seed plus this (never the training stream)
+HELDOUT_SEED_OFFSET = 1_000_003
 #: the schedules a run may start from (warm start); each (spec, T, ratio, selector) -> Schedule
 INITS = {
     "toca": lambda spec, t, ratio, sel: toca_schedule(spec, t, ratio, selector=sel),
     "dense": lambda spec, t, ratio, sel: dense_schedule(spec, t, selector=sel),
     "fora": lambda spec, t, ratio, sel: fora_schedule(spec, t, ratio, selector=sel),
     "fewer-steps": lambda spec, t, ratio, sel: fewer_steps_schedule(spec, t, ratio, selector=sel),
+    "best": None,   # the best of BEST_OF[space] on the held-out draws
 }
 
 
@@ -123,33 +134,95 @@ class ScheduleTrainer:
             raise ValueError(f"init must be one of {INITS}, got {cfg.init!r}")
         if cfg.init == "fewer-steps" and cfg.space != "joint":
             raise ValueError("init 'fewer-steps' skips steps: it needs space='joint'")
-        self.init_schedule = INITS[cfg.init](spec, cfg.num_steps, cfg.ratio, selector)
+        if cfg.init == "best" and not cfg.validate_every:
+            raise ValueError("init 'best' picks the warm start by held-out loss: it needs validate_every > 0")
+        names = BEST_OF[cfg.space] if cfg.init == "best" else (cfg.init,)
+        starts = {name: INITS[name](spec, cfg.num_steps, cfg.ratio, selector) for name in names}
+        self.init_schedule = starts[names[0]]
         self.selector = self.init_schedule.selector
         self.candidates = self.init_schedule.candidates
         self.budget = Budget.for_spec(spec, self.init_schedule.allowed_keep())
-        if cfg.space == "joint":   # the learned schedule costs what its start does, fixed parts included
-            self.units = joint_units(self.budget, self.init_schedule.keep, self.init_schedule.skip)
-        elif cfg.init != "dense":   # the learned schedule costs exactly what the one it starts from does
-            self.units = self.budget.units_of(self.init_schedule.keep)
-        else:
-            self.units = self.budget.units_for_ratio(spec, cfg.num_steps, cfg.ratio)
+        self.units = self._units_of(self.init_schedule)
         self.num_full = cfg.num_full_steps or sum(self.init_schedule.full_steps)
         self.rollout = ScheduleRollout(spec, spec.sampler_plan(cfg.num_steps), self.budget.token_counts, self.selector)
         self.device = torch.device(device)
         spec.model.to(self.device)
         self.loss_fn = DistillLoss(cfg.loss).to(self.device)
+        self._heldout_data: list | None = None
+        #: the warm start's candidates by held-out loss (init "best"): the best is the start
+        self.warm_start = {name: self.schedule_heldout_loss(s) for name, s in starts.items()} if len(starts) > 1 else {}
+        if self.warm_start:
+            self.init_schedule = starts[min(self.warm_start, key=self.warm_start.get)]
+            self.units = self._units_of(self.init_schedule)
+            self.num_full = cfg.num_full_steps or sum(self.init_schedule.full_steps)
+            log.info("warm start by held-out loss: %s -> %s", self.warm_start, self.init_schedule.provenance["method"])
         t, n_layers, n_cand = cfg.num_steps, len(spec.layers), len(self.budget.token_counts)
         self.costs = CostPredictor(t, n_layers, n_cand)
         self.costs.init_from_schedule(self.init_schedule, self.budget.token_counts)
         self.unified: torch.nn.Parameter | None = None
         self.step_kind: torch.nn.Parameter | None = None   # joint space: (T, 2) skip / compute costs
         self.state = TrainState()
+        self.best: dict | None = None      # {"loss", "iteration", "schedule"}: the best held-out schedule so far
+        self.stale = 0                     # validations since the best improved
+        self.stopped_early = False
         if cfg.space == "joint":
             self.unified = torch.nn.Parameter(self.costs.layer_cost.detach().clone())
             self.step_kind = torch.nn.Parameter(init_step_cost(self.init_schedule.skip))
             self.state.stage = 2
         self._teacher: dict[int, torch.Tensor] = {}
         self._make_optimizer()
+
+    def _units_of(self, schedule: Schedule) -> int:
+        """The budget a run starting from `schedule` meets: exactly what that schedule costs
+        (fixed parts included in the joint space); from dense, the configured ratio."""
+        if self.cfg.space == "joint":
+            return joint_units(self.budget, schedule.keep, schedule.skip)
+        if schedule.provenance.get("method") != "dense":
+            return self.budget.units_of(schedule.keep)
+        return self.budget.units_for_ratio(self.spec, self.cfg.num_steps, self.cfg.ratio)
+
+    # ---- held-out validation ----------------------------------------------------------------
+    def _heldout(self) -> list:
+        """(noise, conditioning, teacher) of the held-out draws, sampled densely once. Their seeds
+        are not the training stream's; every rank uses all of them (same decisions everywhere)."""
+        if self._heldout_data is None:
+            b = self.spec.batch_size
+            self._heldout_data = []
+            for index in range(max(1, self.cfg.heldout_samples // b)):
+                noise, cond = self._draw(self.cfg.seed + HELDOUT_SEED_OFFSET, index * b)
+                self._heldout_data.append((noise, cond, self.rollout.teacher(noise, cond, self.cfg.guidance_scale)))
+        return self._heldout_data
+
+    @torch.no_grad()
+    def _heldout_loss(self, weights: torch.Tensor, step_weights: torch.Tensor | None) -> float:
+        losses = [float(self.loss_fn(self.rollout.sample(noise, cond, self.cfg.guidance_scale, weights, step_weights),
+                                     teacher)[0]) for noise, cond, teacher in self._heldout()]
+        return float(np.mean(losses))
+
+    def schedule_heldout_loss(self, schedule: Schedule) -> float:
+        """The distillation loss of a schedule on the held-out draws."""
+        steps = None
+        if any(schedule.skip):
+            steps = torch.nn.functional.one_hot(torch.tensor([int(not s) for s in schedule.skip]), 2).float()
+        return self._heldout_loss(self.rollout.weights_for(schedule.keep), steps)
+
+    def validate(self) -> dict:
+        """Held-out loss of the current allocation; keeps the best schedule (module docstring)."""
+        alloc = self.allocation()
+        steps = getattr(alloc, "step_weights", None)
+        loss = self._heldout_loss(alloc.weights.detach(), None if steps is None else steps.detach())
+        rec = {"stage": self.state.stage, "iteration": self.state.iteration, "heldout": loss}
+        if self.best is None or loss < self.best["loss"]:
+            self.best = {"loss": loss, "iteration": len(self._training_records()), "schedule": self.schedule()}
+            self.stale = 0
+        else:
+            self.stale += 1
+        rec["best"] = self.best["loss"]
+        self.state.history.append(rec)
+        return rec
+
+    def _training_records(self) -> list[dict]:
+        return [h for h in self.state.history if "loss" in h]
 
     # ---- optimisation -----------------------------------------------------------------------
     def _make_optimizer(self) -> None:
@@ -179,17 +252,21 @@ class ScheduleTrainer:
                 unified[t, :, -1] -= self.cfg.delta
         self.unified = torch.nn.Parameter(unified)
         self.state.stage, self.state.iteration = 2, 0
+        self.stale = 0   # patience counts in stage 2
         self._make_optimizer()
 
     # ---- data -------------------------------------------------------------------------------
     def _batch(self, index: int) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
         """Training sample block `index` (batch_size per rank): noise and conditioning from seeds."""
+        return self._draw(self.cfg.seed, (index * self.world_size + self.rank) * self.spec.batch_size)
+
+    def _draw(self, seed: int, start: int) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """Draws start .. start + batch_size of the stream `seed`: noise and conditioning."""
         b = self.spec.batch_size
-        start = (index * self.world_size + self.rank) * b
-        noise = torch.from_numpy(initial_noise(self.cfg.seed, start + b, self.spec.latent_shape)[start:])
+        noise = torch.from_numpy(initial_noise(seed, start + b, self.spec.latent_shape)[start:])
         noise = noise.to(self.device)
         # conditioning per sample too, so a batch split across ranks sees the same samples
-        conds = [self.spec.example_conditioning(np.random.default_rng([self.cfg.seed, 7, j]))
+        conds = [self.spec.example_conditioning(np.random.default_rng([seed, 7, j]))
                  for j in range(start, start + b)]
         return noise, {k: np.concatenate([c[k][:1] for c in conds]) for k in conds[0]}
 
@@ -249,6 +326,12 @@ class ScheduleTrainer:
         done = self.state.iteration if self.state.stage == 1 else self.stage_iterations(1) + self.state.iteration
         bar = _progress(total, done, enabled=progress and self.rank == 0)
         t0 = time.perf_counter()
+        every = self.cfg.validate_every
+        if every and self.best is None:   # the warm start is the first candidate: never returned worse
+            loss = self.schedule_heldout_loss(self.init_schedule)
+            self.best = {"loss": loss, "iteration": 0, "schedule": self.init_schedule}
+            self.state.history.append({"stage": self.state.stage, "iteration": 0, "heldout": loss, "best": loss,
+                                       "warm_start": self.init_schedule.provenance.get("method")})
         while True:
             if self.state.stage == 1 and self.state.iteration >= self.stage_iterations(1):
                 self.enter_stage2()
@@ -257,13 +340,37 @@ class ScheduleTrainer:
             rec = self.train_step()
             rec["seconds"] = time.perf_counter() - t0
             bar.update(1)
-            bar.set_postfix(stage=rec["stage"], loss=f"{rec['loss']:.4g}")
+            bar.set_postfix(stage=rec["stage"], loss=f"{rec['loss']:.4g}",
+                            best=f"{self.best['loss']:.4g}" if self.best else "-")
             log.info("stage %d iteration %d loss %.5g", rec["stage"], rec["iteration"], rec["loss"])
+            if every and len(self._training_records()) % every == 0:
+                v = self.validate()
+                log.info("held-out loss %.5g (best %.5g)", v["heldout"], v["best"])
+                if self.cfg.patience and self.state.stage == 2 and self.stale >= self.cfg.patience:
+                    log.info("held-out loss did not improve in %d validations: stopping", self.stale)
+                    self.stopped_early = True
+                    break
             if checkpoint_every and self.state.iteration % checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
         self.save_checkpoint()
-        return self.schedule()
+        return self.result()
+
+    def result(self) -> Schedule:
+        """The run's schedule: with validation, the best on the held-out draws (possibly the warm
+        start itself, then said so in its provenance); without, the last allocation."""
+        if self.best is None:
+            return self.schedule()
+        best: Schedule = self.best["schedule"]
+        records = self._training_records()
+        sched = dataclasses.replace(best, provenance=provenance(
+            "diffsparse", init=self.cfg.init, space=self.cfg.space, train_config=self.cfg.to_dict(),
+            kept="warm start" if self.best["iteration"] == 0 else "learned",
+            warm_start=self.init_schedule.provenance.get("method"), warm_start_candidates=self.warm_start,
+            heldout_loss=self.best["loss"], best_iteration=self.best["iteration"], iterations=len(records),
+            stopped_early=self.stopped_early, final_loss=records[-1]["loss"] if records else None))
+        sched.macs_ratio = {"target": self.cfg.ratio, "achieved": self.spec.macs_ratio(sched)}
+        return sched
 
     def schedule(self) -> Schedule:
         alloc = self.allocation()
@@ -271,8 +378,8 @@ class ScheduleTrainer:
                          keep=alloc.keep, candidates=self.candidates, selector=self.selector,
                          skip=list(getattr(alloc, "skip", [False] * len(alloc.keep))),
                          provenance=provenance("diffsparse", init=self.cfg.init, space=self.cfg.space, stage=self.state.stage,
-                                               iterations=len(self.state.history), train_config=self.cfg.to_dict(),
-                                               final_loss=self.state.history[-1]["loss"] if self.state.history else None))
+                                               iterations=len(self._training_records()), train_config=self.cfg.to_dict(),
+                                               final_loss=(self._training_records() or [{"loss": None}])[-1]["loss"]))
         sched.macs_ratio = {"target": self.cfg.ratio, "achieved": self.spec.macs_ratio(sched)}
         return sched
 
@@ -289,6 +396,8 @@ class ScheduleTrainer:
                  "history": self.state.history, "costs": self.costs.state_dict(),
                  "unified": None if self.unified is None else self.unified.detach(),
                  "step_kind": None if self.step_kind is None else self.step_kind.detach(),
+                 "best": None if self.best is None else {**self.best, "schedule": self.best["schedule"].to_dict()},
+                 "stale": self.stale,
                  "optimizer": self.opt.state_dict()}
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -309,9 +418,43 @@ class ScheduleTrainer:
             self.unified = torch.nn.Parameter(ck["unified"].clone())
         if ck.get("step_kind") is not None:
             self.step_kind = torch.nn.Parameter(ck["step_kind"].clone())
+        if ck.get("best") is not None:
+            self.best = {**ck["best"], "schedule": Schedule.from_dict(ck["best"]["schedule"])}
+        self.stale = ck.get("stale", 0)
         self._make_optimizer()
         self.opt.load_state_dict(ck["optimizer"])
         return True
+
+
+def plot_history(history: list[dict], path: str | os.PathLike) -> Path:
+    """The run's loss curve: the training loss per iteration and the held-out loss at each
+    validation (its best so far dashed), as a PNG."""
+    import matplotlib   # on first plot only: slow to import, nothing else here needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h["loss"] for h in history if "loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(train) + 1), train, lw=1, alpha=0.6, label="training batch")
+    done, xs, held, best = 0, [], [], []
+    for h in history:
+        done += "loss" in h
+        if "heldout" in h:
+            xs.append(done)
+            held.append(h["heldout"])
+            best.append(h["best"])
+    if xs:
+        ax.plot(xs, held, "o-", ms=3, label="held-out")
+        ax.plot(xs, best, "--", lw=1, label="held-out, best so far")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("distillation loss")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 class _NoBar:

@@ -17,7 +17,8 @@ L2 = DistillLossConfig(features=0.0, l2=1.0)
 
 
 def config(**kw):
-    base = dict(ratio=0.5, num_steps=6, batch_size=2, samples=4, stage1_epochs=1, stage2_epochs=1, loss=L2)
+    base = dict(ratio=0.5, num_steps=6, batch_size=2, samples=4, stage1_epochs=1, stage2_epochs=1, loss=L2,
+                validate_every=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -57,6 +58,18 @@ def test_resume_continues_exactly(tiny_spec, tmp_path):
     assert second.run().keep == whole.keep
     with pytest.raises(ValueError, match="another configuration"):
         ScheduleTrainer(tiny_spec, config(ratio=0.4), tmp_path / "b").resume()
+    # with validation: the best so far comes back with the checkpoint
+    checked = config(validate_every=1, patience=0)
+    whole = ScheduleTrainer(tiny_spec, checked, tmp_path / "c").run()
+    first = ScheduleTrainer(tiny_spec, checked, tmp_path / "d")
+    first.best = {"loss": first.schedule_heldout_loss(first.init_schedule), "iteration": 0, "schedule": first.init_schedule}
+    first.train_step()
+    first.validate()
+    first.save_checkpoint()
+    second = ScheduleTrainer(tiny_spec, checked, tmp_path / "d")
+    assert second.resume() and second.best["loss"] == first.best["loss"]
+    resumed = second.run()
+    assert resumed.keep == whole.keep and resumed.provenance["heldout_loss"] == pytest.approx(whole.provenance["heldout_loss"])
 
 
 def test_batch_size_must_match_the_spec(tiny_spec):
@@ -80,12 +93,15 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path):
     _dstrain(["--batch-size", "1", "--out", "two.json"], tmp_path, nproc=2)
     one, two = Schedule.load(tmp_path / "one.json"), Schedule.load(tmp_path / "two.json")
     assert one.keep == two.keep
+    assert (tmp_path / "one.work" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     ca = torch.load(tmp_path / "one.work" / "checkpoint.pt", weights_only=False)
     cb = torch.load(tmp_path / "two.work" / "checkpoint.pt", weights_only=False)
     assert torch.allclose(ca["unified"], cb["unified"], atol=1e-4)
-    la = [h["loss"] for h in json.loads((tmp_path / "one.work" / "history.json").read_text())]
-    lb = [h["loss"] for h in json.loads((tmp_path / "two.work" / "history.json").read_text())]
+    la = [h for h in json.loads((tmp_path / "one.work" / "history.json").read_text()) if "loss" in h]
+    lb = [h for h in json.loads((tmp_path / "two.work" / "history.json").read_text()) if "loss" in h]
     assert len(la) == len(lb)
+    # held-out validation: every rank scores all held-out draws, so both runs keep the same best
+    assert one.provenance["heldout_loss"] == pytest.approx(two.provenance["heldout_loss"], rel=1e-4)
 
 
 @pytest.mark.parametrize("method", ["toca", "fora", "fewer-steps", "random", "genetic"])
@@ -109,3 +125,32 @@ def test_dstrain_reports_bad_input(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffsparse.train.cli", "--model", "dit-tiny", "--steps", "6",
                            "--out", "s.json", "--no-progress"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "feature loss" in proc.stderr
+
+
+def test_the_run_returns_its_best_held_out_schedule_and_never_loses_to_its_start(tiny_spec):
+    trainer = ScheduleTrainer(tiny_spec, config(validate_every=1, patience=0, heldout_samples=4))
+    sched = trainer.run()
+    checks = [h for h in trainer.state.history if "heldout" in h]
+    assert checks[0]["warm_start"] == "toca" and len(checks) == 1 + 4, "the start, then every iteration"
+    best = min(h["heldout"] for h in checks)
+    assert sched.provenance["heldout_loss"] == best <= checks[0]["heldout"]
+    assert trainer.schedule_heldout_loss(sched) == pytest.approx(best)
+    assert tiny_spec.schedule_macs(sched) == tiny_spec.schedule_macs(trainer.init_schedule)
+    assert sched.provenance["kept"] in ("warm start", "learned") and sched.provenance["method"] == "diffsparse"
+
+
+def test_patience_stops_the_run(tiny_spec, monkeypatch):
+    trainer = ScheduleTrainer(tiny_spec, config(validate_every=1, patience=2, stage2_epochs=10))
+    monkeypatch.setattr(trainer, "_heldout_loss", lambda w, s: 1.0)   # never improves on the start
+    sched = trainer.run()
+    assert trainer.stopped_early and sched.provenance["kept"] == "warm start"
+    assert sched.keep == trainer.init_schedule.keep
+    assert len(trainer._training_records()) == 2 + 2, "stage 1 runs in full, stage 2 stops after 2 validations"
+
+
+def test_init_best_starts_from_the_best_baseline_on_held_out_draws(tiny_spec):
+    trainer = ScheduleTrainer(tiny_spec, config(validate_every=2, init="best", space="joint"))
+    losses = trainer.warm_start
+    assert set(losses) == {"toca", "fora", "fewer-steps"}
+    assert trainer.init_schedule.provenance["method"] == min(losses, key=losses.get)
+    assert trainer.schedule_heldout_loss(trainer.init_schedule) == pytest.approx(min(losses.values()))
