@@ -42,7 +42,7 @@ def build_schedules(ratio: float, args, out: Path) -> dict:
     spec = make_spec(args.model, batch_size=args.batch_size)
     cfg = TrainConfig(ratio=ratio, num_steps=args.steps, batch_size=args.batch_size, samples=args.samples,
                       lr_layer=args.lr_layer, lr_unified=args.lr_unified)
-    scheds = {"toca": toca_schedule(spec, args.steps, ratio), "fora": fora_schedule(spec, args.steps, ratio),
+    scheds = {"toca": toca_schedule(spec, args.steps, ratio, full_every=None), "fora": fora_schedule(spec, args.steps, ratio),
               "fewer-steps": fewer_steps_schedule(spec, args.steps, ratio)}
     joint = dataclasses.replace(cfg, space="joint", init="best", stage2_epochs=args.joint_epochs)
     for method, space_cfg in (("diffsparse", cfg), ("diffsparse-joint", joint)):

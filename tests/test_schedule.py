@@ -153,3 +153,13 @@ def test_skipped_steps_are_not_computed_steps(tiny_spec, tmp_path):
     assert sched.distinct_signatures() == [tuple(dense), tuple(zero)] and sched.reuses_tokens
     assert Schedule.load(sched.save(tmp_path / "s.json")).skip == sched.skip
     assert tiny_spec.schedule_step_macs(sched) == [tiny_spec.step_macs(r) for r in (dense, dense, zero)]
+
+
+def test_toca_picks_a_full_step_period_that_reaches_low_budgets(tiny_spec):
+    """A full step every 3 of 12 steps alone costs a third; full_every=None lengthens the period
+    until the target is met."""
+    fixed = toca_schedule(tiny_spec, 12, 0.2, full_every=3)
+    auto = toca_schedule(tiny_spec, 12, 0.2, full_every=None)
+    assert fixed.macs_ratio["achieved"] > 0.3
+    assert abs(auto.macs_ratio["achieved"] - 0.2) <= 0.01 + 1e-9 and auto.provenance["full_every"] > 3
+    assert toca_schedule(tiny_spec, 12, 0.5, full_every=None).provenance["full_every"] == 3

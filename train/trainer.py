@@ -99,7 +99,7 @@ BEST_OF = {"tokens": ("toca", "fora"), "joint": ("toca", "fora", "fewer-steps")}
 HELDOUT_SEED_OFFSET = 1_000_003
 #: the schedules a run may start from (warm start); each (spec, T, ratio, selector) -> Schedule
 INITS = {
-    "toca": lambda spec, t, ratio, sel: toca_schedule(spec, t, ratio, selector=sel),
+    "toca": lambda spec, t, ratio, sel: toca_schedule(spec, t, ratio, full_every=None, selector=sel),
     "dense": lambda spec, t, ratio, sel: dense_schedule(spec, t, selector=sel),
     "fora": lambda spec, t, ratio, sel: fora_schedule(spec, t, ratio, selector=sel),
     "fewer-steps": lambda spec, t, ratio, sel: fewer_steps_schedule(spec, t, ratio, selector=sel),
