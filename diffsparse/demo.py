@@ -1,7 +1,8 @@
 """`dsdemo`: the main job on built-in defaults.
 
 Exports the built-in MNIST DiT (trained weights shipped in the package) with its shipped learned
-schedule at about half the dense MACs (the ToCa-style one for models without a learned schedule)
+schedule at about half the dense MACs (`mnist-dit-joint-50`: learned in the joint space, where
+steps may also be skipped) (the ToCa-style one for models without a learned schedule)
 and with the dense schedule, generates the digits 0-9 from
 both on ONNX Runtime (CPU), and profiles sparse against dense in one run. Outputs go to --out
 (default out/demo):
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--schedule", default="auto",
                    help="sparse schedule: a built-in or file; auto = the shipped learned schedule for the "
-                        "model at --ratio if there is one, else toca")
+                        "model at --ratio if there is one (joint space first), else toca")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--runs", type=int, default=5,
                    help="timed generations per bundle, sparse and dense interleaved; medians are reported")
@@ -81,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sparse_schedule(args, spec):
     name = args.schedule
-    if name == "auto":
-        learned = f"{args.model}-learned-{int(round(100 * args.ratio))}"
-        name = learned if learned in shipped_schedules() else "toca"
+    if name == "auto":   # the best shipped schedule at the budget: joint space, then paper's space, then toca
+        pct = int(round(100 * args.ratio))
+        shipped = [n for n in (f"{args.model}-joint-{pct}", f"{args.model}-learned-{pct}") if n in shipped_schedules()]
+        name = shipped[0] if shipped else "toca"
     return resolve_schedule(name, spec, args.steps, args.ratio)
 
 

@@ -184,6 +184,12 @@ class BundleProfile:
         return [float(sum(run)) for run in self.runs]
 
     @property
+    def step_indices(self) -> list[int]:
+        """The denoising step t of each timed step: a skipped step runs nothing, so is not timed
+        (per_step_ms, the MACs per step and the ops profile list the computed steps only)."""
+        return [s["index"] for s in self.manifest.steps]
+
+    @property
     def per_step_ms(self) -> list[float]:
         """Median over the timed runs of each step's latency, in ms."""
         return [1000 * x for x in np.median(np.asarray(self.runs), axis=0).tolist()]
@@ -208,7 +214,7 @@ class BundleProfile:
             "bundle": str(self.folder), "backend": self.backend, "device": self.device,
             "batch_size": m.batch_size, "guidance": m.guidance, "steps": m.schedule.num_steps,
             "graphs": len(m.graphs), "schedule_method": self.schedule_method,
-            "per_step_ms": self.per_step_ms,
+            "step_indices": self.step_indices, "per_step_ms": self.per_step_ms,
             "total_ms": self.total_ms, "total_ms_runs": [1000 * x for x in self.totals],
             "macs_per_step": m.macs["per_step"], "macs_total": m.macs["total"], "dense_macs_total": m.macs["dense_total"],
             "macs_ratio": m.macs["ratio"], "load_seconds": self.load_seconds, "prepacked": self.prepacked,

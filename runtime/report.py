@@ -44,7 +44,7 @@ def markdown_summary(report: ProfileReport) -> str:
         f"onnxruntime {h['onnxruntime']}, torch {h['torch']}. Median of {report.config.runs} interleaved runs.", "",
         "| | sparse | baseline |", "|---|---:|---:|",
         f"| schedule | {s.schedule_method} | {b.schedule_method} |",
-        f"| steps / distinct graphs | {sm.schedule.num_steps} / {len(sm.graphs)} | {bm.schedule.num_steps} / {len(bm.graphs)} |",
+        f"| steps (computed) / distinct graphs | {_steps(sm)} / {len(sm.graphs)} | {_steps(bm)} / {len(bm.graphs)} |",
         f"| batch (x2 with guidance) | {sm.batch_size} | {bm.batch_size} |",
         f"| total latency (ms) | {s.total_ms:.1f} | {b.total_ms:.1f} |",
         f"| GMACs | {s.macs_total / 1e9:.2f} | {b.macs_total / 1e9:.2f} |",
@@ -62,6 +62,11 @@ def markdown_summary(report: ProfileReport) -> str:
         *(ops_tables(s.ops, b.ops) if _has_ops(report) else []),
     ]
     return "\n".join(lines)
+
+
+def _steps(m) -> str:
+    computed = len(m.schedule.computed_steps)
+    return str(m.schedule.num_steps) + (f" ({computed})" if computed != m.schedule.num_steps else "")
 
 
 def _yes(flag: bool | None) -> str:
@@ -179,12 +184,12 @@ def plot_step_latency(report: ProfileReport, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s, b = np.asarray(report.sparse.per_step_ms), np.asarray(report.baseline.per_step_ms)
-    x = np.arange(len(s))
-    fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(s) + 2), 3))
-    ax.bar(x - 0.2, b, 0.4, label="baseline")
-    ax.bar(x + 0.2, s, 0.4, label="sparse")
-    ax.set_xlabel("denoising step")
+    n = max(side.manifest.schedule.num_steps for side in (report.sparse, report.baseline))
+    fig, ax = plt.subplots(figsize=(max(4, 0.3 * n + 2), 3))
+    # each bar at its step t: a skipped step (no graph runs) has none
+    for side, shift, label in ((report.baseline, -0.2, "baseline"), (report.sparse, 0.2, "sparse")):
+        ax.bar(np.asarray(side.step_indices) + shift, side.per_step_ms, 0.4, label=label)
+    ax.set_xlabel("denoising step (no bar: skipped)")
     ax.set_ylabel("latency (ms)")
     ax.set_title(f"per-step latency, speed-up {report.speedup:.2f}x (MACs {report.macs_speedup:.2f}x)")
     ax.legend()
@@ -200,12 +205,13 @@ def plot_step_parts(report: ProfileReport, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sides = (("baseline", report.baseline.ops, -0.2, "//"), ("sparse", report.sparse.ops, 0.2, None))
-    n = max(len(ops.per_step) for _, ops, _, _ in sides)
+    sides = (("baseline", report.baseline, -0.2, "//"), ("sparse", report.sparse, 0.2, None))
+    n = max(side.manifest.schedule.num_steps for _, side, _, _ in sides)
     colors = dict(zip(PARTS, plt.get_cmap("tab10").colors))
     fig, ax = plt.subplots(figsize=(max(5, 0.45 * n + 3) + 1, 3.5))
-    for label, ops, shift, hatch in sides:
-        x = np.arange(len(ops.per_step)) + shift
+    for label, side, shift, hatch in sides:
+        ops = side.ops
+        x = np.asarray(side.step_indices) + shift   # computed steps only
         bottom = np.zeros(len(ops.per_step))
         for part in PARTS:
             ms = np.array([step.get(part, 0.0) for step in ops.per_step])

@@ -8,6 +8,8 @@ import torch
 from diffsparse.export.bundle import ExportConfig, export_bundle
 from diffsparse.export.cli import main as export_main
 from diffsparse.runtime import Pipeline
+from diffsparse.runtime.profile import ProfileConfig, profile
+from diffsparse.runtime.report import write_report
 
 from diffsparse.builtin_schedules import fewer_steps_schedule, fora_schedule, toca_schedule
 from diffsparse.manifest import Manifest
@@ -93,3 +95,17 @@ def test_fora_and_fewer_steps_are_built_in_for_dsexport(tmp_path, tiny_spec):
         assert m.schedule.provenance["method"] == name and abs(m.macs["ratio"] - 0.5) < 0.2
     fora = fora_schedule(tiny_spec, STEPS, 0.5)
     assert all(set(row) in ({tiny_spec.num_tokens}, {0}) for row in fora.keep) and not any(fora.skip)
+
+
+def test_profile_of_a_bundle_with_skipped_steps_against_dense(skip_bundles, tiny_bundles, tmp_path):
+    """The report lines steps up by their index t (a skipped step has no timing), also by part."""
+    folders, _ = skip_bundles
+    report = profile(folders["mixed"], tiny_bundles["dense"],
+                     ProfileConfig(runs=1, warmup=0, memory=False, ops=True, ops_runs=1))
+    d = report.to_dict()
+    assert d["sparse"]["step_indices"] == [0, 1, 3, 4] and d["baseline"]["step_indices"] == list(range(STEPS))
+    assert len(d["sparse"]["per_step_ms"]) == 4 == len(d["sparse"]["ops"]["per_step"])
+    paths = write_report(report, tmp_path / "report")
+    assert "| steps (computed) / distinct graphs | 6 (4) /" in paths["md"].read_text()
+    for png in ("step_latency.png", "step_parts.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"

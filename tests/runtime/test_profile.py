@@ -18,7 +18,7 @@ from diffsparse.runtime.profile import (BundleProfile, ProfileConfig, ProfileRep
 from diffsparse.runtime.report import markdown_summary, write_report
 
 SIDE_KEYS = ["bundle", "backend", "device", "batch_size", "guidance", "steps", "graphs", "schedule_method",
-             "per_step_ms", "total_ms", "total_ms_runs", "macs_per_step", "macs_total", "dense_macs_total",
+             "step_indices", "per_step_ms", "total_ms", "total_ms_runs", "macs_per_step", "macs_total", "dense_macs_total",
              "macs_ratio", "load_seconds", "prepacked", "memory", "weights_bytes", "macs_breakdown", "latency_fit", "ops"]
 REPORT_KEYS = ["config", "host", "peak_rss_bytes", "sparse", "baseline", "speedup", "macs_speedup", "macs_ratio",
                "efficiency"]
