@@ -10,7 +10,10 @@ agree on lives here (the schema of `manifest.json` is in diffsparse/manifest.py)
   same K(t, l) share a pattern (one PyTorch module, one TensorRT profile), numbered in order of first use. The bundle's
   graph files go one step further: one per (pattern, cache entries the step writes), export/prune.py;
   the manifest's `steps` say which file each step runs;
-* whether a bundle carries the layer cache (`needs_layer_cache`).
+* whether a bundle carries the layer cache (`needs_layer_cache`);
+* which cache entries each step must write (`step_cache_writes`): export prunes its graphs to
+  them (export/prune.py) and the runtime refuses a bundle whose steps would read a stale entry
+  (runtime/bundle.py).
 
 A bundle folder::
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Sequence
 
 import torch
 
@@ -56,6 +60,20 @@ def step_graph_indices(schedule: Schedule) -> list[int]:
     (`Schedule.distinct_signatures`, in order of first use)."""
     signatures = schedule.distinct_signatures()
     return [signatures.index(schedule.step_signature(t)) for t in schedule.computed_steps]
+
+
+def step_cache_writes(step_graphs: Sequence[int], reads: Sequence[set[str]],
+                      changes: Sequence[set[str]]) -> list[frozenset[str]]:
+    """Per step, the cache entries it must output: a backward liveness pass. An entry is live after
+    step t if some later step reads it before a step changes it again; step t writes the entries
+    it changes that are live after it. `step_graphs[t]` is the graph of step t; `reads[g]` /
+    `changes[g]` what graph g reads / changes."""
+    writes: list[frozenset[str]] = []
+    live: set[str] = set()   # after the step being visited: read later before being changed again
+    for g in reversed(step_graphs):
+        writes.append(frozenset(changes[g] & live))
+        live = reads[g] | (live - changes[g])
+    return writes[::-1]
 
 
 def needs_layer_cache(schedule: Schedule, tensorrt: bool = False) -> bool:

@@ -494,20 +494,6 @@ class Manifest:
                 raise _Invalid(f"weights.parameters[{name!r}]", f"names {_short(stored)}, which weights.bin does not hold")
             _bool(entry[1], f"weights.parameters[{name!r}][1] (transposed)")
 
-    def check_consistent(self, source: str) -> None:
-        """Steps, timesteps, graphs and schedule agree (BundleError otherwise); `from_dict` runs it."""
-        try:
-            self._check_steps()
-        except _Invalid as e:
-            raise BundleError(f"{source}: {e}; the manifest is inconsistent: {_FIX}") from None
-
-    def check_weights(self, source: str) -> None:
-        """Every stored tensor lies within weights.bin; every parameter names one (`from_dict` runs it)."""
-        try:
-            self._check_weights()
-        except _Invalid as e:
-            raise BundleError(f"{source}: {e}; {_FIX}") from None
-
     def save(self, folder: Path) -> Path:
         path = folder / MANIFEST_FILE
         path.write_text(json.dumps(self.to_dict(), indent=1))

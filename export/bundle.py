@@ -46,9 +46,9 @@ import onnx
 from diffsparse import __version__
 from diffsparse.cache_layout import output_name
 from diffsparse.bundle_format import (UNIVERSAL_FILE, WEIGHTS_FILE, current_engine_key, engine_file, graph_file,
-                                      needs_layer_cache, step_graph_indices, timing_cache_file)
+                                      needs_layer_cache, step_cache_writes, step_graph_indices, timing_cache_file)
 from diffsparse.export.onnx_export import export_step
-from diffsparse.export.prune import graph_cache_io, prune_outputs, step_cache_writes
+from diffsparse.export.prune import graph_cache_io, prune_outputs
 from diffsparse.export.tensorrt import TensorRTUnavailable, build_engine, check_available, step_profiles
 from diffsparse.export.trt_compat import operator_set, tensorrt_problems
 from diffsparse.export.universal import export_universal_step
@@ -359,7 +359,8 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
     steps = [{"index": t, "timestep": float(plan.timesteps[k]), "graph": g}
              for k, (t, g) in enumerate(zip(schedule.computed_steps, step_graph_indices(schedule)))]
     dense = spec.dense_macs(schedule.num_steps)
-    total = spec.schedule_macs(schedule)
+    per_step = spec.schedule_step_macs(schedule)
+    total = sum(per_step)
     diffusers_class = type(spec.model).__name__
     manifest = Manifest(
         universal=universal_entry, engines=engines,
@@ -371,7 +372,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
         schedule=schedule, sampler=plan,
         graphs=graphs, steps=steps, weights=weights,
         macs={"dense_total": dense, "total": total, "ratio": total / dense,
-              "per_step": spec.schedule_step_macs(schedule)},
+              "per_step": per_step},
         source=source, tool=f"diffsparse {__version__}",
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     manifest.save(folder)

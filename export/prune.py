@@ -8,16 +8,15 @@ So after export and verification each graph keeps only the outputs some step it 
 write, and the nodes that compute nothing else are removed.
 
 Which entries a step must write is a backward liveness pass over the schedule
-(`step_cache_writes`): an entry is live after step t if some later step reads it before a step
-changes it again; step t writes the entries it changes that are live after it. Steps that share a
+(`diffsparse.bundle_format.step_cache_writes`, which the runtime's bundle check shares): an entry
+is live after step t if some later step reads it before a step changes it again; step t writes
+the entries it changes that are live after it. Steps that share a
 sparsity pattern but must write different entries get their own copy of the graph (the last,
 full step of a schedule writes nothing and runs as the plain dense step): pruning copies a traced
 graph, it does not trace again.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import onnx
 
@@ -40,18 +39,6 @@ def graph_cache_io(model: onnx.ModelProto, layout: CacheLayout) -> tuple[set[str
         if not carried:
             changes.add(name)
     return reads, changes
-
-
-def step_cache_writes(step_graphs: Sequence[int], reads: Sequence[set[str]],
-                      changes: Sequence[set[str]]) -> list[frozenset[str]]:
-    """Per step, the cache entries it must output (module docstring). `step_graphs[t]` is the
-    graph of step t; `reads[g]` / `changes[g]` what graph g reads / changes."""
-    writes: list[frozenset[str]] = []
-    live: set[str] = set()   # after the step being visited: read later before being changed again
-    for g in reversed(step_graphs):
-        writes.append(frozenset(changes[g] & live))
-        live = reads[g] | (live - changes[g])
-    return writes[::-1]
 
 
 def prune_outputs(model: onnx.ModelProto, keep: set[str]) -> onnx.ModelProto:

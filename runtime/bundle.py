@@ -23,6 +23,7 @@ import onnx
 import torch
 from onnx.helper import tensor_dtype_to_np_dtype
 
+from diffsparse.bundle_format import step_cache_writes
 from diffsparse.cache_layout import OUTPUT_PREFIX, output_name
 from diffsparse.manifest import BundleError, Manifest, bundle_file, is_plain_file_name
 from diffsparse.models.base import ModelSpec
@@ -87,8 +88,8 @@ class Bundle:
         known_inputs = {t.name for t in m.inputs} | set(m.cache.names)
         known_outputs = {t.name for t in m.outputs} | set(m.cache.output_names)
         reads, writes = [], []
-        for i, g in enumerate(m.graphs):
-            model = self._load_graph(g.file)
+        self._graphs = [self._load_graph(g.file) for g in m.graphs]
+        for i, (g, model) in enumerate(zip(m.graphs, self._graphs)):
             self._check_external_data(g.file, model)
             inputs = {v.name for v in model.graph.input}
             outputs = [v.name for v in model.graph.output]
@@ -103,17 +104,17 @@ class Bundle:
                                   f"{[n.removeprefix(OUTPUT_PREFIX) for n in written][:3]}...")
             reads.append(inputs & set(m.cache.names))
             writes.append(set(written))
-        changes: dict[tuple[int, ...], set[str]] = {}
+        by_pattern: dict[tuple[int, ...], set[str]] = {}
         for g, w in zip(m.graphs, writes):
-            changes.setdefault(tuple(g.keep), set()).update(w)
-        live: set[str] = set()   # after the step being visited: read later with no write in between
-        for t in reversed(range(len(m.steps))):
+            by_pattern.setdefault(tuple(g.keep), set()).update(w)
+        changes = [by_pattern[tuple(g.keep)] for g in m.graphs]
+        required = step_cache_writes(m.step_graphs, reads, changes)
+        for t in reversed(range(len(m.steps))):   # the last offending step first, as the pass meets it
             g = m.step_graphs[t]
-            stale = (changes[tuple(m.graphs[g].keep)] & live) - writes[g]
+            stale = required[t] - writes[g]
             if stale:
                 raise self._error(f"steps[{t}].graph runs graphs[{g}], which does not output {sorted(stale)[:3]}: a "
                                   "later step would read a stale cache (the steps' graph indices were edited)")
-            live = reads[g] | (live - writes[g])
         if m.universal is not None:
             self._check_external_data(m.universal["file"], self._load_graph(m.universal["file"]))
 
@@ -127,6 +128,11 @@ class Bundle:
 
     def graph_path(self, index: int) -> Path:
         return self.folder / self.manifest.graphs[index].file
+
+    def graph_model(self, index: int) -> onnx.ModelProto:
+        """The `index`-th step graph without its weights, as read (and checked) when the bundle was
+        opened: backends and profilers read its structure from here instead of parsing the file again."""
+        return self._graphs[index]
 
     def _meta_spec(self) -> ModelSpec:
         """The spec the manifest describes, checked against it: the step signature, the cache
@@ -206,13 +212,6 @@ class Bundle:
             tensor = torch.from_numpy(stored[key])
             out[name] = tensor.T if transposed else tensor
         return out
-
-    def check_cache_layout(self, layout) -> None:
-        """BundleError unless `layout` (what a backend builds for this bundle's model and schedule)
-        is the cache layout the bundle records."""
-        if layout != self.manifest.cache:
-            raise BundleError(f"bundle {self.folder}: its cache layout is not the one this diffsparse builds for "
-                              "its model and schedule; re-export the bundle")
 
     def model_spec(self) -> ModelSpec:
         """A spec whose model holds this bundle's own weights (a fresh model each call): what the

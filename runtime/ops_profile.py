@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import onnx
 import torch
 
 from diffsparse.models.cached import PARTS as STEP_PARTS
@@ -240,8 +239,7 @@ def ort_ops(traces: Sequence[str | Path], step_graphs: Sequence[int], generation
 
 def exported_names(bundle: Bundle) -> list[set[str]]:
     """Each graph's node names as exported (the graphs without their weights)."""
-    return [{n.name for n in onnx.load(str(bundle.graph_path(i)), load_external_data=False).graph.node}
-            for i in range(len(bundle.manifest.graphs))]
+    return [{n.name for n in bundle.graph_model(i).graph.node} for i in range(len(bundle.manifest.graphs))]
 
 
 def measure_ops(bundle: Bundle, pipe: Pipeline, generate: Callable[[Pipeline], Any], generations: int = 2,

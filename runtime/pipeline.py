@@ -171,8 +171,8 @@ class Pipeline:
                        concurrency=concurrency)
         if backend == "torch":
             spec = bundle.model_spec()
+            # the spec's cache layout was checked against the bundle's when it was built (Bundle._meta_spec)
             torch_backend = TorchBackend(spec, m.schedule, device=device, dtype=dtype, layer_cache=m.layer_cache)
-            bundle.check_cache_layout(torch_backend.cache_layout)
             return cls(torch_backend, spec, m.sampler, step_graph_indices(m.schedule), concurrency=concurrency)
         return cls(OrtBackend(bundle, device=device, threads=threads, prepack=prepack), bundle.spec, m.sampler,
                    m.step_graphs, concurrency=concurrency)

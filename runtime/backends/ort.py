@@ -22,7 +22,6 @@ import os
 import threading
 
 import numpy as np
-import onnx
 
 from diffsparse.cache_layout import output_name
 from diffsparse.runtime.backends.base import Backend, BackendContext, BackendError, check_latent
@@ -207,7 +206,7 @@ class OrtBackend(Backend):
     def _load_sessions(self, ort, shared: dict) -> None:
         for i in range(len(self.bundle.manifest.graphs)):
             path = self.bundle.graph_path(i)
-            graph = onnx.load(str(path), load_external_data=False).graph
+            graph = self.bundle.graph_model(i).graph
             opts = ort.SessionOptions()
             opts.add_session_config_entry("session.disable_prepacking", "0" if self.prepacked else "1")
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -49,10 +49,10 @@ class TensorRTBackend(TorchBackend):
         return 1
 
     def __init__(self, bundle: Bundle, device: str = "cuda") -> None:
-        # the engine holds the weights: the spec is only the model's structure
+        # the engine holds the weights: the spec is only the model's structure (its cache layout
+        # checked against the bundle's when it was built, Bundle._meta_spec)
         super().__init__(bundle.spec, bundle.schedule, device=device, static=True, cuda_graphs=True,
                          layer_cache=bundle.manifest.layer_cache)
-        bundle.check_cache_layout(self.cache_layout)
         self.bundle = bundle
         try:
             self.engine_entry = find_engine(bundle, current_engine_key())

@@ -5,8 +5,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from diffsparse.bundle_format import step_cache_writes
 from diffsparse.cache_layout import CacheLayout, output_name
-from diffsparse.export.prune import graph_cache_io, prune_outputs, step_cache_writes
+from diffsparse.export.prune import graph_cache_io, prune_outputs
 from diffsparse.tensors import TensorSpec
 from diffsparse.runtime.backends.ort import session_options
 
