@@ -112,12 +112,20 @@ def one_hot(choice, num: int) -> torch.Tensor:
 
 @dataclass
 class Allocation:
-    """One DP allocation: straight-through weights (T, L, |S|) and the hard schedule they encode."""
+    """One DP allocation: straight-through weights (T, L, |S|) and the hard schedule they encode.
+    In the joint space (train/joint.py) also the straight-through step weights (T, 2) = (skip,
+    compute) and the skipped steps; in the paper's space no step is skipped (step_weights None)."""
 
     weights: torch.Tensor
     keep: list[list[int]]
     full_steps: list[bool]
     units: int
+    step_weights: torch.Tensor | None = None
+    skip: list[bool] | None = None
+
+    def __post_init__(self) -> None:
+        if self.skip is None:
+            self.skip = [False] * len(self.keep)
 
 
 def _layer_choice(cost: np.ndarray, budget: Budget, units: int) -> np.ndarray:

@@ -27,31 +27,12 @@ with the computed one through the skip weight, so the loss reaches the step cost
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
-from diffsparse.train.costs import Budget, one_hot, straight_through
+from diffsparse.train.costs import Allocation, Budget, one_hot, straight_through
 from diffsparse.train.dp_solver import InfeasibleBudget
 
 SKIP, COMPUTE = 0, 1
-
-
-@dataclass
-class JointAllocation:
-    """One allocation in the joint space: straight-through layer weights (T, L, |S|) and step
-    weights (T, 2) = (skip, compute), the hard schedule they encode and its units."""
-
-    weights: torch.Tensor
-    step_weights: torch.Tensor
-    keep: list[list[int]]
-    skip: list[bool]
-    units: int
-
-    @property
-    def full_steps(self) -> list[bool]:
-        n = max(max(row) for row in self.keep)
-        return [not s and all(k == n for k in row) for row, s in zip(self.keep, self.skip)]
 
 
 def _step_knapsack(cost: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -151,7 +132,7 @@ def joint_units(budget: Budget, keep: list[list[int]], skip: list[bool]) -> int:
 
 
 def joint_allocation(layer_cost: torch.Tensor, step_cost: torch.Tensor, budget: Budget, units: int,
-                     temperature: float = 1.0) -> JointAllocation:
+                     temperature: float = 1.0) -> Allocation:
     """The hard joint allocation under the budget with its straight-through weights."""
     c_l = layer_cost.detach().cpu().numpy().astype(np.float64)
     c_k = step_cost.detach().cpu().numpy().astype(np.float64)
@@ -164,7 +145,9 @@ def joint_allocation(layer_cost: torch.Tensor, step_cost: torch.Tensor, budget: 
     skip = [not c for c in computed.tolist()]
     keep = [[0] * choice.shape[1] if skip[t] else [budget.token_counts[j] for j in choice[t]]
             for t in range(choice.shape[0])]
-    return JointAllocation(weights, step_weights, keep, skip, joint_units(budget, keep, skip))
+    n = budget.token_counts[-1]
+    full = [not s and all(k == n for k in row) for row, s in zip(keep, skip)]
+    return Allocation(weights, keep, full, joint_units(budget, keep, skip), step_weights, skip)
 
 
 def init_step_cost(skip: list[bool]) -> torch.Tensor:

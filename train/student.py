@@ -40,6 +40,13 @@ class ScheduleRollout:
         idx = torch.tensor([[col[k] for k in row] for row in keep])
         return torch.nn.functional.one_hot(idx, len(self.token_counts)).to(torch.float32)
 
+    def step_weights_for(self, skip: list[bool]) -> torch.Tensor | None:
+        """One-hot (skip, compute) step weights (T, 2) for a schedule's skipped steps; None when
+        none is skipped (the paper's space)."""
+        if not any(skip):
+            return None
+        return torch.nn.functional.one_hot(torch.tensor([int(not s) for s in skip]), 2).to(torch.float32)
+
     def sample(self, latents: torch.Tensor, conditioning: dict[str, np.ndarray], guidance_scale: float,
                weights: torch.Tensor, step_weights: torch.Tensor | None = None) -> torch.Tensor:
         """The student's samples under candidate weights (T, L, |S|) and, in the joint space,

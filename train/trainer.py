@@ -201,15 +201,12 @@ class ScheduleTrainer:
 
     def schedule_heldout_loss(self, schedule: Schedule) -> float:
         """The distillation loss of a schedule on the held-out draws."""
-        steps = None
-        if any(schedule.skip):
-            steps = torch.nn.functional.one_hot(torch.tensor([int(not s) for s in schedule.skip]), 2).float()
-        return self._heldout_loss(self.rollout.weights_for(schedule.keep), steps)
+        return self._heldout_loss(self.rollout.weights_for(schedule.keep), self.rollout.step_weights_for(schedule.skip))
 
     def validate(self) -> dict:
         """Held-out loss of the current allocation; keeps the best schedule (module docstring)."""
         alloc = self.allocation()
-        steps = getattr(alloc, "step_weights", None)
+        steps = alloc.step_weights
         loss = self._heldout_loss(alloc.weights.detach(), None if steps is None else steps.detach())
         rec = {"stage": self.state.stage, "iteration": self.state.iteration, "heldout": loss}
         if self.best is None or loss < self.best["loss"]:
@@ -284,8 +281,7 @@ class ScheduleTrainer:
         noise, cond = self._batch(index)
         teacher = self._teacher_for(index, noise, cond)
         alloc = self.allocation()
-        student = self.rollout.sample(noise, cond, self.cfg.guidance_scale, alloc.weights,
-                                      getattr(alloc, "step_weights", None))
+        student = self.rollout.sample(noise, cond, self.cfg.guidance_scale, alloc.weights, alloc.step_weights)
         loss, terms = self.loss_fn(student, teacher)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -293,7 +289,7 @@ class ScheduleTrainer:
         self.opt.step()
         rec = {"stage": self.state.stage, "iteration": self.state.iteration, "loss": float(loss.detach()),
                **terms, "units": alloc.units, "full_steps": int(sum(alloc.full_steps)),
-               "skipped_steps": int(sum(getattr(alloc, "skip", [])))}
+               "skipped_steps": int(sum(alloc.skip))}
         self.state.iteration += 1
         self.state.history.append(rec)
         return rec
@@ -376,7 +372,7 @@ class ScheduleTrainer:
         alloc = self.allocation()
         sched = Schedule(family=self.spec.family, num_tokens=self.spec.num_tokens, layers=self.spec.layers,
                          keep=alloc.keep, candidates=self.candidates, selector=self.selector,
-                         skip=list(getattr(alloc, "skip", [False] * len(alloc.keep))),
+                         skip=list(alloc.skip),
                          provenance=provenance("diffsparse", init=self.cfg.init, space=self.cfg.space, stage=self.state.stage,
                                                iterations=len(self._training_records()), train_config=self.cfg.to_dict(),
                                                final_loss=(self._training_records() or [{"loss": None}])[-1]["loss"]))

@@ -88,8 +88,7 @@ def test_rollout_skips_are_the_sampler_on_the_folded_plan(tiny_spec):
     folded = ScheduleRollout(tiny_spec, tiny_spec.schedule_plan(sched), counts, sched.selector)
     noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = {"class_labels": np.array([1, 2])}
-    kinds = torch.nn.functional.one_hot(torch.tensor([int(not s) for s in sched.skip]), 2).float()
-    a = full.sample(noise, cond, 2.0, full.weights_for(sched.keep), kinds)
+    a = full.sample(noise, cond, 2.0, full.weights_for(sched.keep), full.step_weights_for(sched.skip))
     b = folded.sample(noise, cond, 2.0, folded.weights_for(sched.computed_keep))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
