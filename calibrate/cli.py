@@ -9,8 +9,10 @@ import argparse
 import logging
 import sys
 
+from diffsparse.calibrate import latency
+
 # subcommand name -> module providing add_arguments(parser) and run(args); add new ones here
-COMMANDS: dict = {}
+COMMANDS: dict = {"latency": latency}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,10 @@ with a full step every `full_every` steps (and at step 0), where
     f_kind   = 1.1 for self-attention, 1.0 for cross-attention, 0.9 for MLP layers (image or text).
 `base` is searched so that the schedule's MACs ratio (from the model spec's MACs count) is as
 close as the candidate set allows to the target.
+
+Every builder takes `costs` (diffsparse/step_costs.py): the unit the target ratio is in, MACs by
+default or latency predicted by a latency table; a latency-scaled schedule records its predicted
+latency in its provenance (`latency`) beside its MACs ratio.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from diffsparse.models.base import ModelSpec
+from diffsparse.step_costs import MacsCosts, StepCosts, record_costs
 from diffsparse.schedule import (
     DEFAULT_CANDIDATES,
     Schedule,
@@ -67,9 +72,15 @@ def _check_ratio(target_ratio: float) -> None:
         raise ScheduleError(f"target MACs ratio must be in (0, 1], got {target_ratio}")
 
 
+def _finish(sched: Schedule, spec: ModelSpec, target_ratio: float, costs: StepCosts | None) -> Schedule:
+    return record_costs(sched, costs or MacsCosts(spec), target_ratio)
+
+
 def fora_schedule(spec: ModelSpec, num_steps: int, target_ratio: float = 0.5,
-                  candidates: tuple[float, ...] = DEFAULT_CANDIDATES, selector: SelectorConfig | None = None) -> Schedule:
+                  candidates: tuple[float, ...] = DEFAULT_CANDIDATES, selector: SelectorConfig | None = None,
+                  costs: StepCosts | None = None) -> Schedule:
     _check_ratio(target_ratio)
+    costs = costs or MacsCosts(spec)
     if 0.0 not in candidates or 1.0 not in candidates:
         raise ScheduleError("FORA-style reuse needs 0 and 1 in the candidate set")
     zero = [0] * len(spec.layers)
@@ -77,19 +88,20 @@ def fora_schedule(spec: ModelSpec, num_steps: int, target_ratio: float = 0.5,
     for full in range(1, num_steps + 1):
         steps = _spread(num_steps, full)
         keep = [spec.dense_keep() if t in steps else zero for t in range(num_steps)]
-        ratio = sum(spec.step_macs(r) for r in keep) / spec.dense_macs(num_steps)
+        ratio = costs.ratio(keep)
         if best is None or abs(ratio - target_ratio) < abs(best[0] - target_ratio):
             best = (ratio, keep, full)
     ratio, keep, full = best
-    return Schedule(family=spec.family, num_tokens=spec.num_tokens, layers=spec.layers, keep=keep,
-                    layer_tokens=spec.dense_keep(), candidates=tuple(candidates),
-                    selector=selector or spec.default_selector(), macs_ratio={"target": target_ratio, "achieved": ratio},
-                    provenance=provenance("fora", full_steps=full))
+    sched = Schedule(family=spec.family, num_tokens=spec.num_tokens, layers=spec.layers, keep=keep,
+                     layer_tokens=spec.dense_keep(), candidates=tuple(candidates),
+                     selector=selector or spec.default_selector(), provenance=provenance("fora", full_steps=full))
+    return _finish(sched, spec, target_ratio, costs)
 
 
 def fewer_steps_schedule(spec: ModelSpec, num_steps: int, target_ratio: float = 0.5,
                          candidates: tuple[float, ...] = DEFAULT_CANDIDATES,
-                         selector: SelectorConfig | None = None) -> Schedule:
+                         selector: SelectorConfig | None = None, costs: StepCosts | None = None) -> Schedule:
+    """Its computed steps run the plain model, so its ratio is the computed fraction under any budget."""
     _check_ratio(target_ratio)
     computed = _spread(num_steps, max(1, int(round(target_ratio * num_steps))))
     zero = [0] * len(spec.layers)
@@ -98,8 +110,7 @@ def fewer_steps_schedule(spec: ModelSpec, num_steps: int, target_ratio: float = 
                      skip=[t not in computed for t in range(num_steps)], layer_tokens=spec.dense_keep(),
                      candidates=tuple(candidates), selector=selector or spec.default_selector(),
                      provenance=provenance("fewer-steps", computed_steps=len(computed)))
-    sched.macs_ratio = {"target": target_ratio, "achieved": spec.macs_ratio(sched)}
-    return sched
+    return _finish(sched, spec, target_ratio, costs)
 
 
 def _toca_keep(spec: ModelSpec, num_steps: int, base: float, full_every: int,
@@ -127,16 +138,17 @@ TOCA_RATIO_TOLERANCE = 0.01
 
 def toca_schedule(spec: ModelSpec, num_steps: int, target_ratio: float = 0.5, full_every: int | None = 3,
                   candidates: tuple[float, ...] = DEFAULT_CANDIDATES,
-                  selector: SelectorConfig | None = None) -> Schedule:
+                  selector: SelectorConfig | None = None, costs: StepCosts | None = None) -> Schedule:
     """full_every None: the shortest period from 3 up whose schedule reaches the target MACs ratio
     within `TOCA_RATIO_TOLERANCE` (low budgets need rarer full steps: at 20 steps, a full step
     every 3 alone costs 35%), else the period that comes closest."""
     _check_ratio(target_ratio)
+    costs = costs or MacsCosts(spec)
     if full_every is None:
         best = None
         for period in range(min(3, num_steps), num_steps + 1):
-            sched = toca_schedule(spec, num_steps, target_ratio, period, candidates, selector)
-            gap = abs(sched.macs_ratio["achieved"] - target_ratio)
+            sched = toca_schedule(spec, num_steps, target_ratio, period, candidates, selector, costs)
+            gap = abs(costs.ratio(sched.keep) - target_ratio)
             if gap <= TOCA_RATIO_TOLERANCE:
                 return sched
             if best is None or gap < best[0]:
@@ -146,22 +158,22 @@ def toca_schedule(spec: ModelSpec, num_steps: int, target_ratio: float = 0.5, fu
         raise ScheduleError(f"full_every must be >= 1, got {full_every}")
     selector = selector or spec.default_selector()
     best = None
-    dense = spec.dense_macs(num_steps)
     for base in np.linspace(0.0, 2.0, 401):
         keep = _toca_keep(spec, num_steps, float(base), full_every, candidates)
-        ratio = sum(spec.step_macs(row) for row in keep) / dense
+        ratio = costs.ratio(keep)
         if best is None or abs(ratio - target_ratio) < abs(best[0] - target_ratio) - 1e-12:
             best = (ratio, keep, float(base))
     ratio, keep, base = best
-    return Schedule(family=spec.family, num_tokens=spec.num_tokens, layers=spec.layers, keep=keep,
-                    layer_tokens=spec.dense_keep(), candidates=tuple(candidates), selector=selector,
-                    macs_ratio={"target": target_ratio, "achieved": ratio},
-                    provenance=provenance("toca", base=round(base, 4), full_every=full_every))
+    sched = Schedule(family=spec.family, num_tokens=spec.num_tokens, layers=spec.layers, keep=keep,
+                     layer_tokens=spec.dense_keep(), candidates=tuple(candidates), selector=selector,
+                     provenance=provenance("toca", base=round(base, 4), full_every=full_every))
+    return _finish(sched, spec, target_ratio, costs)
 
 
 def resolve_schedule(name_or_path: str | Path, spec: ModelSpec, num_steps: int | None,
-                     target_ratio: float = 0.5, full_every: int = 3) -> Schedule:
-    """A built-in by name (needs num_steps) or a schedule file, checked against the model."""
+                     target_ratio: float = 0.5, full_every: int = 3, costs: StepCosts | None = None) -> Schedule:
+    """A built-in by name (needs num_steps), scaled to `target_ratio` of dense in `costs`' unit
+    (MACs by default), or a schedule file, checked against the model."""
     name = str(name_or_path)
     if name in BUILTIN_NAMES:
         if num_steps is None:
@@ -169,10 +181,10 @@ def resolve_schedule(name_or_path: str | Path, spec: ModelSpec, num_steps: int |
         if name == "dense":
             return dense_schedule(spec, num_steps)
         if name == "fora":
-            return fora_schedule(spec, num_steps, target_ratio)
+            return fora_schedule(spec, num_steps, target_ratio, costs=costs)
         if name == "fewer-steps":
-            return fewer_steps_schedule(spec, num_steps, target_ratio)
-        return toca_schedule(spec, num_steps, target_ratio, full_every)
+            return fewer_steps_schedule(spec, num_steps, target_ratio, costs=costs)
+        return toca_schedule(spec, num_steps, target_ratio, full_every, costs=costs)
     path = SHIPPED_DIR / f"{name}.json" if name in shipped_schedules() else Path(name)
     if not path.exists():
         known = ", ".join((*BUILTIN_NAMES, *shipped_schedules()))

@@ -127,11 +127,13 @@ def profile_main(argv: list[str] | None = None) -> int:
                    help="also measure where the time goes: per step by part (score, gather, compute, scatter, sampler, "
                         "other) and by operator type, from the backend's profiler in extra generations (step_parts.png)")
     p.add_argument("--ops-runs", type=int, default=ProfileConfig.ops_runs, help="profiled generations per bundle (--ops)")
+    p.add_argument("--latency-table", default=None,
+                   help="latency table (dscalibrate latency): report predicted against measured latency per step")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg = ProfileConfig(runs=args.runs, warmup=args.warmup, backend=args.backend, device=args.device,
                         threads=args.threads, dtype=args.dtype, prepack=args.prepack, memory=not args.no_memory, ops=args.ops,
-                        ops_runs=args.ops_runs)
+                        ops_runs=args.ops_runs, latency_table=args.latency_table)
     try:
         report = profile(args.bundle, args.baseline, cfg)
     except USER_ERRORS as e:

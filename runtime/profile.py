@@ -18,6 +18,7 @@ depends on what its allocators kept, and moved by tens of MB between identical r
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import resource
@@ -35,7 +36,10 @@ from diffsparse.runtime.bundle import Bundle
 from diffsparse.runtime.ops_profile import OpsProfile, check_profilable, measure_ops
 from diffsparse.runtime.pipeline import Pipeline
 
+from diffsparse.latency_table import LatencyTable, model_fingerprint
 from diffsparse.manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +62,7 @@ class ProfileConfig:
     memory: bool = True  # measure each bundle's memory footprint in a fresh process (a few seconds each)
     ops: bool = False
     ops_runs: int = 2
+    latency_table: str | None = None  # dscalibrate latency's table: predicted vs measured per step
 
 
 def memory_status() -> dict[str, int]:
@@ -138,6 +143,14 @@ def host_info() -> dict[str, Any]:
             "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "platform": platform.platform()}
 
 
+def target_fingerprint(host: dict[str, Any], backend: str, device: str, threads: int | None,
+                       prepacked: bool | None, dtype: str) -> dict[str, Any]:
+    """What a latency measured here depends on beyond the model: a latency table records it
+    (calibrate/latency.py) and a profile compares it (`LatencyTable.mismatches`)."""
+    return {"backend": backend, "device": device, "cpu": host.get("cpu"), "threads": threads, "prepacked": prepacked,
+            "dtype": dtype, "onnxruntime": host.get("onnxruntime"), "torch": host.get("torch")}
+
+
 def fit_latency(macs: Sequence[float], ms: Sequence[float]) -> dict[str, Any]:
     """Least-squares fit of per-step latency ≈ a + b·GMACs over a bundle's steps: a (ms) is what a
     step costs whatever it computes (runtime overhead, the part of the work MACs do not count), b
@@ -173,6 +186,7 @@ class BundleProfile:
     memory: dict[str, Any] | None = None
     ops: OpsProfile | None = None
     prepacked: bool | None = None   # ONNX Runtime: whether the sessions pre-packed their weights
+    predicted_ms: list[float] | None = None   # per computed step, from ProfileConfig.latency_table
 
     @property
     def schedule_method(self) -> str:
@@ -221,7 +235,17 @@ class BundleProfile:
             "memory": self.memory,
             "weights_bytes": m.weights["bytes"], "macs_breakdown": self.macs_breakdown,
             "latency_fit": self.latency_fit, "ops": self.ops.to_dict() if self.ops else None,
+            **(self.prediction() if self.predicted_ms is not None else {}),
         }
+
+    def prediction(self) -> dict[str, Any]:
+        """Predicted (latency table) against measured: per step and in total, error = predicted /
+        measured − 1 (totals: sums of the per-step medians on both sides)."""
+        measured = self.per_step_ms
+        total_pred, total_meas = float(sum(self.predicted_ms)), float(sum(measured))
+        return {"predicted_per_step_ms": self.predicted_ms, "predicted_total_ms": total_pred,
+                "prediction_error_per_step": [p / m - 1 for p, m in zip(self.predicted_ms, measured)],
+                "prediction_error_total": total_pred / total_meas - 1}
 
 
 @dataclass
@@ -310,6 +334,7 @@ def profile(bundle: str | Path | Bundle, baseline: str | Path | Bundle, cfg: Pro
         raise ValueError("runs must be >= 1")
     if cfg.ops and cfg.ops_runs < 1:
         raise ValueError("ops_runs must be >= 1")
+    table = LatencyTable.load(cfg.latency_table) if cfg.latency_table else None   # before minutes of timing
     sparse = _Subject(bundle, cfg)
     base = _Subject(baseline, cfg)
     if cfg.ops:
@@ -323,6 +348,27 @@ def profile(bundle: str | Path | Bundle, baseline: str | Path | Bundle, cfg: Pro
     if cfg.ops:  # after the timed runs: profiling slows a run down
         sparse.profile_ops()
         base.profile_ops()
-    return ProfileReport(config=cfg, host=host_info(),
-                         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                         sparse=sparse.result(), baseline=base.result())
+    host = host_info()
+    report = ProfileReport(config=cfg, host=host, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                           sparse=sparse.result(), baseline=base.result())
+    if table is not None:
+        report.extra["latency_table"] = _predict(table, cfg, host, (sparse, report.sparse), (base, report.baseline))
+    return report
+
+
+def _predict(table: LatencyTable, cfg: ProfileConfig, host: dict[str, Any], *sides) -> dict[str, Any]:
+    """Fill each side's predicted per-step latency from the table; what the report records of it,
+    with every fingerprint mismatch (logged as a warning: a table for another target is reported,
+    not silently used)."""
+    mismatches = []
+    for subject, result in sides:
+        spec = subject.pipe.spec
+        table.check_model(spec)
+        result.predicted_ms = table.schedule_step_ms(spec, result.manifest.schedule)
+        here = {**model_fingerprint(spec), **target_fingerprint(host, result.backend, result.device, cfg.threads,
+                                                                 result.prepacked, cfg.dtype)}
+        mismatches += [m for m in table.mismatches(here) if m not in mismatches]
+    if mismatches:
+        log.warning("latency table %s was measured on another target or run shape: %s", cfg.latency_table,
+                    "; ".join(mismatches))
+    return {"path": str(cfg.latency_table), "fingerprint": table.fingerprint, "mismatches": mismatches}

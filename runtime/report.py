@@ -59,6 +59,7 @@ def markdown_summary(report: ProfileReport) -> str:
         "![K(t,l)](k_heatmap.png) ![per-step latency](step_latency.png)", "",
         *macs_by_kind(s.macs_breakdown),
         *latency_fit_rows(s, b),
+        *(prediction_rows(report) if s.predicted_ms is not None else []),
         *(ops_tables(s.ops, b.ops) if _has_ops(report) else []),
     ]
     return "\n".join(lines)
@@ -91,6 +92,27 @@ def latency_fit_rows(sparse: BundleProfile, base: BundleProfile) -> list[str]:
     if any(f["r2"] is None for _, f in fits):
         lines += ["", "n/a: every step of the bundle has the same MACs (b is then not separable from a), "
                   "or the same latency (no variance to explain)."]
+    return lines + [""]
+
+
+def prediction_rows(report: ProfileReport) -> list[str]:
+    """Predicted (the latency table's cost model) against measured latency, in total and per step."""
+    s, b = report.sparse, report.baseline
+    table = report.extra.get("latency_table", {})
+    ps, pb = s.prediction(), b.prediction()
+    lines = [f"Predicted by the latency table `{table.get('path')}` against measured (median per step):", "",
+             "| | predicted (ms) | measured (ms) | error |", "|---|---:|---:|---:|",
+             f"| sparse, total | {ps['predicted_total_ms']:.1f} | {sum(s.per_step_ms):.1f} | "
+             f"{100 * ps['prediction_error_total']:+.1f}% |",
+             f"| baseline, total | {pb['predicted_total_ms']:.1f} | {sum(b.per_step_ms):.1f} | "
+             f"{100 * pb['prediction_error_total']:+.1f}% |",
+             f"| speed-up | {pb['predicted_total_ms'] / ps['predicted_total_ms']:.2f}x | "
+             f"{sum(b.per_step_ms) / sum(s.per_step_ms):.2f}x | |"]
+    lines += [f"| sparse step {t} | {p:.1f} | {m:.1f} | {100 * e:+.1f}% |"
+              for t, p, m, e in zip(s.step_indices, ps["predicted_per_step_ms"], s.per_step_ms,
+                                    ps["prediction_error_per_step"])]
+    if table.get("mismatches"):
+        lines += ["", "**The table was measured on another target or run shape:** " + "; ".join(table["mismatches"])]
     return lines + [""]
 
 

@@ -20,6 +20,7 @@ import torch
 from diffsparse.builtin_schedules import fewer_steps_schedule, fora_schedule, toca_schedule
 from diffsparse.models.zoo import make_spec
 from diffsparse.schedule import SCORES, Schedule, ScheduleError, provenance
+from diffsparse.step_costs import BUDGETS, make_costs, record_costs
 from diffsparse.train.losses import DistillLossConfig
 from diffsparse.train.search import genetic_search, loss_fitness, random_search
 from diffsparse.train.trainer import INITS, SPACES, ScheduleTrainer, TrainConfig, plot_history
@@ -34,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="mnist-dit", help="built-in name or local diffusers folder (default mnist-dit)")
     p.add_argument("--out", required=True, help="schedule JSON to write")
     p.add_argument("--method", default="diffsparse", choices=METHODS)
-    p.add_argument("--ratio", type=float, default=d.ratio, help="target MACs ratio R (default %(default)s)")
+    p.add_argument("--ratio", type=float, default=d.ratio,
+                   help="target ratio R of dense, in the --budget unit (default %(default)s)")
+    p.add_argument("--budget", default=d.budget, choices=BUDGETS,
+                   help="what R is a ratio of: dense MACs, or dense latency predicted by --latency-table (default %(default)s)")
+    p.add_argument("--latency-table", default=None, help="latency table (dscalibrate latency) for --budget latency")
     p.add_argument("--steps", type=int, default=d.num_steps, help="sampling steps T (default %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale,
                    help="classifier-free guidance scale (default: the model's)")
@@ -85,7 +90,8 @@ def config_from_args(args) -> TrainConfig:
                        lr_unified=args.lr_unified, delta=args.delta, num_full_steps=args.full_steps,
                        temperature=args.temperature, init=args.init, space=args.space, score=args.score,
                        seed=args.seed, loss=loss, heldout_samples=args.heldout_samples,
-                       validate_every=args.validate_every, patience=args.patience)
+                       validate_every=args.validate_every, patience=args.patience, budget=args.budget,
+                       latency_table=args.latency_table)
 
 
 def _world() -> tuple[int, int]:
@@ -109,10 +115,10 @@ def run(args) -> Path:
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.stem + ".work")
     if args.method == "toca":
-        sched = toca_schedule(spec, cfg.num_steps, cfg.ratio)
+        sched = toca_schedule(spec, cfg.num_steps, cfg.ratio, costs=make_costs(spec, cfg.budget, cfg.latency_table))
     elif args.method in ("fora", "fewer-steps"):
         make = fora_schedule if args.method == "fora" else fewer_steps_schedule
-        sched = make(spec, cfg.num_steps, cfg.ratio)
+        sched = make(spec, cfg.num_steps, cfg.ratio, costs=make_costs(spec, cfg.budget, cfg.latency_table))
     elif args.method == "diffsparse":
         trainer = ScheduleTrainer(spec, cfg, work, world=(rank, world), device=device)
         if args.resume and trainer.resume():
@@ -127,7 +133,9 @@ def run(args) -> Path:
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         sched.save(out)
-        log.info("wrote %s (%s, MACs ratio %.4f)", out, args.method, sched.macs_ratio["achieved"])
+        latency = sched.provenance.get("latency")
+        log.info("wrote %s (%s, MACs ratio %.4f%s)", out, args.method, sched.macs_ratio["achieved"],
+                 f", predicted latency ratio {latency['predicted_ratio']:.4f}" if latency else "")
     return out
 
 
@@ -145,8 +153,7 @@ def _search(spec, cfg: TrainConfig, args, device: str):
                      candidates=trainer.candidates, selector=trainer.selector,
                      provenance=provenance(args.method, fitness="distillation loss on one batch",
                                            best_fitness=best, trace=trace, train_config=cfg.to_dict()))
-    sched.macs_ratio = {"target": cfg.ratio, "achieved": spec.macs_ratio(sched)}
-    return sched
+    return record_costs(sched, trainer.costs_model, cfg.ratio)
 
 
 def main(argv: list[str] | None = None) -> int:

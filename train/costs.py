@@ -9,7 +9,9 @@ softmax(-C / tau), so the costs learn from the distillation loss.
 Budget: each candidate's MACs for each layer, in integer units (the gcd of all of them, or a
 coarser unit when the gcd would make the DP table too wide), so "exactly the budget" is exact in
 MACs whenever the gcd is used. Step 0 is always full (the cache is empty before it) and is not a
-decision.
+decision. Under a latency budget (`Budget.for_latency`) the weights are a latency table's
+measured per-layer costs c(κ, K) in units of max c / MAX_UNITS_PER_CHOICE, the fixed part is the
+table's partial-step fixed cost and a refresh step pays its measured surcharge (`refresh_extra_units`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from diffsparse.train.dp_solver import InfeasibleBudget, solve
 from torch import nn
 
+from diffsparse.latency_table import LatencyTable
 from diffsparse.models.base import ModelSpec
 from diffsparse.schedule import Schedule
 
@@ -35,9 +38,13 @@ class Budget:
 
     token_counts: tuple[int, ...]       # K for each candidate, ascending
     weights: np.ndarray                 # (L, |S|) int units per layer and candidate
-    unit_macs: float                    # MACs per unit
+    unit_macs: float                    # MACs per unit (ms per unit under a latency budget)
     exact: bool                         # units are the gcd (no rounding)
     fixed_units: int = 0                # a computed step's fixed part (embeddings, modulation, head), rounded
+    dense_step_units: float = 0.0       # a plain dense step, unrounded (the reference of a ratio)
+    fixed_exact: float = 0.0            # fixed_units unrounded
+    refresh_extra_units: int = 0        # what a refresh step costs beyond fixed + every layer at N (latency)
+    unit: str = "macs"                  # what a unit measures: "macs" or "latency" (ms)
 
     @property
     def full_step_units(self) -> int:
@@ -54,18 +61,35 @@ class Budget:
         exact = macs.max() // unit <= MAX_UNITS_PER_CHOICE
         if not exact:
             unit = macs.max() / MAX_UNITS_PER_CHOICE
-        fixed = int(round(spec.fixed_macs() / unit))   # joint space only (train/joint.py): skips save it
-        return cls(counts, np.rint(macs / unit).astype(np.int64), float(unit), bool(exact), fixed)
+        fixed = spec.fixed_macs() / unit   # joint space only (train/joint.py): skips save it
+        dense = spec.step_macs(spec.dense_keep()) / spec.rows / unit
+        return cls(counts, np.rint(macs / unit).astype(np.int64), float(unit), bool(exact), int(round(fixed)),
+                   float(dense), float(fixed))
+
+    @classmethod
+    def for_latency(cls, spec: ModelSpec, token_counts, table: LatencyTable) -> Budget:
+        """Units of measured latency (diffsparse/latency_table.py): per layer and candidate the
+        table's c(kind, K), the fixed part of a computed step the partial-step fixed cost."""
+        counts = tuple(sorted(int(k) for k in token_counts))
+        if counts[-1] != spec.num_tokens:
+            raise ValueError(f"the candidate set must include all N={spec.num_tokens} tokens, got {list(counts)}")
+        table.check_model(spec)
+        ms = np.array([[table.layer_ms(layer, k) for k in counts] for layer in spec.layers], dtype=np.float64)
+        unit = max(float(ms.max()), 1e-9) / MAX_UNITS_PER_CHOICE
+        weights = np.rint(ms / unit).astype(np.int64)
+        fixed = table.partial_fixed_ms / unit
+        extra = int(round(table.refresh_ms / unit - round(fixed) - weights[:, -1].sum()))
+        return cls(counts, weights, unit, False, int(round(fixed)), table.dense_step_ms / unit, fixed, extra, "latency")
 
     def units_of(self, keep_rows) -> int:
         """Units used by a (T, L) table of token counts (every count must be a candidate)."""
         col = {k: j for j, k in enumerate(self.token_counts)}
         return int(sum(self.weights[l, col[k]] for row in keep_rows for l, k in enumerate(row)))
 
-    def units_for_ratio(self, spec: ModelSpec, num_steps: int, ratio: float) -> int:
-        """Layer units that make the schedule's MACs ratio (fixed MACs included) `ratio`."""
-        layer_macs = ratio * spec.dense_macs(num_steps) / spec.rows - num_steps * spec.fixed_macs()
-        return int(round(layer_macs / self.unit_macs))
+    def units_for_ratio(self, num_steps: int, ratio: float) -> int:
+        """Layer units that make a schedule of `num_steps` computed steps cost `ratio` of dense
+        (fixed parts included): R·T·dense − T·fixed, in units."""
+        return int(round(ratio * num_steps * self.dense_step_units - num_steps * self.fixed_exact))
 
 
 def nearest_feasible(cost: np.ndarray, weight: np.ndarray, budget: int, search: int = 64):

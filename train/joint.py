@@ -17,7 +17,12 @@ then over steps, with step 0 always computed in full (the cache is empty before 
     F_t(r) = min( F_{t-1}(r) + C_k(t, skip),
                   min_u F_{t-1}(r − f − u) + C_k(t, compute) + g_t(u) ),      f = fixed_units,
 
-and F_{T-1}(budget) is the answer; both tables keep their argmins for backtracking.
+and F_{T-1}(budget) is the answer; both tables keep their argmins for backtracking. Under a
+latency budget a refresh step (every layer at N) costs what the table measured for it, f + U_N + e
+(e = `refresh_extra_units`, U_N the layers at N), not f + U_N: the refresh row is then taken out
+of g_t and offered as its own option at that price:
+
+    F_t(r) = min( ..., F_{t-1}(r − f − U_N − e) + C_k(t, compute) + Σ_l C_l(t, l, N) ).
 
 The straight-through estimator (`joint_allocation`) makes the forward pass use the hard choices
 and the backward pass the gradients of softmax(−C / τ) over the candidates and over (skip,
@@ -33,6 +38,7 @@ from diffsparse.train.costs import Allocation, Budget, one_hot, straight_through
 from diffsparse.train.dp_solver import InfeasibleBudget
 
 SKIP, COMPUTE = 0, 1
+REFRESH = 2   # a DP choice only (a computed step with every layer at N, priced as measured)
 
 
 def _step_knapsack(cost: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -72,15 +78,20 @@ def joint_choice(layer_cost: np.ndarray, step_cost: np.ndarray, budget: Budget, 
     InfeasibleBudget when no schedule meets it exactly."""
     t_steps, n_layers, n_cand = layer_cost.shape
     weight = np.asarray(budget.weights)
-    full_units = budget.fixed_units + budget.full_step_units
+    full_units = budget.fixed_units + budget.full_step_units + budget.refresh_extra_units   # step 0
     rest = units - full_units
     if rest < 0:
         raise InfeasibleBudget(f"budget {units} units is below one full step ({full_units})")
     f = np.full(rest + 1, np.inf)
     f[0] = 0.0
     kind_arg, u_arg, tables = [], [], []
+    surcharge = budget.refresh_extra_units != 0
+    refresh_shift = full_units   # a refresh step's units: fixed part, every layer at N, surcharge
     for t in range(1, t_steps):
         g, picks = _step_knapsack(layer_cost[t], weight)
+        if surcharge:   # the all-N row is priced as a refresh (its own option below), not as a partial step
+            g = g.copy()
+            g[budget.full_step_units] = np.inf
         tables.append(picks)
         skip = f + step_cost[t, SKIP]
         best, kind, used = skip.copy(), np.zeros(rest + 1, dtype=np.int8), np.zeros(rest + 1, dtype=np.int32)
@@ -95,6 +106,12 @@ def joint_choice(layer_cost: np.ndarray, step_cost: np.ndarray, budget: Budget, 
             window[better] = cand[better]
             kind[shift:][better] = COMPUTE
             used[shift:][better] = u
+        if surcharge and 0 <= refresh_shift <= rest:
+            cand = f[:rest + 1 - refresh_shift] + (step_cost[t, COMPUTE] + float(layer_cost[t, :, -1].sum()))
+            window = best[refresh_shift:]
+            better = cand < window
+            window[better] = cand[better]
+            kind[refresh_shift:][better] = REFRESH
         f = best
         kind_arg.append(kind)
         u_arg.append(used)
@@ -104,13 +121,16 @@ def joint_choice(layer_cost: np.ndarray, step_cost: np.ndarray, budget: Budget, 
     choice = np.full((t_steps, n_layers), n_cand - 1, dtype=np.int64)
     r = rest
     for t in range(t_steps - 1, 0, -1):
-        if kind_arg[t - 1][r] == SKIP:
+        kind = kind_arg[t - 1][r]
+        if kind == SKIP:
             computed[t] = False
             choice[t] = 0
-            continue
-        u = int(u_arg[t - 1][r])
-        choice[t] = _backtrack_layers(tables[t - 1], weight, u)
-        r -= budget.fixed_units + u
+        elif kind == REFRESH:
+            r -= refresh_shift
+        else:
+            u = int(u_arg[t - 1][r])
+            choice[t] = _backtrack_layers(tables[t - 1], weight, u)
+            r -= budget.fixed_units + u
     return computed, choice
 
 
@@ -126,9 +146,12 @@ def nearest_joint_choice(layer_cost, step_cost, budget: Budget, units: int, sear
 
 
 def joint_units(budget: Budget, keep: list[list[int]], skip: list[bool]) -> int:
-    """The joint budget units of a schedule: per computed step, the fixed part and its layers."""
+    """The joint budget units of a schedule: per computed step, the fixed part and its layers (and
+    a refresh step's surcharge under a latency budget)."""
     computed = [row for row, s in zip(keep, skip) if not s]
-    return len(computed) * budget.fixed_units + budget.units_of(computed)
+    n = budget.token_counts[-1]
+    refreshes = sum(all(k == n for k in row) for row in computed)
+    return len(computed) * budget.fixed_units + budget.units_of(computed) + refreshes * budget.refresh_extra_units
 
 
 def joint_allocation(layer_cost: torch.Tensor, step_cost: torch.Tensor, budget: Budget, units: int,

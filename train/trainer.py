@@ -46,6 +46,7 @@ from diffsparse.train.student import ScheduleRollout
 from diffsparse.builtin_schedules import dense_schedule, fewer_steps_schedule, fora_schedule, toca_schedule
 from diffsparse.models.base import ModelSpec
 from diffsparse.sampler import initial_noise
+from diffsparse.step_costs import LatencyCosts, make_costs, record_costs
 from diffsparse.schedule import Schedule, provenance
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,11 @@ class TrainConfig:
     `samples` training samples (noise + conditioning) make an epoch, split into batches of
     `batch_size` per process."""
 
-    ratio: float = 0.5                # target MACs ratio R (fixed MACs included)
+    ratio: float = 0.5                # target ratio R of dense, in the budget's unit (fixed parts included)
+    # "macs": R of the dense MACs (the paper); "latency": R of the dense latency predicted by the
+    # latency table at `latency_table` (dscalibrate latency), warm starts scaled to it too
+    budget: str = "macs"
+    latency_table: str | None = None
     num_steps: int = 20
     guidance_scale: float | None = None  # None: the model's default (spec.default_guidance_scale)
     batch_size: int = 4
@@ -97,12 +102,13 @@ SPACES = ("tokens", "joint")
 BEST_OF = {"tokens": ("toca", "fora"), "joint": ("toca", "fora", "fewer-steps")}
 #: the held-out draws' seed stream is the training seed plus this (never the training stream)
 HELDOUT_SEED_OFFSET = 1_000_003
-#: the schedules a run may start from (warm start); each (spec, T, ratio, selector) -> Schedule
+#: the schedules a run may start from (warm start); each (spec, T, ratio, selector, costs) -> Schedule,
+#: scaled to `ratio` of dense in the costs' unit
 INITS = {
-    "toca": lambda spec, t, ratio, sel: toca_schedule(spec, t, ratio, full_every=None, selector=sel),
-    "dense": lambda spec, t, ratio, sel: dense_schedule(spec, t, selector=sel),
-    "fora": lambda spec, t, ratio, sel: fora_schedule(spec, t, ratio, selector=sel),
-    "fewer-steps": lambda spec, t, ratio, sel: fewer_steps_schedule(spec, t, ratio, selector=sel),
+    "toca": lambda spec, t, ratio, sel, costs: toca_schedule(spec, t, ratio, full_every=None, selector=sel, costs=costs),
+    "dense": lambda spec, t, ratio, sel, costs: dense_schedule(spec, t, selector=sel),
+    "fora": lambda spec, t, ratio, sel, costs: fora_schedule(spec, t, ratio, selector=sel, costs=costs),
+    "fewer-steps": lambda spec, t, ratio, sel, costs: fewer_steps_schedule(spec, t, ratio, selector=sel, costs=costs),
     "best": None,   # the best of BEST_OF[space] on the held-out draws
 }
 
@@ -136,12 +142,19 @@ class ScheduleTrainer:
             raise ValueError("init 'fewer-steps' skips steps: it needs space='joint'")
         if cfg.init == "best" and not cfg.validate_every:
             raise ValueError("init 'best' picks the warm start by held-out loss: it needs validate_every > 0")
+        if cfg.budget == "latency" and cfg.init == "dense":
+            raise ValueError("a latency budget takes its units from the warm start: use init toca, fora, "
+                             "fewer-steps or best, not dense")
+        self.costs_model = make_costs(spec, cfg.budget, cfg.latency_table)
         names = BEST_OF[cfg.space] if cfg.init == "best" else (cfg.init,)
-        starts = {name: INITS[name](spec, cfg.num_steps, cfg.ratio, selector) for name in names}
+        starts = {name: INITS[name](spec, cfg.num_steps, cfg.ratio, selector, self.costs_model) for name in names}
         self.init_schedule = starts[names[0]]
         self.selector = self.init_schedule.selector
         self.candidates = self.init_schedule.candidates
-        self.budget = Budget.for_spec(spec, self.init_schedule.allowed_keep())
+        if isinstance(self.costs_model, LatencyCosts):
+            self.budget = Budget.for_latency(spec, self.init_schedule.allowed_keep(), self.costs_model.table)
+        else:
+            self.budget = Budget.for_spec(spec, self.init_schedule.allowed_keep())
         self.units = self._units_of(self.init_schedule)
         self.num_full = cfg.num_full_steps or sum(self.init_schedule.full_steps)
         self.rollout = ScheduleRollout(spec, spec.sampler_plan(cfg.num_steps), self.budget.token_counts, self.selector)
@@ -179,7 +192,7 @@ class ScheduleTrainer:
             return joint_units(self.budget, schedule.keep, schedule.skip)
         if schedule.provenance.get("method") != "dense":
             return self.budget.units_of(schedule.keep)
-        return self.budget.units_for_ratio(self.spec, self.cfg.num_steps, self.cfg.ratio)
+        return self.budget.units_for_ratio(self.cfg.num_steps, self.cfg.ratio)
 
     # ---- held-out validation ----------------------------------------------------------------
     def _heldout(self) -> list:
@@ -365,8 +378,7 @@ class ScheduleTrainer:
             warm_start=self.init_schedule.provenance.get("method"), warm_start_candidates=self.warm_start,
             heldout_loss=self.best["loss"], best_iteration=self.best["iteration"], iterations=len(records),
             stopped_early=self.stopped_early, final_loss=records[-1]["loss"] if records else None))
-        sched.macs_ratio = {"target": self.cfg.ratio, "achieved": self.spec.macs_ratio(sched)}
-        return sched
+        return self._record_costs(sched)
 
     def schedule(self) -> Schedule:
         alloc = self.allocation()
@@ -376,8 +388,10 @@ class ScheduleTrainer:
                          provenance=provenance("diffsparse", init=self.cfg.init, space=self.cfg.space, stage=self.state.stage,
                                                iterations=len(self._training_records()), train_config=self.cfg.to_dict(),
                                                final_loss=(self._training_records() or [{"loss": None}])[-1]["loss"]))
-        sched.macs_ratio = {"target": self.cfg.ratio, "achieved": self.spec.macs_ratio(sched)}
-        return sched
+        return self._record_costs(sched)
+
+    def _record_costs(self, sched: Schedule) -> Schedule:
+        return record_costs(sched, self.costs_model, self.cfg.ratio)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def checkpoint_path(self) -> Path | None:

@@ -10,8 +10,11 @@ from diffsparse.train.costs import (
     allocate_unified,
     straight_through,
 )
+from diffsparse.train.joint import joint_units
 
-from diffsparse.builtin_schedules import toca_schedule
+from diffsparse.builtin_schedules import fora_schedule, toca_schedule
+from diffsparse.latency_table import KindLatency, LatencyTable, model_fingerprint
+from diffsparse.step_costs import LatencyCosts
 
 STEPS = 8
 
@@ -28,7 +31,7 @@ def test_budget_units_are_exact_macs(setup):
     assert budget.exact
     layer_macs = spec.schedule_macs(sched) // spec.rows - STEPS * spec.fixed_macs()
     assert budget.units_of(sched.keep) * budget.unit_macs == layer_macs
-    assert budget.units_for_ratio(spec, STEPS, spec.macs_ratio(sched)) == budget.units_of(sched.keep)
+    assert budget.units_for_ratio(STEPS, spec.macs_ratio(sched)) == budget.units_of(sched.keep)
 
 
 def test_candidate_set_must_contain_all_tokens(tiny_spec):
@@ -55,7 +58,7 @@ def test_allocations_meet_the_budget_exactly_for_any_costs(setup, ratio):
     with torch.no_grad():
         pred.layer_cost.copy_(torch.from_numpy(rng.normal(size=pred.layer_cost.shape)))
         pred.step_cost.copy_(torch.from_numpy(rng.normal(size=pred.step_cost.shape)))
-    units = budget.units_for_ratio(spec, STEPS, ratio)
+    units = budget.units_for_ratio(STEPS, ratio)
     for alloc in (allocate_stage1(pred, budget, units, num_full=2), allocate_unified(pred.layer_cost, budget, units)):
         assert alloc.units == units
         assert alloc.keep[0] == [spec.num_tokens] * len(spec.layers)
@@ -74,3 +77,22 @@ def test_straight_through_forward_is_hard_and_backward_is_softmax():
     ref = cost.detach().clone().requires_grad_(True)
     (torch.softmax(-ref / 0.5, -1) * g).sum().backward()
     assert torch.allclose(cost.grad, ref.grad)
+
+
+def test_latency_budget_units_are_the_tables_prediction(tiny_spec):
+    """Budget.for_latency: a schedule's joint units times the unit are its predicted latency (up
+    to the rounding of each entry to the unit), refresh steps at their measured price."""
+    n = tiny_spec.num_tokens
+    tokens = (0, n // 4, n // 2, 3 * n // 4, n)
+    table = LatencyTable(fingerprint=model_fingerprint(tiny_spec),
+                         kinds={"SA": KindLatency(tokens, (0.0, 1.1, 2.3, 3.2, 4.0)),
+                                "MLP": KindLatency(tokens, (0.0, 0.3, 0.6, 0.8, 1.2))},
+                         partial_fixed_ms=2.5, refresh_ms=25.0, dense_step_ms=21.0)
+    costs = LatencyCosts(tiny_spec, table)
+    budget = Budget.for_latency(tiny_spec, tokens, table)
+    assert budget.unit == "latency" and budget.refresh_extra_units != 0
+    for sched in (toca_schedule(tiny_spec, STEPS, 0.5, costs=costs), fora_schedule(tiny_spec, STEPS, 0.4, costs=costs)):
+        predicted = costs.total(sched.keep, sched.skip)
+        got = joint_units(budget, sched.keep, sched.skip) * budget.unit_macs
+        assert got == pytest.approx(predicted, abs=(len(tiny_spec.layers) + 2) * STEPS * budget.unit_macs)
+    assert budget.units_for_ratio(STEPS, 1.0) * budget.unit_macs == pytest.approx(STEPS * (21.0 - 2.5), abs=budget.unit_macs)

@@ -25,18 +25,26 @@ from diffsparse.builtin_schedules import fewer_steps_schedule, toca_schedule
 STEPS = 6
 
 
-def _budget(weights, fixed):
+def _budget(weights, fixed, refresh_extra=0):
     w = np.asarray(weights, dtype=np.int64)
-    return Budget(token_counts=tuple(range(w.shape[1])), weights=w, unit_macs=1.0, exact=True, fixed_units=fixed)
+    return Budget(token_counts=tuple(range(w.shape[1])), weights=w, unit_macs=1.0, exact=True, fixed_units=fixed,
+                  refresh_extra_units=refresh_extra)
 
 
-def test_joint_dp_is_exact_against_brute_force():
+@pytest.mark.parametrize("extra", [0, 2, -1])
+def test_joint_dp_is_exact_against_brute_force(extra):
     """Every (skip | compute, K per layer) of steps 1..T-1, step 0 a full step: the DP finds the
-    cheapest schedule using exactly the budget, or none when none does."""
+    cheapest schedule using exactly the budget, or none when none does. `extra`: a refresh step's
+    surcharge (a latency budget prices a refresh step as measured, not as its layers)."""
     rng = np.random.default_rng(0)
     t_steps, n_layers = 4, 2
-    budget = _budget([[0, 1, 3], [0, 2, 3]], fixed=1)
-    full = budget.fixed_units + budget.full_step_units
+    budget = _budget([[0, 1, 3], [0, 2, 3]], fixed=1, refresh_extra=extra)
+    full = budget.fixed_units + budget.full_step_units + extra
+
+    def step_units(choice):
+        refresh = all(j == 2 for j in choice)
+        return budget.fixed_units + sum(budget.weights[l, j] for l, j in enumerate(choice)) + (extra if refresh else 0)
+
     for trial in range(20):
         c_l = rng.normal(size=(t_steps, n_layers, 3))
         c_k = rng.normal(size=(t_steps, 2))
@@ -48,7 +56,7 @@ def test_joint_dp_is_exact_against_brute_force():
                 if choice is None:
                     cost += c_k[t, SKIP]
                 else:
-                    units += budget.fixed_units + sum(budget.weights[l, j] for l, j in enumerate(choice))
+                    units += step_units(choice)
                     cost += c_k[t, COMPUTE] + sum(c_l[t, l, j] for l, j in enumerate(choice))
             best[units] = min(best.get(units, np.inf), cost)
         for units in range(full, full + 3 * (t_steps - 1) * 7):
@@ -63,9 +71,11 @@ def test_joint_dp_is_exact_against_brute_force():
                 if not computed[t]:
                     got += c_k[t, SKIP]
                     continue
-                got_units += budget.fixed_units + sum(budget.weights[l, j] for l, j in enumerate(choice[t]))
+                got_units += step_units(choice[t])
                 got += c_k[t, COMPUTE] + sum(c_l[t, l, j] for l, j in enumerate(choice[t]))
             assert got_units == units and got == pytest.approx(best[units]), (trial, units)
+            keep = [[int(j) for j in row] for row in choice]
+            assert joint_units(budget, keep, [not c for c in computed]) == units
 
 
 @pytest.mark.parametrize("make", [lambda s: fewer_steps_schedule(s, STEPS, 0.5),
