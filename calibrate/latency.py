@@ -21,6 +21,7 @@ measured steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import statistics
 import sys
@@ -32,6 +33,7 @@ from typing import Any
 
 from diffsparse.export.bundle import ExportConfig, ExportError, export_bundle
 from diffsparse.runtime.backends import BackendError
+from diffsparse.runtime.bundle import Bundle
 from diffsparse.runtime.profile import ProfileConfig, profile
 
 from diffsparse.builtin_schedules import dense_schedule
@@ -109,18 +111,37 @@ def table_from_medians(spec: ModelSpec, labels: list[tuple[str, int]], step_ms: 
                         dense_step_ms=statistics.median(dense_ms), samples=samples)
 
 
-def calibrate_latency(cfg: LatencyCalibration, work: str | Path | None = None) -> LatencyTable:
-    """Export the calibration and dense bundles into `work` (a temporary folder by default), time
-    them interleaved and return the table."""
+def _reusable(folder: Path, schedule: Schedule, spec: ModelSpec) -> bool:
+    """Whether `folder` already holds this calibration bundle (same schedule, batch and guidance)."""
+    try:
+        m = Bundle(folder, verify=False).manifest
+    except BundleError:
+        return False
+    return (m.schedule.keep == schedule.keep and m.schedule.skip == schedule.skip and m.batch_size == spec.batch_size
+            and m.guidance == spec.guidance)
+
+
+def calibrate_latency(cfg: LatencyCalibration, work: str | Path | None = None, bundles: str | Path | None = None
+                      ) -> LatencyTable:
+    """Export the calibration and dense bundles, time them interleaved and return the table. The
+    bundles go to a temporary folder in `work`, removed afterwards; or to `bundles`, where they are
+    kept, and reused by a later calibration of the same model and shape (timing again without
+    exporting again)."""
     spec = make_spec(cfg.model, batch_size=cfg.batch_size, guidance=cfg.guidance, streamed_weights=True)
     sched, labels = calibration_schedule(spec, cfg.candidates)
-    with tempfile.TemporaryDirectory(prefix="dscalibrate-", dir=work) as tmp:
+    if bundles is not None:
+        Path(bundles).mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(str(bundles)) if bundles is not None
+          else tempfile.TemporaryDirectory(prefix="dscalibrate-", dir=work)) as tmp:
         folders = {}
         for name, schedule in (("calibration", sched), ("dense", dense_schedule(spec, cfg.dense_steps))):
-            log.info("exporting the %s bundle (%d steps)", name, schedule.num_steps)
             folders[name] = Path(tmp) / name
+            if _reusable(folders[name], schedule, spec):
+                log.info("reusing the %s bundle in %s", name, folders[name])
+                continue
+            log.info("exporting the %s bundle (%d steps)", name, schedule.num_steps)
             export_bundle(spec, schedule, folders[name], source={"model": cfg.model, "seed": cfg.seed},
-                          config=ExportConfig(verify=False))
+                          config=ExportConfig(verify=False, overwrite=True))
         log.info("timing %d generations of each bundle, interleaved", cfg.runs)
         report = profile(folders["calibration"], folders["dense"],
                          ProfileConfig(runs=cfg.runs, warmup=cfg.warmup, backend=cfg.backend, device=cfg.device,
@@ -149,6 +170,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepack", default=d.prepack, choices=["auto", "on", "off"],
                    help="ONNX Runtime weight pre-packing, as the deployed bundles will run (default %(default)s)")
     p.add_argument("--runs", type=int, default=d.runs, help="timed generations per bundle (medians; default %(default)s)")
+    p.add_argument("--bundles", default=None,
+                   help="keep the calibration and dense bundles in this folder (reused by a later run of the same "
+                        "model and shape); default: a temporary folder, removed")
     p.add_argument("--out", required=True, help="latency table JSON to write")
 
 
@@ -170,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dscalibrate latency: error: {out.parent} is not a folder; create it first", file=sys.stderr)
         return 2
     try:
-        table = calibrate_latency(cfg, work=out.parent)
+        table = calibrate_latency(cfg, work=out.parent, bundles=args.bundles)
     except (ModelSourceError, SpecError, ScheduleError, ExportError, BundleError, BackendError, LatencyTableError) as e:
         print(f"dscalibrate latency: error: {e}", file=sys.stderr)
         return 2

@@ -77,12 +77,17 @@ class LatencyCosts(StepCosts):
 
     budget = "latency"
 
-    def __init__(self, spec: ModelSpec, table: LatencyTable, source: str | None = None) -> None:
+    def __init__(self, spec: ModelSpec, table: LatencyTable, source: str | None = None, same_batch: bool = True) -> None:
+        """same_batch: warn when the table was measured at another batch or guidance than `spec`'s
+        (False for the trainer, whose batch is its own, not the deployed bundle's)."""
         super().__init__(spec)
         table.check_model(spec)
         self.table = table
         self.source = source
-        differ = table.mismatches(model_fingerprint(spec))
+        here = model_fingerprint(spec)
+        if not same_batch:
+            here = {k: v for k, v in here.items() if k not in ("batch_size", "guidance")}
+        differ = table.mismatches(here)
         if differ:
             log.warning("latency table %s was measured for another run shape (%s): its predictions may not hold; "
                         "re-run dscalibrate latency for this one", source or "", "; ".join(differ))
@@ -111,12 +116,13 @@ def record_costs(schedule: Schedule, costs: StepCosts, target: float) -> Schedul
     return schedule
 
 
-def make_costs(spec: ModelSpec, budget: str = "macs", table: str | None = None) -> StepCosts:
-    """The costs of a budget by name; a latency budget needs the table's path."""
+def make_costs(spec: ModelSpec, budget: str = "macs", table: str | None = None, same_batch: bool = True) -> StepCosts:
+    """The costs of a budget by name; a latency budget needs the table's path (same_batch: as for
+    `LatencyCosts`)."""
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     if budget == "macs":
         return MacsCosts(spec)
     if table is None:
         raise LatencyTableError("a latency budget needs a latency table (--latency-table T, written by dscalibrate latency)")
-    return LatencyCosts(spec, LatencyTable.load(table), source=str(table))
+    return LatencyCosts(spec, LatencyTable.load(table), source=str(table), same_batch=same_batch)

@@ -114,11 +114,13 @@ def run(args) -> Path:
     spec = make_spec(args.model, batch_size=cfg.batch_size)
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.stem + ".work")
+    # baselines do not depend on the batch: the table's may differ from the trainer's
+    costs = make_costs(spec, cfg.budget, cfg.latency_table, same_batch=False)
     if args.method == "toca":
-        sched = toca_schedule(spec, cfg.num_steps, cfg.ratio, costs=make_costs(spec, cfg.budget, cfg.latency_table))
+        sched = toca_schedule(spec, cfg.num_steps, cfg.ratio, costs=costs)
     elif args.method in ("fora", "fewer-steps"):
         make = fora_schedule if args.method == "fora" else fewer_steps_schedule
-        sched = make(spec, cfg.num_steps, cfg.ratio, costs=make_costs(spec, cfg.budget, cfg.latency_table))
+        sched = make(spec, cfg.num_steps, cfg.ratio, costs=costs)
     elif args.method == "diffsparse":
         trainer = ScheduleTrainer(spec, cfg, work, world=(rank, world), device=device)
         if args.resume and trainer.resume():

@@ -145,7 +145,7 @@ class ScheduleTrainer:
         if cfg.budget == "latency" and cfg.init == "dense":
             raise ValueError("a latency budget takes its units from the warm start: use init toca, fora, "
                              "fewer-steps or best, not dense")
-        self.costs_model = make_costs(spec, cfg.budget, cfg.latency_table)
+        self.costs_model = make_costs(spec, cfg.budget, cfg.latency_table, same_batch=False)   # trains at its own batch
         names = BEST_OF[cfg.space] if cfg.init == "best" else (cfg.init,)
         starts = {name: INITS[name](spec, cfg.num_steps, cfg.ratio, selector, self.costs_model) for name in names}
         self.init_schedule = starts[names[0]]

@@ -20,8 +20,23 @@ from diffsparse.schedule import DEFAULT_CANDIDATES, Schedule
 def measured(tiny_spec, tmp_path_factory):
     """A real table of the tiny model (batch 2 with guidance, as the shared tiny bundles)."""
     folder = tmp_path_factory.mktemp("latency")
-    table = calibrate_latency(LatencyCalibration(model="dit-tiny", batch_size=2, runs=2, warmup=0, dense_steps=2), work=folder)
+    table = calibrate_latency(CALIBRATION, bundles=folder / "bundles")
     return table, table.save(folder / "table.json")
+
+
+CALIBRATION = LatencyCalibration(model="dit-tiny", batch_size=2, runs=2, warmup=0, dense_steps=2)
+
+
+def test_kept_bundles_are_reused_and_a_temporary_folder_is_removed(measured, tmp_path, caplog):
+    _, path = measured
+    kept = path.parent / "bundles"
+    stamp = (kept / "calibration" / "manifest.json").stat().st_mtime_ns
+    with caplog.at_level("INFO"):
+        calibrate_latency(CALIBRATION, bundles=kept)
+    assert "reusing the calibration bundle" in caplog.text and "reusing the dense bundle" in caplog.text
+    assert (kept / "calibration" / "manifest.json").stat().st_mtime_ns == stamp
+    calibrate_latency(CALIBRATION, work=tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_calibration_steps_cover_every_kind_and_candidate(tiny_spec):
