@@ -14,7 +14,9 @@ latency against one learned under a MACs budget, at the same measured latency.
    PSNR/SSIM against the dense bundle.
 
 Writes OUT/results.json (one row per schedule), OUT/results.md, OUT/table.json (the latency table)
-and OUT/schedules/*.json.
+and OUT/schedules/*.json. Every stage keeps what it made (schedules, bundles, OUT/quality-*.json)
+and a rerun reuses it: `--phase prepare` stops before the timed profiles, so the long untimed
+part can run while the machine is busy and the timed part (`--phase all`) when it is quiet.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def main() -> None:
     p.add_argument("--n-per-class", type=int, default=100)
     p.add_argument("--epochs", type=int, default=6, help="joint-space training epochs (as the shipped joint schedule)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--phase", default="all", choices=["prepare", "all"],
+                   help="prepare: table, schedules, bundles and quality only (no timing); all: everything")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
@@ -94,17 +98,31 @@ def main() -> None:
     if not dense_dir.exists():
         export_bundle(bundle_spec, dense_schedule(bundle_spec, args.steps), dense_dir, source={"model": args.model})
     ecfg = EvalConfig(n_per_class=args.n_per_class)
-    dense_images = generate_set(dense_dir, ecfg)[0]
-    rows = [{"method": "dense", "budget": None, "ratio_target": 1.0, "macs_ratio": 1.0,
-             **evaluate_bundle(dense_dir, cfg=ecfg)}]
+    dense_images = []
+
+    def quality(name: str, bundle: Path) -> dict:
+        path = out / f"quality-{name}.json"
+        if not path.exists():
+            if not dense_images:
+                dense_images.append(generate_set(dense_dir, ecfg)[0])
+            path.write_text(json.dumps(evaluate_bundle(bundle, cfg=ecfg, reference_images=dense_images[0])))
+        return json.loads(path.read_text())
+
+    rows = [{"method": "dense", "budget": None, "ratio_target": 1.0, "macs_ratio": 1.0, **quality("dense", dense_dir)}]
+    for name, path in schedules.items():
+        bundle = out / f"bundle-{name}"
+        if not bundle.exists():
+            export_bundle(bundle_spec, Schedule.load(path), bundle, source={"model": args.model}, config=ExportConfig())
+        quality(name, bundle)
+    if args.phase == "prepare":
+        log.info("prepared in %s: run again with --phase all to time the bundles", out)
+        return
     for name, path in schedules.items():
         bundle = out / f"bundle-{name}"
         sched = Schedule.load(path)
-        if not bundle.exists():
-            export_bundle(bundle_spec, sched, bundle, source={"model": args.model}, config=ExportConfig())
         report = profile(bundle, dense_dir, ProfileConfig(runs=args.runs, memory=False, latency_table=str(table_path)))
         prof = report.to_dict()
-        quality = evaluate_bundle(bundle, cfg=ecfg, reference_images=dense_images)
+        q = quality(name, bundle)
         latency = sched.provenance.get("latency") or {}
         rows.append({"method": "diffsparse-joint", "schedule": name, "budget": name.split("-")[1],
                      "ratio_target": sched.macs_ratio["target"] or latency.get("target"),
@@ -114,8 +132,7 @@ def main() -> None:
                      "sparse_ms": report.sparse.total_ms, "dense_ms": report.baseline.total_ms,
                      "prediction_error_total": prof["sparse"]["prediction_error_total"],
                      "train_seconds": sched.provenance.get("train_seconds"),
-                     "accuracy": quality["accuracy"], "fid": quality["fid"], "psnr": quality.get("psnr"),
-                     "ssim": quality.get("ssim")})
+                     "accuracy": q["accuracy"], "fid": q["fid"], "psnr": q.get("psnr"), "ssim": q.get("ssim")})
         log.info("%s", rows[-1])
     result = {"command": "python benchmarks/latency_budget.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),

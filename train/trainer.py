@@ -155,8 +155,8 @@ class ScheduleTrainer:
             self.budget = Budget.for_latency(spec, self.init_schedule.allowed_keep(), self.costs_model.table)
         else:
             self.budget = Budget.for_spec(spec, self.init_schedule.allowed_keep())
-        self.units = self._units_of(self.init_schedule)
         self.num_full = cfg.num_full_steps or sum(self.init_schedule.full_steps)
+        self.units = self._units_of(self.init_schedule)
         self.rollout = ScheduleRollout(spec, spec.sampler_plan(cfg.num_steps), self.budget.token_counts, self.selector)
         self.device = torch.device(device)
         spec.model.to(self.device)
@@ -166,8 +166,8 @@ class ScheduleTrainer:
         self.warm_start = {name: self.schedule_heldout_loss(s) for name, s in starts.items()} if len(starts) > 1 else {}
         if self.warm_start:
             self.init_schedule = starts[min(self.warm_start, key=self.warm_start.get)]
-            self.units = self._units_of(self.init_schedule)
             self.num_full = cfg.num_full_steps or sum(self.init_schedule.full_steps)
+            self.units = self._units_of(self.init_schedule)
             log.info("warm start by held-out loss: %s -> %s", self.warm_start, self.init_schedule.provenance["method"])
         t, n_layers, n_cand = cfg.num_steps, len(spec.layers), len(self.budget.token_counts)
         self.costs = CostPredictor(t, n_layers, n_cand)
@@ -184,10 +184,23 @@ class ScheduleTrainer:
             self.state.stage = 2
         self._teacher: dict[int, torch.Tensor] = {}
         self._make_optimizer()
+        if cfg.budget == "latency":   # the start must meet the budget too: its DP projection onto it
+            start = self.init_schedule
+            self.init_schedule = dataclasses.replace(self.schedule(), provenance=provenance(
+                start.provenance["method"], projected_to="the latency budget", scaled=start.provenance.get("latency")))
+            self._record_costs(self.init_schedule)
 
     def _units_of(self, schedule: Schedule) -> int:
         """The budget a run starting from `schedule` meets: exactly what that schedule costs
-        (fixed parts included in the joint space); from dense, the configured ratio."""
+        (fixed parts included in the joint space); from dense, the configured ratio. Under a latency
+        budget, the target itself in the table's units (a baseline only comes near it: its step
+        and layer choices are coarse), the refresh steps' surcharge included in the paper's space."""
+        if self.cfg.budget == "latency":
+            total = self.cfg.ratio * self.cfg.num_steps * self.budget.dense_step_units
+            if self.cfg.space == "joint":
+                return int(round(total))
+            layers = self.budget.units_for_ratio(self.cfg.num_steps, self.cfg.ratio)
+            return layers - self.num_full * self.budget.refresh_extra_units
         if self.cfg.space == "joint":
             return joint_units(self.budget, schedule.keep, schedule.skip)
         if schedule.provenance.get("method") != "dense":
