@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from diffsparse.export.bundle import ExportConfig, ExportError, export_bundle
 from diffsparse.runtime.backends import BackendError
 from diffsparse.runtime.bundle import Bundle
@@ -121,8 +123,8 @@ def _reusable(folder: Path, schedule: Schedule, spec: ModelSpec) -> bool:
             and m.guidance == spec.guidance)
 
 
-def calibrate_latency(cfg: LatencyCalibration, work: str | Path | None = None, bundles: str | Path | None = None
-                      ) -> LatencyTable:
+def calibrate_latency(cfg: LatencyCalibration, work: str | Path | None = None, bundles: str | Path | None = None,
+                      progress: bool = False) -> LatencyTable:
     """Export the calibration and dense bundles, time them interleaved and return the table. The
     bundles go to a temporary folder in `work`, removed afterwards; or to `bundles`, where they are
     kept, and reused by a later calibration of the same model and shape (timing again without
@@ -143,9 +145,11 @@ def calibrate_latency(cfg: LatencyCalibration, work: str | Path | None = None, b
             export_bundle(spec, schedule, folders[name], source={"model": cfg.model, "seed": cfg.seed},
                           config=ExportConfig(verify=False, overwrite=True))
         log.info("timing %d generations of each bundle, interleaved", cfg.runs)
-        report = profile(folders["calibration"], folders["dense"],
-                         ProfileConfig(runs=cfg.runs, warmup=cfg.warmup, backend=cfg.backend, device=cfg.device,
-                                       threads=cfg.threads, prepack=cfg.prepack, seed=cfg.seed, memory=False))
+        with tqdm(total=cfg.runs, desc="dscalibrate latency", unit="run", disable=not progress) as bar:
+            report = profile(folders["calibration"], folders["dense"],
+                             ProfileConfig(runs=cfg.runs, warmup=cfg.warmup, backend=cfg.backend, device=cfg.device,
+                                           threads=cfg.threads, prepack=cfg.prepack, seed=cfg.seed, memory=False),
+                             progress=bar.update)
     host = report.host
     fingerprint = {**model_fingerprint(spec), "model": cfg.model, "backend": report.sparse.backend,
                    "device": report.sparse.device, "cpu": host.get("cpu"), "cores": host.get("cores"),
@@ -194,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dscalibrate latency: error: {out.parent} is not a folder; create it first", file=sys.stderr)
         return 2
     try:
-        table = calibrate_latency(cfg, work=out.parent, bundles=args.bundles)
+        table = calibrate_latency(cfg, work=out.parent, bundles=args.bundles, progress=sys.stderr.isatty())
     except (ModelSourceError, SpecError, ScheduleError, ExportError, BundleError, BackendError, LatencyTableError) as e:
         print(f"dscalibrate latency: error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -325,10 +325,12 @@ class _Subject:
             prepacked=getattr(self.pipe.backend, "prepacked", None))
 
 
-def profile(bundle: str | Path | Bundle, baseline: str | Path | Bundle, cfg: ProfileConfig | None = None) -> ProfileReport:
+def profile(bundle: str | Path | Bundle, baseline: str | Path | Bundle, cfg: ProfileConfig | None = None,
+            progress: Callable[[], None] | None = None) -> ProfileReport:
     """Profile `bundle` against `baseline` on the same backend, interleaving timed runs. Each is a
     bundle folder or an already opened `Bundle` (then not opened again; its load time covers the
-    pipeline only). Render the result with `diffsparse.runtime.report`."""
+    pipeline only). `progress`, if given, is called after each timed pair of runs. Render the
+    result with `diffsparse.runtime.report`."""
     cfg = cfg or ProfileConfig()
     if cfg.runs < 1:
         raise ValueError("runs must be >= 1")
@@ -345,6 +347,8 @@ def profile(bundle: str | Path | Bundle, baseline: str | Path | Bundle, cfg: Pro
     for _ in range(cfg.runs):
         sparse.generate()
         base.generate()
+        if progress is not None:
+            progress()
     if cfg.ops:  # after the timed runs: profiling slows a run down
         sparse.profile_ops()
         base.profile_ops()
