@@ -9,10 +9,10 @@ import argparse
 import logging
 import sys
 
-from diffsparse.calibrate import latency
+from diffsparse.calibrate import latency, precision
 
 # subcommand name -> module providing add_arguments(parser) and run(args); add new ones here
-COMMANDS: dict = {"latency": latency}
+COMMANDS: dict = {"latency": latency, "precision": precision}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,11 @@ The files of a bundle and the rules writer and reader share are in diffsparse/bu
     macs     {dense_total, total, ratio, per_step}
     source   {model, seed}                         provenance only: nothing reads the model from it
     universal, engines                             TensorRT (dsexport --tensorrt)
+    precision {dtype, parity_tolerance, quantization}
+             dtype: "fp32" or "int8" (the step graphs' weight-matmul precision, dsexport
+             --precision); parity_tolerance: what every graph's parity_max_abs_err was checked
+             against at export (vs the fp32 PyTorch step); quantization: how (informational).
+             Absent in older manifests: read as fp32 with the 1e-3 tolerance export used then.
 
 Version 1 bundles (no parameter map, an unread sampler field) are refused with "re-export".
 
@@ -71,7 +76,8 @@ VERSION = 2
 #: provenance and statistics for reports and profiles
 INFORMATIONAL_FIELDS = ("tool", "created", "source", "macs", "schedule.provenance", "schedule.macs_ratio",
                         "graphs[].macs", "graphs[].ops", "graphs[].parity_max_abs_err",
-                        "engines[].precision", "engines[].profiles")
+                        "engines[].precision", "engines[].profiles", "precision.parity_tolerance",
+                        "precision.quantization")
 #: fields meant to be edited: they change the output by design
 SETTING_FIELDS = ("guidance_scale",)
 #: a guidance scale outside this range is a corruption, not a setting (diffusers' defaults are 1-10)
@@ -83,6 +89,9 @@ WEIGHT_DTYPES = ("<f4", "<f2", "<f8", "<i8", "<i4", "<i2", "|i1", "|u1", "|b1")
 MAX_LAYER_COUNT = 512
 MAX_CONFIG_INT = 1 << 24
 MAX_BATCH_SIZE = 1 << 16
+#: step graph precisions (precision.dtype) and the parity tolerance of bundles written before the field
+GRAPH_PRECISIONS = ("fp32", "int8")
+LEGACY_PARITY_TOLERANCE = 1e-3
 _ENGINE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FIX = "re-export the bundle with dsexport"
@@ -217,6 +226,21 @@ def _json_value(v: Any, path: str, depth: int = 0) -> None:
         raise _Invalid(path, f"must be a JSON value, got {type(v).__name__}")
 
 
+def _precision(v: Any) -> dict[str, Any]:
+    """The precision record; None (a manifest older than the field): fp32 at the tolerance of then."""
+    if v is None:
+        return {"dtype": "fp32", "parity_tolerance": LEGACY_PARITY_TOLERANCE}
+    _keys(v, "precision", ("dtype", "parity_tolerance"), ("quantization",))
+    if v["dtype"] not in GRAPH_PRECISIONS:
+        raise _Invalid("precision.dtype", f"must be one of {list(GRAPH_PRECISIONS)}, got {_short(v['dtype'])}")
+    _number(v["parity_tolerance"], "precision.parity_tolerance", 0, 1)
+    if v["parity_tolerance"] <= 0:
+        raise _Invalid("precision.parity_tolerance", f"must be above 0, got {_short(v['parity_tolerance'])}")
+    if "quantization" in v:
+        _dict(v["quantization"], "precision.quantization")
+    return dict(v)
+
+
 def _tensors(v: Any, path: str) -> list[TensorSpec]:
     out = []
     for i, t in enumerate(_list(v, path)):
@@ -289,6 +313,9 @@ class Manifest:
     # built from it [{key, file, sha256, bytes, precision, profiles}], one per TensorRT version + GPU
     universal: dict[str, Any] | None = None
     engines: list[dict[str, Any]] = field(default_factory=list)
+    # {dtype, parity_tolerance, quantization?}: see the module docstring
+    precision: dict[str, Any] = field(default_factory=lambda: {"dtype": "fp32",
+                                                               "parity_tolerance": LEGACY_PARITY_TOLERANCE})
     tool: str = ""
     created: str = ""
 
@@ -330,12 +357,12 @@ class Manifest:
             "schedule": self.schedule.to_dict(), "sampler": self.sampler.to_dict(),
             "graphs": [vars(g) for g in self.graphs], "steps": self.steps,
             "weights": self.weights, "macs": self.macs, "source": self.source,
-            "universal": self.universal, "engines": self.engines,
+            "universal": self.universal, "engines": self.engines, "precision": self.precision,
         }
 
     _REQUIRED = ("format", "version", "family", "diffusers_class", "model_config", "batch_size", "guidance",
                  "inputs", "outputs", "cache", "schedule", "sampler", "graphs", "steps", "weights", "macs")
-    _OPTIONAL = ("tool", "created", "source", "spec_options", "guidance_scale", "universal", "engines")
+    _OPTIONAL = ("tool", "created", "source", "spec_options", "guidance_scale", "universal", "engines", "precision")
 
     @classmethod
     def from_dict(cls, d: Any, source: str) -> Manifest:
@@ -392,6 +419,7 @@ class Manifest:
         if universal is not None:
             _file_entry(universal, "universal")
         source_info = _dict(d.get("source", {}), "source")
+        precision = _precision(d.get("precision"))
         m = cls(family=_str(d["family"], "family", empty=False),
                 diffusers_class=_str(d["diffusers_class"], "diffusers_class", empty=False),
                 model_config=model_config, batch_size=_int(d["batch_size"], "batch_size", 1, MAX_BATCH_SIZE),
@@ -402,7 +430,7 @@ class Manifest:
                         for i, g in enumerate(_list(d["graphs"], "graphs"))],
                 steps=_list(d["steps"], "steps"), weights=_dict(d["weights"], "weights"),
                 macs=_dict(d["macs"], "macs"), source=dict(source_info),
-                universal=universal, engines=engines, tool=_str(d.get("tool", ""), "tool"),
+                universal=universal, engines=engines, precision=precision, tool=_str(d.get("tool", ""), "tool"),
                 created=_str(d.get("created", ""), "created"))
         if not m.inputs or not m.outputs:
             raise _Invalid("inputs" if not m.inputs else "outputs", "must name at least one tensor (the latent)")

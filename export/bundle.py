@@ -49,6 +49,7 @@ from diffsparse.bundle_format import (UNIVERSAL_FILE, WEIGHTS_FILE, current_engi
                                       needs_layer_cache, step_cache_writes, step_graph_indices, timing_cache_file)
 from diffsparse.export.onnx_export import export_step
 from diffsparse.export.prune import graph_cache_io, prune_outputs
+from diffsparse.export.quantize import PRECISIONS, QuantizationError, QuantizeConfig, quantize_bundle_graphs
 from diffsparse.export.tensorrt import TensorRTUnavailable, build_engine, check_available, step_profiles
 from diffsparse.export.trt_compat import operator_set, tensorrt_problems
 from diffsparse.export.universal import export_universal_step
@@ -101,13 +102,23 @@ class ExportConfig:
     verify: run every graph on ONNX Runtime against the PyTorch step on the same inputs and fail
         if the max abs difference exceeds `tolerance` (recorded per graph in the manifest).
     check_tensorrt: fail if a graph leaves TensorRT's supported subset.
+    precision: "fp32", or "int8" (post-training quantization of every step graph after the fp32
+        graphs are verified, export/quantize.py, configured by `quantize`; the int8 graphs are then
+        checked against the fp32 PyTorch step at `quantize.tolerance`, which the manifest records).
     """
 
     overwrite: bool = False
     verify: bool = True
     tolerance: float = 1e-3
     check_tensorrt: bool = True
-    tensorrt: str | None = None   # build a TensorRT engine at this precision (fp32/fp16/bf16)
+    tensorrt: str | None = None   # build a TensorRT engine at this precision (export/tensorrt.py PRECISIONS)
+    precision: str = "fp32"
+    quantize: QuantizeConfig | None = None   # int8 options; None: QuantizeConfig()
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            hint = " (fp16/bf16 graphs run on TensorRT: use --tensorrt fp16)" if self.precision in ("fp16", "bf16") else ""
+            raise ExportError(f"precision must be one of {PRECISIONS}, got {self.precision!r}{hint}")
 
 
 def export_bundle(spec: ModelSpec, schedule: Schedule, out: str | Path, source: dict[str, Any] | None = None,
@@ -119,6 +130,9 @@ def export_bundle(spec: ModelSpec, schedule: Schedule, out: str | Path, source: 
     if out.exists() and not config.overwrite:
         raise ExportError(f"{out} already exists; pass overwrite (dsexport --overwrite) to replace it")
     spec.check_schedule(schedule)
+    if config.precision == "int8" and is_lazy(spec.model):
+        raise ExportError("int8 export of a model larger than memory is not supported (calibration runs every graph "
+                          "in memory): export it in fp32")
     if config.tensorrt is not None:  # fail before any work
         if not spec.supports_universal_step:
             raise ExportError(f"TensorRT engines are not yet supported for the {spec.family!r} family")
@@ -373,7 +387,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
         graphs=graphs, steps=steps, weights=weights,
         macs={"dense_total": dense, "total": total, "ratio": total / dense,
               "per_step": per_step},
-        source=source, tool=f"diffsparse {__version__}",
+        source=source, tool=f"diffsparse {__version__}", precision={"dtype": "fp32", "parity_tolerance": config.tolerance},
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     manifest.save(folder)
     _checkpoint("manifest")
@@ -388,11 +402,39 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
         if not np.isfinite(worst) or worst > config.tolerance:
             raise ExportError(f"exported graphs differ from the PyTorch step by up to {worst:.3g} "
                               f"(tolerance {config.tolerance:g}); per graph: {errors}")
+    if config.precision == "int8":
+        manifest = _quantize(folder, spec, manifest, config)
     # verified with every output (the tie check reads reuse counts); pruning only removes nodes
     _checkpoint("verified")
     _prune_cache_writes(folder, manifest)
     manifest.save(folder)
     _checkpoint("complete")
+    return manifest
+
+
+def _quantize(folder: Path, spec: ModelSpec, manifest: Manifest, config: ExportConfig) -> Manifest:
+    """int8 graphs in place of the verified fp32 ones, checked against the fp32 PyTorch step."""
+    qconfig = config.quantize or QuantizeConfig()
+    fp32_parity = [g.parity_max_abs_err for g in manifest.graphs]
+    try:
+        manifest = quantize_bundle_graphs(folder, spec.model, qconfig)
+    except QuantizationError as e:
+        raise ExportError(str(e)) from None
+    _checkpoint("quantized")
+    manifest.precision["quantization"]["fp32_parity_max_abs_err"] = fp32_parity
+    if config.verify:
+        try:
+            errors = verify_graphs(folder, spec, quantized=True)
+        except SelectionMismatch as e:  # a reuse count that is not K: the graph itself is broken
+            raise ExportError(f"a quantized graph's token bookkeeping is wrong: {e}") from None
+        for g, err in zip(manifest.graphs, errors):
+            g.parity_max_abs_err = float(err)
+        worst = max(errors)
+        if not np.isfinite(worst) or worst > qconfig.tolerance:
+            raise ExportError(f"int8 graphs differ from the fp32 PyTorch step by up to {worst:.3g} (tolerance "
+                              f"{qconfig.tolerance:g}); per graph: {errors}. Keep the worst layers in fp32 "
+                              "(dsexport --keep-fp32, from dscalibrate precision) or raise --parity-tolerance")
+    manifest.save(folder)
     return manifest
 
 

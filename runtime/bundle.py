@@ -15,6 +15,7 @@ diffusers, numpy or ONNX Runtime.
 
 from __future__ import annotations
 
+import logging
 from functools import cached_property
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from diffsparse.models.base import ModelSpec
 from diffsparse.models.zoo import families, spec_from_config
 from diffsparse.schedule import ScheduleError
 
+log = logging.getLogger(__name__)
+#: operators that make a step graph quantized (QDQ): present exactly when precision.dtype is int8
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 #: how far the sampler plan a manifest records may be from the one this diffsparse computes from
 #: its config (float32 rounding; a plan off by more was edited, or comes from another sampler)
 PLAN_RTOL, PLAN_ATOL = 1e-5, 1e-6
@@ -104,6 +108,10 @@ class Bundle:
                                   f"{[n.removeprefix(OUTPUT_PREFIX) for n in written][:3]}...")
             reads.append(inputs & set(m.cache.names))
             writes.append(set(written))
+            quantized = any(node.op_type in QDQ_OPS for node in model.graph.node)
+            if quantized != (m.precision["dtype"] == "int8"):
+                raise self._error(f"graphs[{i}] ({g.file}) is {'quantized (QDQ)' if quantized else 'not quantized'}, "
+                                  f"but precision.dtype is {m.precision['dtype']!r}")
         by_pattern: dict[tuple[int, ...], set[str]] = {}
         for g, w in zip(m.graphs, writes):
             by_pattern.setdefault(tuple(g.keep), set()).update(w)
@@ -218,6 +226,9 @@ class Bundle:
         torch backend runs. BundleError if the parameter map does not fit the model."""
         spec = self._meta_spec()
         assign_tensors(spec.model, self.model_tensors(), str(self.folder))
+        if self.manifest.precision["dtype"] != "fp32":
+            log.warning("bundle %s has %s step graphs; the model rebuilt from its weights (torch backend) runs its "
+                        "fp32 parameters", self.folder, self.manifest.precision["dtype"])
         return spec
 
 
