@@ -202,7 +202,7 @@ class Pipeline:
 
     def generate(self, class_labels: Sequence[int] | None = None, seed: int = 0, guidance_scale: float | None = None,
                  conditioning: dict[str, np.ndarray] | None = None, time_steps: bool = True,
-                 check_finite: bool = True) -> GenerationResult:
+                 check_finite: bool = True, noise: np.ndarray | None = None) -> GenerationResult:
         """Generate one sample per conditioning row: `class_labels` for class-conditional models,
         or `conditioning` (name -> array whose first axis is the sample, e.g. prompt_embeds of
         shape (n, L, D); `spec.conditioning_inputs()` lists the names). Samples run in batches of
@@ -213,40 +213,26 @@ class Pipeline:
         check_finite: raise NonFiniteOutputError when a batch ends in NaN or infinite latents
         (rather than returning images that are silently black or white); False returns them.
         Conditioning is checked in full (names, shapes, label range, finiteness) before anything runs:
-        ValueError naming the problem.
+        ValueError naming the problem (`check_inputs` runs the same checks alone).
+        noise: the starting latents (n, *spec.latent_shape) instead of those of `seed`; a server packs
+        the samples of several requests, each with its own seed, into one batch with it.
         Thread-safe: concurrent calls each run on a context of the pipeline's pool (`concurrency`),
         waiting for one while all are busy; the result of a call does not depend on the others."""
-        if class_labels is not None:
-            conditioning = {**(conditioning or {}), "class_labels": _as_labels(class_labels)}
-        if not conditioning:
-            raise ValueError("no conditioning given: pass class_labels or conditioning="
-                             f"{{{', '.join(repr(t.name) for t in self.spec.conditioning_inputs())}: ...}}")
-        conditioning = {k: np.asarray(v) for k, v in conditioning.items()}
+        conditioning, batches = self._batches(class_labels, conditioning)
+        n = len(next(iter(conditioning.values())))
         guidance_scale = self.spec.resolve_guidance_scale(guidance_scale)
-        counts = {k: (v.shape[0] if v.ndim else 0) for k, v in conditioning.items()}
-        n = next(iter(counts.values()))
-        if n == 0 or any(c != n for c in counts.values()):
-            raise ValueError(f"conditioning is empty or ragged: every array needs the same, non-zero number of samples on its "
-                             f"first axis; got {counts}")
-        _check_values(self.spec, conditioning)
+        if noise is None:
+            noise = initial_noise(seed, n, self.spec.latent_shape)
+        elif np.shape(noise) != (n, *self.spec.latent_shape):
+            raise ValueError(f"noise must have shape {(n, *self.spec.latent_shape)} (one latent per sample), "
+                             f"got {np.shape(noise)}")
         b = self.spec.batch_size
-        batches = []
-        for start in range(0, n, b):
-            size = min(b, n - start)
-            batch = {k: _pad_rows(v[start:start + size], b) for k, v in conditioning.items()}
-            try:
-                self.spec.check_conditioning(batch)
-            except ValueError as e:
-                padded = f", padded to the batch size {b} by repeating its last row" if size < b else ""
-                raise ValueError(f"samples {start}-{start + size - 1} of {n} (batch {start // b}{padded}): {e}") from None
-            batches.append((start, size, batch))
-        noise = initial_noise(seed, n, self.spec.latent_shape)
         per_step = np.zeros(len(self.step_graphs))
         outs = []
         with self._pool.acquire() as ctx:
             t_start = time.perf_counter()
             for number, (start, size, batch) in enumerate(batches):
-                ctx.start(_pad_rows(noise[start:start + size], b))
+                ctx.start(_pad_rows(np.asarray(noise[start:start + size], np.float32), b))
                 for i, graph in enumerate(self.step_graphs):
                     feeds = self.spec.feeds(StepCall(float(self.plan.timesteps[i]), self.plan.coefficients[i]),
                                             batch, guidance_scale)
@@ -264,6 +250,40 @@ class Pipeline:
         labels = conditioning.get("class_labels")
         return GenerationResult(np.concatenate(outs), labels, per_step.tolist(), total,
                                 backend=self.backend.name, device=self.backend.device, guidance_scale=guidance_scale)
+
+    def check_inputs(self, class_labels: Sequence[int] | None = None,
+                     conditioning: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The conditioning arrays `generate` would run for these inputs (class_labels folded in),
+        after the checks `generate` makes before any step (names, shapes, label range, finiteness,
+        every batch as padded), without running anything: ValueError naming the problem."""
+        return self._batches(class_labels, conditioning)[0]
+
+    def _batches(self, class_labels, conditioning) -> tuple[dict[str, np.ndarray], list]:
+        """(the checked conditioning, [(start, size, padded batch conditioning)]) or ValueError."""
+        if class_labels is not None:
+            conditioning = {**(conditioning or {}), "class_labels": _as_labels(class_labels)}
+        if not conditioning:
+            raise ValueError("no conditioning given: pass class_labels or conditioning="
+                             f"{{{', '.join(repr(t.name) for t in self.spec.conditioning_inputs())}: ...}}")
+        conditioning = {k: np.asarray(v) for k, v in conditioning.items()}
+        counts = {k: (v.shape[0] if v.ndim else 0) for k, v in conditioning.items()}
+        n = next(iter(counts.values()))
+        if n == 0 or any(c != n for c in counts.values()):
+            raise ValueError(f"conditioning is empty or ragged: every array needs the same, non-zero number of samples on its "
+                             f"first axis; got {counts}")
+        _check_values(self.spec, conditioning)
+        b = self.spec.batch_size
+        batches = []
+        for start in range(0, n, b):
+            size = min(b, n - start)
+            batch = {k: _pad_rows(v[start:start + size], b) for k, v in conditioning.items()}
+            try:
+                self.spec.check_conditioning(batch)
+            except ValueError as e:
+                padded = f", padded to the batch size {b} by repeating its last row" if size < b else ""
+                raise ValueError(f"samples {start}-{start + size - 1} of {n} (batch {start // b}{padded}): {e}") from None
+            batches.append((start, size, batch))
+        return conditioning, batches
 
     def _check_finite(self, latents: np.ndarray, batch: int, start: int) -> None:
         """NonFiniteOutputError naming the samples of batch `batch` whose latents are NaN or

@@ -21,7 +21,7 @@ FOLDERS = {"diffsparse": "diffsparse", "runtime": "diffsparse.runtime", "export"
 # (layer rank, layer name) per package prefix; the longest matching prefix decides
 LAYERS = {"diffsparse": (0, "core"), "diffsparse.runtime": (1, "runtime"), "diffsparse.export": (2, "export"),
           "diffsparse.mnist": (3, "mnist"), "diffsparse.train": (4, "train"), "diffsparse.calibrate": (4, "calibrate"),
-          "diffsparse.demo": (5, "demo")}
+          "diffsparse.demo": (5, "demo"), "diffsparse.serve": (5, "serve")}
 
 
 def _modules() -> dict[str, Path]:
