@@ -404,7 +404,7 @@ class Manifest:
         _json_value(model_config, "model_config")
         spec_options = _dict(d.get("spec_options", {}), "spec_options")
         _json_value(spec_options, "spec_options")
-        engines = [_file_entry(e, f"engines[{i}]", ("key", "precision", "profiles"), plain=False)
+        engines = [_file_entry(e, f"engines[{i}]", ("key", "precision", "profiles"), ("quantization",), plain=False)
                    for i, e in enumerate(_list(d.get("engines", []), "engines"))]
         for i, e in enumerate(engines):
             if not isinstance(e["key"], str) or not _ENGINE_KEY.fullmatch(e["key"]) or ".." in e["key"]:
@@ -415,6 +415,8 @@ class Manifest:
                                                      f"{ENGINES_DIR}/), got {_short(e['file'])}")
             _str(e["precision"], f"engines[{i}].precision")
             _int(e["profiles"], f"engines[{i}].profiles")
+            if "quantization" in e:   # int8/fp8: how the Q/DQ graph it was built from was calibrated
+                _dict(e["quantization"], f"engines[{i}].quantization")
         universal = d.get("universal")
         if universal is not None:
             _file_entry(universal, "universal")

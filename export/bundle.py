@@ -50,7 +50,9 @@ from diffsparse.bundle_format import (UNIVERSAL_FILE, WEIGHTS_FILE, current_engi
 from diffsparse.export.onnx_export import export_step
 from diffsparse.export.prune import graph_cache_io, prune_outputs
 from diffsparse.export.quantize import PRECISIONS, QuantizationError, QuantizeConfig, quantize_bundle_graphs
-from diffsparse.export.tensorrt import TensorRTUnavailable, build_engine, check_available, step_profiles
+from diffsparse.export.tensorrt import (EXPLICITLY_QUANTIZED, TensorRTUnavailable, build_engine, check_available,
+                                        step_profiles)
+from diffsparse.export.tensorrt_quantize import quantize_universal
 from diffsparse.export.trt_compat import operator_set, tensorrt_problems
 from diffsparse.export.universal import export_universal_step
 from diffsparse.export.verify import SelectionMismatch, verify_graphs
@@ -113,7 +115,7 @@ class ExportConfig:
     check_tensorrt: bool = True
     tensorrt: str | None = None   # build a TensorRT engine at this precision (export/tensorrt.py PRECISIONS)
     precision: str = "fp32"
-    quantize: QuantizeConfig | None = None   # int8 options; None: QuantizeConfig()
+    quantize: QuantizeConfig | None = None   # int8 options (also of --tensorrt int8/fp8); None: QuantizeConfig()
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -209,15 +211,31 @@ def _file_entry(folder: Path, rel: str) -> dict[str, Any]:
     return {"file": rel, "sha256": sha256_file(folder / rel), "bytes": (folder / rel).stat().st_size}
 
 
-def _build_engines(spec: ModelSpec, schedule: Schedule, folder: Path, precision: str):
-    """The TensorRT engine of this machine's TensorRT + GPU from the universal graph."""
+def _build_engine(spec: ModelSpec, schedule: Schedule, folder: Path, graph: Path, precision: str,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The TensorRT engine of this machine's TensorRT + GPU from the universal graph `graph`: its
+    manifest entry."""
     key = current_engine_key()
     rel = engine_file(key)
-    build_engine(folder / UNIVERSAL_FILE, step_profiles(spec, schedule), folder / rel, precision,
+    build_engine(graph, step_profiles(spec, schedule), folder / rel, precision,
                  timing_cache=folder / timing_cache_file(key))
-    engine = {**_file_entry(folder, rel), "key": key, "precision": precision,
-              "profiles": len(schedule.distinct_signatures())}
-    return _file_entry(folder, UNIVERSAL_FILE), [engine]
+    return {**_file_entry(folder, rel), "key": key, "precision": precision,
+            "profiles": len(schedule.distinct_signatures()), **(extra or {})}
+
+
+def _build_quantized_engine(spec: ModelSpec, schedule: Schedule, folder: Path, config: ExportConfig) -> dict[str, Any]:
+    """An int8/fp8 engine from the universal graph explicitly quantized on the bundle's calibration
+    set (export/tensorrt_quantize.py); the Q/DQ graph is an intermediate, removed after the build."""
+    work = folder / ".tensorrt-quantize"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        quantization = quantize_universal(folder, spec.model, config.tensorrt, config.quantize or QuantizeConfig(),
+                                          work / UNIVERSAL_FILE)
+        _checkpoint("tensorrt-quantized")
+        return _build_engine(spec, schedule, folder, work / UNIVERSAL_FILE, config.tensorrt, {"quantization": quantization})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _leftover_name(out: Path, kind: str, pid: int) -> Path:
@@ -369,7 +387,9 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
     _checkpoint("weights")
     universal_entry, engines = None, []
     if config.tensorrt is not None:
-        universal_entry, engines = _build_engines(spec, schedule, folder, config.tensorrt)
+        universal_entry = _file_entry(folder, UNIVERSAL_FILE)
+        if config.tensorrt not in EXPLICITLY_QUANTIZED:  # those are calibrated on the verified bundle, below
+            engines = [_build_engine(spec, schedule, folder, folder / UNIVERSAL_FILE, config.tensorrt)]
     steps = [{"index": t, "timestep": float(plan.timesteps[k]), "graph": g}
              for k, (t, g) in enumerate(zip(schedule.computed_steps, step_graph_indices(schedule)))]
     dense = spec.dense_macs(schedule.num_steps)
@@ -402,6 +422,9 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
         if not np.isfinite(worst) or worst > config.tolerance:
             raise ExportError(f"exported graphs differ from the PyTorch step by up to {worst:.3g} "
                               f"(tolerance {config.tolerance:g}); per graph: {errors}")
+    if config.tensorrt in EXPLICITLY_QUANTIZED:  # before --precision int8: calibrated on the fp32 trajectory
+        manifest.engines = [_build_quantized_engine(spec, schedule, folder, config)]
+        manifest.save(folder)
     if config.precision == "int8":
         manifest = _quantize(folder, spec, manifest, config)
     # verified with every output (the tie check reads reuse counts); pruning only removes nodes

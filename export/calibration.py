@@ -204,7 +204,7 @@ def tensor_ranges(runner: GraphRunner, model: onnx.ModelProto, names: list[str],
                   percentile: float | None = None) -> dict[str, tuple[float, float]]:
     """Per tensor of `names`, (lowest, highest) over every recorded input of the graph: min/max,
     or with `percentile` the min/max clipped at that percentile of |x| (a subsample of up to
-    2^16 values per tensor and input)."""
+    2^16 values per tensor and input). Empty tensors (K = 0) are skipped."""
     sess = runner.session(with_outputs(model, names))
     declared = {i.name for i in sess.get_inputs()}
     lo = {n: np.inf for n in names}
@@ -214,13 +214,16 @@ def tensor_ranges(runner: GraphRunner, model: onnx.ModelProto, names: list[str],
     for f in feeds:
         outs = sess.run(names, {k: v for k, v in f.items() if k in declared})
         for n, x in zip(names, outs):
+            if x.size == 0:   # a layer at K = 0 in this step (the universal graph): nothing to range
+                continue
             lo[n] = min(lo[n], float(x.min()))
             hi[n] = max(hi[n], float(x.max()))
             if percentile is not None:
                 flat = np.abs(x.reshape(-1))
                 samples[n].append(flat if flat.size <= 1 << 16 else rng.choice(flat, 1 << 16, replace=False))
     if percentile is not None:
-        for n in names:
+        for n in (n for n in names if samples[n]):
             p = float(np.percentile(np.concatenate(samples[n]), percentile))
             lo[n], hi[n] = max(lo[n], -p), min(hi[n], p)
-    return {n: (lo[n], hi[n]) for n in names}
+    # a tensor empty in every input (only ever at K = 0) gets the empty range; the quantizer gives it scale 1
+    return {n: (lo[n], hi[n]) if lo[n] <= hi[n] else (0.0, 0.0) for n in names}

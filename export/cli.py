@@ -11,7 +11,7 @@ import time
 from diffsparse.export.bundle import ExportConfig, ExportError, export_bundle
 from diffsparse.export.calibration import CalibrationConfig
 from diffsparse.export.quantize import CALIBRATION_METHODS, DEFAULT_TOLERANCE, QuantizationError, QuantizeConfig
-from diffsparse.export.tensorrt import PRECISIONS as TENSORRT_PRECISIONS
+from diffsparse.export.tensorrt import EXPLICITLY_QUANTIZED, PRECISIONS as TENSORRT_PRECISIONS
 
 from diffsparse.builtin_schedules import BUILTIN_NAMES, resolve_schedule
 from diffsparse.latency_table import LatencyTableError
@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; see the family table in the README)")
     p.add_argument("--tensorrt", default=None, choices=list(TENSORRT_PRECISIONS),
                    help="also build a TensorRT engine at this precision (needs tensorrt, polygraphy and a GPU; "
-                        "int8/fp8 are calibrated on the same per-timestep calibration set as --precision int8; "
-                        "not yet run on real TensorRT)")
+                        "int8/fp8 are explicitly quantized (Q/DQ) on the same per-timestep calibration set as "
+                        "--precision int8; not yet run on real TensorRT)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"],
                    help="step graph precision: int8 = post-training quantization of the transformer's matmuls, "
                         "calibrated per timestep on the sampler's own inputs (docs/precision.md); fp16 runs on "
@@ -87,8 +87,8 @@ def parse_options(items: list[str]) -> dict:
 
 
 def quantize_config(args: argparse.Namespace) -> QuantizeConfig | None:
-    """The int8 options of the command line (None unless --precision int8)."""
-    if args.precision != "int8":
+    """The int8 options of the command line (None unless --precision int8 or --tensorrt int8/fp8)."""
+    if args.precision != "int8" and args.tensorrt not in EXPLICITLY_QUANTIZED:
         return None
     tolerance = DEFAULT_TOLERANCE["int8"] if args.parity_tolerance is None else args.parity_tolerance
     if args.calibration_batches < 1:

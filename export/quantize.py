@@ -39,11 +39,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 
 from diffsparse.bundle_format import WEIGHTS_FILE, graph_file
 from diffsparse.export.calibration import (CalibrationConfig, GraphRunner, collect_step_inputs, inputs_by_graph,
                                            tensor_ranges)
-from diffsparse.export.weights import WeightStore
+from diffsparse.export.weights import WeightStore, stored_name
 from diffsparse.manifest import Manifest, sha256_file
 from diffsparse.runtime.bundle import Bundle
 
@@ -133,14 +134,28 @@ def node_part(node: onnx.NodeProto) -> str | None:
     return None
 
 
-def layer_groups(model: onnx.ModelProto, manifest: Manifest) -> dict[str, str]:
+def stored_groups(model: torch.nn.Module) -> dict[str, str]:
+    """Stored weight name -> layer group, for every parameter in both orientations: the
+    TorchScript step graphs hold MatMul weights transposed, the dynamo universal graph as they are,
+    and the manifest's parameter map names only one of the two."""
+    out: dict[str, str] = {}
+    for pname, tensor in model.named_parameters():
+        array = tensor.detach().cpu().numpy()
+        for a in (array, array.T) if array.ndim == 2 else (array,):
+            out.setdefault(stored_name(a), parameter_group(pname))
+    return out
+
+
+def layer_groups(model: onnx.ModelProto, manifest: Manifest, by_stored: dict[str, str] | None = None) -> dict[str, str]:
     """node name -> layer group. A node reading a stored weight belongs to that weight's group
-    (`parameter_group` of the parameter the manifest maps to it); a mechanics node to its part
-    ("score", ...); any other node to the group of the last weight-reading node before it in the
-    graph's (topological, execution) order — the norms, softmax and residuals between matmuls."""
-    by_stored: dict[str, str] = {}
-    for pname, (stored, _) in manifest.parameters.items():
-        by_stored.setdefault(stored, parameter_group(pname))
+    (`parameter_group` of the parameter the manifest maps to it, or `by_stored`: `stored_groups`);
+    a mechanics node to its part ("score", ...); any other node to the group of the last
+    weight-reading node before it in the graph's (topological, execution) order — the norms,
+    softmax and residuals between matmuls."""
+    if by_stored is None:
+        by_stored = {}
+        for pname, (stored, _) in manifest.parameters.items():
+            by_stored.setdefault(stored, parameter_group(pname))
     inits = {i.name for i in model.graph.initializer}
     groups: dict[str, str] = {}
     current = "fixed"

@@ -29,6 +29,11 @@ MIN_SHARED_BYTES = 1024
 ALIGN = 64
 
 
+def stored_name(array: np.ndarray) -> str:
+    """The name a tensor with this content (bytes, dtype, shape) is stored under in weights.bin."""
+    return WeightStore._content_name(np.ascontiguousarray(array))[0]
+
+
 class WeightStore:
     """Append-only weights file plus an index name -> [offset, length, dtype, shape]."""
 
