@@ -3,8 +3,9 @@
     POST /generate   JSON body (diffsparse/serve/schema.py) -> PNG grid or NPZ arrays by `Accept`
     GET  /healthz    JSON: the bundle, backend, batch settings, this replica
 
-Requests are admitted one by one (a bad one gets HTTP 4xx and never joins a batch), gathered by
-`@serve.batch` up to `max_batch` samples, and run as the bundle's static batches in a worker
+Requests are admitted one by one (a bad one gets HTTP 4xx and never joins a batch), held while
+every batch slot is busy (diffsparse/serve/admission.py), gathered by `@serve.batch` up to
+`max_batch` samples, and run as the bundle's static batches in a worker
 thread, so the replica keeps answering (and gathering the next batch) while one runs. Each
 response carries X-Diffsparse-* headers saying which batch it ran in.
 
@@ -31,6 +32,7 @@ import numpy as np
 
 from diffsparse.manifest import Manifest
 from diffsparse.runtime.pipeline import Pipeline
+from diffsparse.serve.admission import AdmissionGate
 from diffsparse.serve.batches import BatchRunner, Job, Outcome, job_samples
 from diffsparse.serve.config import ServeConfig
 from diffsparse.serve.schema import NPZ, RequestError, encode, negotiate, parse_generate
@@ -74,6 +76,7 @@ class GenerateServer:
                                          concurrency=config.concurrency)
         self.max_samples = config.batch_samples(self.pipe.spec.batch_size)
         self.runner = BatchRunner(self.pipe, self.max_samples)
+        self.gate = AdmissionGate(config.concurrency, self.max_samples)
         self.metrics = ServeMetrics()
         # the pipeline runs in these threads: the replica's event loop stays free for other requests
         self._executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="diffsparse-batch")
@@ -116,7 +119,11 @@ class GenerateServer:
         body = await _read_body(request, self.config.max_body_bytes)
         parsed = parse_generate(body)
         job = self.runner.admit(parsed)
-        outcome: Outcome = await self.generate_batch(job)
+        await self.gate.enter(job)   # held while every batch slot is busy: the next batch forms full
+        try:
+            outcome: Outcome = await self.generate_batch(job)
+        finally:
+            self.gate.leave(job)
         if outcome.error is not None:
             return JSONResponse({"error": outcome.error}, status_code=500)
         generated = outcome.generated
@@ -136,7 +143,11 @@ class GenerateServer:
         if not jobs:
             return []
         loop = asyncio.get_running_loop()
-        outcomes = await loop.run_in_executor(self._executor, self.runner.run, jobs)
+        self.gate.started(jobs)
+        try:
+            outcomes = await loop.run_in_executor(self._executor, self.runner.run, jobs)
+        finally:
+            self.gate.finished()
         self.metrics.batch(outcomes[0].batch, sum(o.generated.samples.shape[0] for o in outcomes if o.generated))
         return outcomes
 
@@ -149,7 +160,8 @@ class GenerateServer:
                 "default_guidance_scale": spec.default_guidance_scale if spec.guidance else None,
                 "conditioning": [{"name": t.name, "shape": list(t.shape[1:]), "dtype": t.dtype}
                                  for t in spec.conditioning_inputs()],
-                "replica": self.replica, "pid": os.getpid(), "batches_running": self.runner.busy}
+                "replica": self.replica, "pid": os.getpid(), "batches_running": self.runner.busy,
+                "requests_waiting": self.gate.waiting}
 
     def check_health(self) -> None:
         """Ray's periodic health check: a batch stuck past `stuck_batch_s` (a hung backend) fails
