@@ -260,19 +260,23 @@ def quantize_bundle_graphs(folder: Path, model, config: QuantizeConfig) -> Manif
                 traced = bundle.graph_model(i)
                 groups = layer_groups(traced, manifest)
                 nodes, attention = weight_nodes(traced, groups, config)
-                if not nodes:
-                    raise QuantizationError(f"{g.file} has no matmul left to quantize "
-                                            f"(keep_fp32={list(config.keep_fp32)}): export it in fp32")
-                cache = work / f"{Path(g.file).stem}.calibration.json"
-                ranges = tensor_ranges(runner, traced, calibration_tensors(traced, nodes), per_graph[i], percentile)
-                write_calibration_cache(ranges, cache)
-                quantize_graph(folder / g.file, work / g.file, nodes, config, cache)
+                if nodes:
+                    cache = work / f"{Path(g.file).stem}.calibration.json"
+                    ranges = tensor_ranges(runner, traced, calibration_tensors(traced, nodes), per_graph[i], percentile)
+                    write_calibration_cache(ranges, cache)
+                    quantize_graph(folder / g.file, work / g.file, nodes, config, cache)
+                else:   # e.g. a step reusing every layer (K = 0 everywhere): only fp32 matmuls are left in it
+                    onnx.save(onnx.load(str(folder / g.file)), str(work / g.file), save_as_external_data=True,
+                              location=f"{g.file}.data")
                 counts.append({"graph": g.file, "quantized_matmuls": len(nodes),
                                "fp32_matmuls": sum(1 for n in traced.graph.node if n.op_type in _WEIGHT_OPS) - len(nodes),
                                "attention_matmuls_fp32": 0 if config.attention else len(attention),
                                "calibration_inputs": len(per_graph[i])})
                 log.info("quantized %s: %d matmuls int8 on %d calibration inputs", g.file, len(nodes),
                          len(per_graph[i]))
+        if not any(c["quantized_matmuls"] for c in counts):
+            raise QuantizationError(f"no step graph has a matmul left to quantize (keep_fp32={list(config.keep_fp32)}): "
+                                    "export the bundle in fp32")
         universal = None
         if manifest.universal is not None:  # refers to the old weights.bin: keep it (fp32), loaded
             universal = onnx.load(str(folder / manifest.universal["file"]), load_external_data=True)

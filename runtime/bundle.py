@@ -92,6 +92,7 @@ class Bundle:
         known_inputs = {t.name for t in m.inputs} | set(m.cache.names)
         known_outputs = {t.name for t in m.outputs} | set(m.cache.output_names)
         reads, writes = [], []
+        any_quantized = False
         self._graphs = [self._load_graph(g.file) for g in m.graphs]
         for i, (g, model) in enumerate(zip(m.graphs, self._graphs)):
             self._check_external_data(g.file, model)
@@ -109,9 +110,13 @@ class Bundle:
             reads.append(inputs & set(m.cache.names))
             writes.append(set(written))
             quantized = any(node.op_type in QDQ_OPS for node in model.graph.node)
-            if quantized != (m.precision["dtype"] == "int8"):
-                raise self._error(f"graphs[{i}] ({g.file}) is {'quantized (QDQ)' if quantized else 'not quantized'}, "
-                                  f"but precision.dtype is {m.precision['dtype']!r}")
+            any_quantized = any_quantized or quantized
+            if quantized and m.precision["dtype"] != "int8":
+                raise self._error(f"graphs[{i}] ({g.file}) is quantized (QDQ), but precision.dtype is "
+                                  f"{m.precision['dtype']!r}")
+        # an int8 bundle may keep a graph fp32 (a step reusing every layer has nothing to quantize), not all
+        if m.precision["dtype"] == "int8" and not any_quantized:
+            raise self._error("no graph is quantized, but precision.dtype is 'int8'")
         by_pattern: dict[tuple[int, ...], set[str]] = {}
         for g, w in zip(m.graphs, writes):
             by_pattern.setdefault(tuple(g.keep), set()).update(w)

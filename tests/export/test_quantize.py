@@ -108,7 +108,7 @@ def test_precision_field_is_validated_and_old_manifests_read_as_fp32(tiny_bundle
             Manifest.load(copy)
     # a manifest whose dtype does not say what its graphs are is refused when the graphs are opened
     path.write_text(json.dumps({**data, "precision": {"dtype": "int8", "parity_tolerance": 0.5}}))
-    with pytest.raises(BundleError, match="not quantized"):
+    with pytest.raises(BundleError, match="no graph is quantized"):
         Bundle(copy)
     q = tmp_path / "q"
     shutil.copytree(int8_bundle, q)
@@ -137,3 +137,18 @@ def test_cli_maps_int8_options():
     cfg = quantize_config(args)
     assert cfg.keep_fp32 == ("sa1", "mlp1") and cfg.calibration.batches == 3 and cfg.tolerance == 0.2
     assert quantize_config(build_parser().parse_args(["--out", "x"])) is None
+
+
+def test_a_step_reusing_every_layer_stays_fp32_and_a_bundle_with_nothing_to_quantize_is_refused(tiny_spec, tmp_path):
+    from diffsparse.builtin_schedules import fora_schedule
+
+    sched = fora_schedule(tiny_spec, 6, 0.5)
+    assert any(not any(row) for row in sched.distinct_signatures()), "the test needs a step with K = 0 in every layer"
+    quantize = QuantizeConfig(calibration=CalibrationConfig(batches=1))
+    m = export_bundle(tiny_spec, sched, tmp_path / "fora", config=ExportConfig(precision="int8", quantize=quantize))
+    counts = {c["graph"]: c["quantized_matmuls"] for c in m.precision["quantization"]["graphs"]}
+    assert min(counts.values()) == 0 < max(counts.values())
+    keep_all = QuantizeConfig(calibration=CalibrationConfig(batches=1), keep_fp32=("sa1", "mlp1"))
+    with pytest.raises(ExportError, match="no step graph has a matmul left to quantize"):
+        export_bundle(tiny_spec, sched, tmp_path / "none", config=ExportConfig(precision="int8", quantize=keep_all))
+    assert not (tmp_path / "none").exists()
