@@ -29,13 +29,13 @@ A table measured for another target (host, backend, versions, model, batch, guid
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffsparse.jsonfile import load_json, save_json
 from diffsparse.models.base import ModelSpec
 from diffsparse.schedule import LAYER_KINDS, LayerRef, Schedule
 
@@ -177,21 +177,11 @@ class LatencyTable:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temporary file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-        return path
+        return save_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:
-        path = Path(path)
-        if not path.is_file():
-            raise LatencyTableError(f"latency table {path} does not exist; write one with dscalibrate latency")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LatencyTableError(f"latency table {path} is not valid JSON ({e}); is it truncated?") from None
+        data = load_json(path, LatencyTableError, "latency table", "; write one with dscalibrate latency")
         return cls.from_dict(data, source=str(path))
 
 

@@ -38,7 +38,6 @@ Version 1 files (no `skip`) are read as schedules without skipped steps.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from diffsparse import __version__
+from diffsparse.jsonfile import load_json, save_json
 
 FORMAT = "diffsparse-schedule"
 VERSION = 2
@@ -331,22 +331,11 @@ class Schedule:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temporary file, then rename) so a crash never leaves half a schedule."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-        return path
+        return save_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Schedule:
-        path = Path(path)
-        if not path.is_file():
-            raise ScheduleError(f"schedule file {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ScheduleError(f"schedule file {path} is not valid JSON ({e}); is it truncated or corrupted?") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(load_json(path, ScheduleError, "schedule file"), source=str(path))
 
 
 def _describe_layers(layers: Sequence[LayerRef]) -> str:

@@ -7,6 +7,7 @@ import torch
 from diffsparse.export.bundle import ExportConfig, export_bundle
 
 from diffsparse.builtin_schedules import dense_schedule, toca_schedule
+from diffsparse.latency_table import KindLatency, LatencyTable, model_fingerprint
 from diffsparse.models.zoo import make_spec
 
 TINY = "dit-tiny"
@@ -55,3 +56,18 @@ def count_macs():
         return counter.get_total_flops() // 2
 
     return count
+
+
+@pytest.fixture(scope="session")
+def synthetic_table():
+    """make(spec, sa=..., mlp=..., fixed=, refresh=, dense=, **fingerprint): a latency table with
+    known costs in ms (per layer at K = 0, N/4, N/2, 3N/4, N), as `dscalibrate latency` writes them."""
+    def make(spec, sa=(0.0, 1.0, 2.0, 3.0, 4.0), mlp=(0.0, 0.5, 1.0, 1.5, 2.0), fixed=1.0, refresh=14.0, dense=12.0,
+             **fingerprint):
+        n = spec.num_tokens
+        tokens = (0, n // 4, n // 2, 3 * n // 4, n)
+        return LatencyTable(fingerprint={**model_fingerprint(spec), **fingerprint},
+                            kinds={"SA": KindLatency(tokens, sa), "MLP": KindLatency(tokens, mlp)},
+                            partial_fixed_ms=fixed, refresh_ms=refresh, dense_step_ms=dense)
+    return make
+

@@ -7,23 +7,14 @@ import json
 import pytest
 
 from diffsparse.builtin_schedules import dense_schedule, fewer_steps_schedule, fora_schedule, toca_schedule
-from diffsparse.latency_table import KindLatency, LatencyTable, LatencyTableError, model_fingerprint
+from diffsparse.latency_table import LatencyTable, LatencyTableError, model_fingerprint
 from diffsparse.step_costs import LatencyCosts, MacsCosts, make_costs
 
 STEPS = 8
 
 
-def make_table(spec, sa=(0.0, 1.0, 2.0, 3.0, 4.0), mlp=(0.0, 0.5, 1.0, 1.5, 2.0), fixed=1.0, refresh=14.0, dense=12.0,
-               **fingerprint):
-    n = spec.num_tokens
-    tokens = (0, n // 4, n // 2, 3 * n // 4, n)
-    return LatencyTable(fingerprint={**model_fingerprint(spec), **fingerprint},
-                        kinds={"SA": KindLatency(tokens, sa), "MLP": KindLatency(tokens, mlp)},
-                        partial_fixed_ms=fixed, refresh_ms=refresh, dense_step_ms=dense)
-
-
-def test_round_trip(tmp_path, tiny_spec):
-    table = make_table(tiny_spec, backend="onnxruntime")
+def test_round_trip(tmp_path, tiny_spec, synthetic_table):
+    table = synthetic_table(tiny_spec, backend="onnxruntime")
     path = table.save(tmp_path / "t.json")
     back = LatencyTable.load(path)
     assert back.to_dict() == table.to_dict()
@@ -40,8 +31,8 @@ def test_round_trip(tmp_path, tiny_spec):
     (lambda d: d.update(dense_step_ms=float("nan")), "dense_step_ms"),
     (lambda d: d["fingerprint"].pop("batch_size"), "fingerprint lacks"),
 ])
-def test_bad_tables_are_refused_by_name(tmp_path, tiny_spec, edit, message):
-    data = make_table(tiny_spec).to_dict()
+def test_bad_tables_are_refused_by_name(tmp_path, tiny_spec, edit, message, synthetic_table):
+    data = synthetic_table(tiny_spec).to_dict()
     edit(data)
     path = tmp_path / "t.json"
     path.write_text(json.dumps(data))
@@ -57,8 +48,8 @@ def test_missing_and_truncated_files(tmp_path):
         LatencyTable.load(tmp_path / "half.json")
 
 
-def test_cost_model_per_step_kind(tiny_spec):
-    table = make_table(tiny_spec)
+def test_cost_model_per_step_kind(tiny_spec, synthetic_table):
+    table = synthetic_table(tiny_spec)
     n, layers = tiny_spec.num_tokens, tiny_spec.layers
     dense = tiny_spec.dense_keep()
     assert table.step_ms(layers, dense, dense) == 14.0                       # a refresh step
@@ -71,8 +62,8 @@ def test_cost_model_per_step_kind(tiny_spec):
         table.step_ms(layers, dense, [3] * len(layers))
 
 
-def test_schedule_predictions_follow_the_graphs_a_bundle_runs(tiny_spec):
-    table = make_table(tiny_spec)
+def test_schedule_predictions_follow_the_graphs_a_bundle_runs(tiny_spec, synthetic_table):
+    table = synthetic_table(tiny_spec)
     fewer = fewer_steps_schedule(tiny_spec, STEPS, 0.5)   # no token reuse: plain model steps, skipped ones free
     assert table.schedule_step_ms(tiny_spec, fewer) == [12.0] * len(fewer.computed_steps)
     fora = fora_schedule(tiny_spec, STEPS, 0.5)           # refresh steps and K = 0 steps
@@ -87,10 +78,10 @@ def test_macs_costs_are_the_specs_macs_ratio(tiny_spec):
         assert costs.ratio(sched.keep, sched.skip) == pytest.approx(tiny_spec.macs_ratio(sched))
 
 
-def test_baselines_scale_to_a_latency_budget(tiny_spec):
+def test_baselines_scale_to_a_latency_budget(tiny_spec, synthetic_table):
     # a table where partial steps cost much more than their MACs say: at the same target, the
     # latency-scaled ToCa schedule recomputes fewer tokens than the MACs-scaled one
-    table = make_table(tiny_spec, fixed=6.0)
+    table = synthetic_table(tiny_spec, fixed=6.0)
     costs = LatencyCosts(tiny_spec, table, source="t.json")
     by_macs = toca_schedule(tiny_spec, STEPS, 0.6, full_every=None)
     by_latency = toca_schedule(tiny_spec, STEPS, 0.6, full_every=None, costs=costs)
@@ -104,12 +95,12 @@ def test_baselines_scale_to_a_latency_budget(tiny_spec):
     assert "latency" not in by_macs.provenance
 
 
-def test_a_table_for_another_model_is_refused_and_another_shape_is_warned(tiny_spec, caplog):
+def test_a_table_for_another_model_is_refused_and_another_shape_is_warned(tiny_spec, caplog, synthetic_table):
     with pytest.raises(LatencyTableError, match="re-run dscalibrate latency"):
         LatencyCosts(tiny_spec, LatencyTable(fingerprint={**model_fingerprint(tiny_spec), "num_layers": 99},
-                                             kinds=make_table(tiny_spec).kinds, partial_fixed_ms=1, refresh_ms=2,
+                                             kinds=synthetic_table(tiny_spec).kinds, partial_fixed_ms=1, refresh_ms=2,
                                              dense_step_ms=2))
-    other = make_table(tiny_spec, batch_size=tiny_spec.batch_size + 1)
+    other = synthetic_table(tiny_spec, batch_size=tiny_spec.batch_size + 1)
     with caplog.at_level("WARNING"):
         LatencyCosts(tiny_spec, other)
     assert "batch_size: table 3, here 2" in caplog.text

@@ -12,7 +12,7 @@ from diffsparse.export import cli as export_cli
 from diffsparse.runtime.profile import ProfileConfig, profile
 from diffsparse.train import cli as train_cli
 
-from diffsparse.latency_table import KindLatency, LatencyTable, model_fingerprint
+from diffsparse.latency_table import LatencyTable
 from diffsparse.schedule import DEFAULT_CANDIDATES, Schedule
 
 
@@ -51,13 +51,9 @@ def test_calibration_steps_cover_every_kind_and_candidate(tiny_spec):
     assert len(sched.distinct_signatures()) == len(labels) - 1   # every measured step is its own graph
 
 
-def test_the_table_recovers_known_costs(tiny_spec):
-    n = tiny_spec.num_tokens
-    tokens = (0, n // 4, n // 2, 3 * n // 4, n)
-    truth = LatencyTable(fingerprint=model_fingerprint(tiny_spec),
-                         kinds={"SA": KindLatency(tokens, (0.0, 1.5, 2.0, 3.5, 4.0)),
-                                "MLP": KindLatency(tokens, (0.0, 0.25, 0.5, 0.75, 1.0))},
-                         partial_fixed_ms=3.0, refresh_ms=20.0, dense_step_ms=18.0)
+def test_the_table_recovers_known_costs(tiny_spec, synthetic_table):
+    truth = synthetic_table(tiny_spec, sa=(0.0, 1.5, 2.0, 3.5, 4.0), mlp=(0.0, 0.25, 0.5, 0.75, 1.0), fixed=3.0,
+                            refresh=20.0, dense=18.0)
     sched, labels = calibration_schedule(tiny_spec, DEFAULT_CANDIDATES)
     step_ms = truth.schedule_step_ms(tiny_spec, sched)
     got = table_from_medians(tiny_spec, labels, step_ms, [18.0, 17.0, 19.0], DEFAULT_CANDIDATES, truth.fingerprint)

@@ -13,7 +13,6 @@ from diffsparse.train.costs import (
 from diffsparse.train.joint import joint_units
 
 from diffsparse.builtin_schedules import fora_schedule, toca_schedule
-from diffsparse.latency_table import KindLatency, LatencyTable, model_fingerprint
 from diffsparse.step_costs import LatencyCosts
 
 STEPS = 8
@@ -79,15 +78,13 @@ def test_straight_through_forward_is_hard_and_backward_is_softmax():
     assert torch.allclose(cost.grad, ref.grad)
 
 
-def test_latency_budget_units_are_the_tables_prediction(tiny_spec):
+def test_latency_budget_units_are_the_tables_prediction(tiny_spec, synthetic_table):
     """Budget.for_latency: a schedule's joint units times the unit are its predicted latency (up
     to the rounding of each entry to the unit), refresh steps at their measured price."""
     n = tiny_spec.num_tokens
     tokens = (0, n // 4, n // 2, 3 * n // 4, n)
-    table = LatencyTable(fingerprint=model_fingerprint(tiny_spec),
-                         kinds={"SA": KindLatency(tokens, (0.0, 1.1, 2.3, 3.2, 4.0)),
-                                "MLP": KindLatency(tokens, (0.0, 0.3, 0.6, 0.8, 1.2))},
-                         partial_fixed_ms=2.5, refresh_ms=25.0, dense_step_ms=21.0)
+    table = synthetic_table(tiny_spec, sa=(0.0, 1.1, 2.3, 3.2, 4.0), mlp=(0.0, 0.3, 0.6, 0.8, 1.2), fixed=2.5,
+                            refresh=25.0, dense=21.0)
     costs = LatencyCosts(tiny_spec, table)
     budget = Budget.for_latency(tiny_spec, tokens, table)
     assert budget.unit == "latency" and budget.refresh_extra_units != 0
