@@ -43,7 +43,8 @@ from diffsparse.models.zoo import make_spec
 BUNDLES = ("dense-fp32", "dense-int8", "sparse-fp32", "sparse-int8")
 
 
-def _export(spec, schedules: dict, out: Path, model: str, verify: bool, calibration_batches: int) -> dict:
+def _export(spec, schedules: dict, out: Path, model: str, verify: bool, calibration_batches: int,
+            keep_fp32: tuple[str, ...] = ()) -> dict:
     info = {}
     for kind, sched in schedules.items():
         for precision in ("fp32", "int8"):
@@ -54,13 +55,13 @@ def _export(spec, schedules: dict, out: Path, model: str, verify: bool, calibrat
                 m = export_bundle(spec, sched, folder, source={"model": model, "seed": 0},
                                   config=ExportConfig(overwrite=True, verify=verify, precision=precision,
                                                       quantize=QuantizeConfig(calibration=CalibrationConfig(
-                                                          batches=calibration_batches))))
+                                                          batches=calibration_batches), keep_fp32=keep_fp32)))
             else:  # quantize a copy of the fp32 bundle (saves a second fp32 export at XL size)
                 src = out / f"bundle-{kind}-fp32"
                 shutil.rmtree(folder, ignore_errors=True)
                 shutil.copytree(src, folder)
                 m = quantize_bundle_graphs(folder, spec.model, QuantizeConfig(
-                    calibration=CalibrationConfig(batches=calibration_batches)))
+                    calibration=CalibrationConfig(batches=calibration_batches), keep_fp32=keep_fp32))
             info[name] = {"export_seconds": time.perf_counter() - t0, "graphs": len(m.graphs),
                           "weights_bytes": m.weights["bytes"], "macs_ratio": m.macs["ratio"],
                           "precision": m.precision["dtype"], "parity_tolerance": m.precision["parity_tolerance"],
@@ -70,13 +71,18 @@ def _export(spec, schedules: dict, out: Path, model: str, verify: bool, calibrat
     return info
 
 
+def _layers(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def quality(args) -> dict:
     out = Path(args.out)
     spec = make_spec("mnist-dit", batch_size=args.batch)
     schedules = {"dense": dense_schedule(spec, args.steps),
                  "sparse": resolve_schedule(args.schedule, spec, args.steps if args.schedule in BUILTIN_NAMES else None,
                                             0.5, 3)}
-    exports = _export(spec, schedules, out, "mnist-dit", verify=True, calibration_batches=args.calibration_batches)
+    exports = _export(spec, schedules, out, "mnist-dit", verify=True, calibration_batches=args.calibration_batches,
+                      keep_fp32=_layers(args.keep_fp32))
     real, _ = load_mnist_test(None)
     labels = np.tile(np.arange(10), args.n_per_class)
     rows, images = {}, {}
@@ -90,8 +96,8 @@ def quality(args) -> dict:
         rows[name] = {**evaluate_images(images[name], labels, reference_images=ref, real_images=real),
                       "generation_seconds": seconds, **exports[name]}
         logging.info("%s: %s", name, rows[name])
-    return {"model": "mnist-dit", "steps": args.steps, "schedule": args.schedule, "batch": args.batch,
-            "n": int(len(labels)), "seed": 0, "rows": rows}
+    return {"model": "mnist-dit", "steps": args.steps, "schedule": args.schedule, "keep_fp32": _layers(args.keep_fp32),
+            "batch": args.batch, "n": int(len(labels)), "seed": 0, "rows": rows}
 
 
 def latency(args) -> dict:
@@ -100,7 +106,7 @@ def latency(args) -> dict:
     schedules = {"dense": dense_schedule(spec, args.steps),
                  "sparse": toca_schedule(spec, args.steps, 0.5, full_every=args.steps)}
     exports = {} if args.reuse_bundles else _export(spec, schedules, out, args.model, verify=False,
-                                                     calibration_batches=1)
+                                                     calibration_batches=1, keep_fp32=_layers(args.keep_fp32))
     del spec
     prepack = {"dense-fp32": "on", "dense-int8": "on", "sparse-fp32": "off", "sparse-int8": "on"}
     pipes = {name: Pipeline.from_bundle(out / f"bundle-{name}", threads=args.threads, prepack=prepack[name])
@@ -142,6 +148,8 @@ def main() -> None:
     p.add_argument("--n-per-class", type=int, default=100)
     p.add_argument("--calibration-batches", type=int, default=CalibrationConfig.batches)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--keep-fp32", default="", metavar="LAYERS",
+                   help="layer groups the int8 bundles keep fp32 (dsexport --keep-fp32), e.g. sa4,mlp4,sa5,mlp5")
     p.add_argument("--reuse-bundles", action="store_true", help="latency: time bundles already in --out")
     args = p.parse_args()
     args.steps = args.steps or (10 if args.what == "quality" else 5)
