@@ -174,7 +174,10 @@ class GraphRunner:
         opts = session_options()
         if self.threads and opts.use_per_session_threads:
             opts.intra_op_num_threads = self.threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # not ORT_ENABLE_ALL: its layout transformations read initializer values from the graph's
+        # external data file (the zero stand-in above) before add_initializer's values replace them,
+        # which silently zeroes weights of dynamo-exported graphs (Gemm/Conv); EXTENDED keeps the fusions
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         held = []
         for init in model.graph.initializer:
             if init.name in self.bundle.weights:

@@ -99,6 +99,11 @@ class QuantizeConfig:
         if not (isinstance(self.tolerance, (int, float)) and 0 < self.tolerance <= 1):
             raise QuantizationError(f"int8 parity tolerance must be in (0, 1], got {self.tolerance!r}")
 
+    @property
+    def percentile(self) -> float | None:
+        """The |x| percentile activation ranges are clipped at (`tensor_ranges`), or None for min/max."""
+        return 99.999 if self.method == "percentile" else None
+
     def describe(self) -> dict:
         d = asdict(self)
         d["calibration"] = self.calibration.describe()
@@ -215,22 +220,25 @@ def write_calibration_cache(ranges: dict[str, tuple[float, float]], path: Path) 
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
 
 
-def quantize_graph(src: Path, dst: Path, nodes: list[str], config: QuantizeConfig, cache: Path) -> None:
+def quantize_graph(src: Path, dst: Path, nodes: list[str], config: QuantizeConfig, cache: Path,
+                   symmetric: bool = False, per_channel: bool = True) -> None:
     """QDQ-quantize the graph at `src` (weights as external data) to `dst` (its own external data
     file beside it) with the activation ranges of the calibration cache `cache`
     (`write_calibration_cache`; onnxruntime's own calibrator is not used: it opens sessions of its
     own, which a process on the runtime's shared thread pool refuses)."""
+    # symmetric: TensorRT's explicit quantization (zero point 0, int8 activations, full-range weights)
     # optional at import time: onnxruntime.quantization pulls in more than the runtime needs
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    extra = {"WeightSymmetric": True, "ActivationSymmetric": False}
+    extra = {"WeightSymmetric": True, "ActivationSymmetric": symmetric}
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.ERROR))  # onnxruntime logs its pre-processing advice on the root logger
     try:
         quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(_WEIGHT_OPS), nodes_to_quantize=nodes, per_channel=True,
-                        reduce_range=config.reduce_range, activation_type=QuantType.QUInt8,
+                        op_types_to_quantize=list(_WEIGHT_OPS), nodes_to_quantize=nodes, per_channel=per_channel,
+                        reduce_range=config.reduce_range and not symmetric,
+                        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
                         use_external_data_format=True, calibrate_method=CalibrationMethod.MinMax,
                         extra_options=extra, calibration_cache_path=str(cache))
@@ -253,7 +261,6 @@ def quantize_bundle_graphs(folder: Path, model, config: QuantizeConfig) -> Manif
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     counts = []
-    percentile = 99.999 if config.method == "percentile" else None
     try:
         with GraphRunner(bundle, threads=config.calibration.threads) as runner:
             for i, g in enumerate(manifest.graphs):
@@ -262,7 +269,8 @@ def quantize_bundle_graphs(folder: Path, model, config: QuantizeConfig) -> Manif
                 nodes, attention = weight_nodes(traced, groups, config)
                 if nodes:
                     cache = work / f"{Path(g.file).stem}.calibration.json"
-                    ranges = tensor_ranges(runner, traced, calibration_tensors(traced, nodes), per_graph[i], percentile)
+                    ranges = tensor_ranges(runner, traced, calibration_tensors(traced, nodes), per_graph[i],
+                                           config.percentile)
                     write_calibration_cache(ranges, cache)
                     quantize_graph(folder / g.file, work / g.file, nodes, config, cache)
                 else:   # e.g. a step reusing every layer (K = 0 everywhere): only fp32 matmuls are left in it

@@ -39,9 +39,9 @@ from onnx import numpy_helper
 
 from diffsparse.bundle_format import UNIVERSAL_FILE
 from diffsparse.cache_layout import Role, output_name
-from diffsparse.export.calibration import StepInputs, collect_step_inputs, tensor_ranges
-from diffsparse.export.quantize import (QuantizeConfig, calibration_tensors, layer_groups, stored_groups,
-                                        weight_nodes, write_calibration_cache)
+from diffsparse.export.calibration import GraphRunner, StepInputs, collect_step_inputs, tensor_ranges
+from diffsparse.export.quantize import (QuantizeConfig, calibration_tensors, layer_groups, quantize_graph,
+                                        stored_groups, weight_nodes, write_calibration_cache)
 from diffsparse.export.universal import k_carriers
 from diffsparse.export.verify import compare
 from diffsparse.runtime.backends.ort import import_ort, session_options
@@ -81,9 +81,6 @@ def quantize_universal(folder: Path, model: torch.nn.Module, precision: str, con
     `model`: the torch model the bundle was exported from (which weight belongs to which layer)."""
     if precision not in QUANTIZED_PRECISIONS:
         raise ValueError(f"explicit quantization is for {sorted(QUANTIZED_PRECISIONS)}, got {precision!r}")
-    # optional at import time: onnxruntime.quantization pulls in more than the runtime needs
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     folder, out = Path(folder), Path(out)
     bundle = Bundle(folder, verify=False)
     universal = onnx.load(str(folder / UNIVERSAL_FILE), load_external_data=False)
@@ -91,36 +88,30 @@ def quantize_universal(folder: Path, model: torch.nn.Module, precision: str, con
     if not nodes:
         raise ValueError(f"the universal graph has no matmul left to quantize (keep_fp32={list(config.keep_fp32)})")
     steps = collect_step_inputs(bundle, config.calibration)
-    percentile = 99.999 if config.method == "percentile" else None
     work = out.parent / f".{out.stem}.work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        runner = _BundleFolderRunner(folder)
-        declared = {i.name for i in universal.graph.input}
-        feeds = universal_feeds(bundle, steps, declared)
-        ranges = tensor_ranges(runner, universal, calibration_tensors(universal, nodes), feeds, percentile)
-        # symmetric ranges: TensorRT quantizes with zero point 0
-        ranges = {n: (-max(abs(lo), abs(hi)), max(abs(lo), abs(hi))) for n, (lo, hi) in ranges.items()}
-        cache = work / "calibration.json"
-        write_calibration_cache(ranges, cache)
-        src = work / "universal.onnx"
-        onnx.save(onnx.load(str(folder / UNIVERSAL_FILE)), str(src), save_as_external_data=True, location="universal.data")
-        # int8 first, for both: onnxruntime's quantizer calibrates fp8 only from a distribution
-        # (its own std-based scale); TensorRT's fp8 recipe is max-calibrated, which the int8 ranges give
-        quantize_static(str(src), str(out), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
-                        nodes_to_quantize=nodes, per_channel=precision == "int8", activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8, use_external_data_format=True,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": True},
-                        calibration_cache_path=str(cache))
-        if precision == "fp8":
-            qdq = int8_qdq_to_fp8(onnx.load(str(out)), onnx.load(str(src)))
-            for stale in out.parent.glob(f"{out.name}*.data"):
-                stale.unlink()
-            onnx.save(qdq, str(out), save_as_external_data=True, location=f"{out.name}.data")
-        reuse = [output_name(e.name) for e in bundle.manifest.cache.entries if e.role == Role.REUSE]
-        parity = _parity(runner, universal, out, feeds, reuse)
+        with GraphRunner(bundle, threads=config.calibration.threads) as runner:
+            feeds = universal_feeds(bundle, steps, {i.name for i in universal.graph.input})
+            ranges = tensor_ranges(runner, universal, calibration_tensors(universal, nodes), feeds, config.percentile)
+            # symmetric ranges: TensorRT quantizes with zero point 0
+            ranges = {n: (-max(abs(lo), abs(hi)), max(abs(lo), abs(hi))) for n, (lo, hi) in ranges.items()}
+            cache = work / "calibration.json"
+            write_calibration_cache(ranges, cache)
+            src = work / "universal.onnx"
+            onnx.save(onnx.load(str(folder / UNIVERSAL_FILE)), str(src), save_as_external_data=True,
+                      location="universal.data")
+            # int8 first, for both: onnxruntime's quantizer calibrates fp8 only from a distribution
+            # (its own std-based scale); TensorRT's fp8 recipe is max-calibrated, which the int8 ranges give
+            quantize_graph(src, out, nodes, config, cache, symmetric=True, per_channel=precision == "int8")
+            if precision == "fp8":
+                qdq = int8_qdq_to_fp8(onnx.load(str(out)), onnx.load(str(src)))
+                for stale in out.parent.glob(f"{out.name}*.data"):
+                    stale.unlink()
+                onnx.save(qdq, str(out), save_as_external_data=True, location=f"{out.name}.data")
+            reuse = [output_name(e.name) for e in bundle.manifest.cache.entries if e.role == Role.REUSE]
+            parity = _parity(runner, universal, out, feeds, reuse)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("quantized the universal graph to %s: %d matmuls, %d calibration inputs, CPU parity %s", precision,
@@ -178,26 +169,7 @@ def int8_qdq_to_fp8(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> onnx.ModelPr
     return out
 
 
-class _BundleFolderRunner:
-    """Sessions of modified copies of a graph that reads the bundle's weights.bin by its external
-    data references (the universal graph keeps some of its tensors under their own names there,
-    which `calibration.GraphRunner` does not map): each copy is saved beside weights.bin, opened,
-    and removed."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self._ort = import_ort()
-
-    def session(self, model: onnx.ModelProto):
-        path = self.folder / ".calibration-graph.onnx"
-        onnx.save(model, str(path))
-        try:
-            return self._ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
-        finally:
-            path.unlink()
-
-
-def _parity(runner: _BundleFolderRunner, fp32: onnx.ModelProto, quantized: Path,
+def _parity(runner: GraphRunner, fp32: onnx.ModelProto, quantized: Path,
             feeds: list[dict[str, np.ndarray]], reuse: list[str]) -> dict:
     """The Q/DQ graph against the fp32 universal graph on ONNX Runtime CPU, over `feeds`: the max
     `verify.compare` error of the step's output latent, and on how many inputs the token selection
@@ -205,7 +177,7 @@ def _parity(runner: _BundleFolderRunner, fp32: onnx.ModelProto, quantized: Path,
     graph choosing other tokens, not a kernel error, so it is counted rather than folded into the
     error."""
     ref_sess = runner.session(fp32)
-    q_sess = runner._ort.InferenceSession(str(quantized), session_options(), providers=["CPUExecutionProvider"])
+    q_sess = import_ort().InferenceSession(str(quantized), session_options(), providers=["CPUExecutionProvider"])
     names = [o.name for o in fp32.graph.output]
     latent = names[0]
     worst, flipped = 0.0, 0
