@@ -230,8 +230,11 @@ def _build_quantized_engine(spec: ModelSpec, schedule: Schedule, folder: Path, c
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        quantization = quantize_universal(folder, spec.model, config.tensorrt, config.quantize or QuantizeConfig(),
-                                          work / UNIVERSAL_FILE)
+        try:
+            quantization = quantize_universal(folder, spec.model, config.tensorrt, config.quantize or QuantizeConfig(),
+                                              work / UNIVERSAL_FILE)
+        except QuantizationError as e:
+            raise ExportError(str(e)) from None
         _checkpoint("tensorrt-quantized")
         return _build_engine(spec, schedule, folder, work / UNIVERSAL_FILE, config.tensorrt, {"quantization": quantization})
     finally:

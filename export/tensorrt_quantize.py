@@ -40,7 +40,7 @@ from onnx import numpy_helper
 from diffsparse.bundle_format import UNIVERSAL_FILE
 from diffsparse.cache_layout import Role, output_name
 from diffsparse.export.calibration import GraphRunner, StepInputs, collect_step_inputs, tensor_ranges
-from diffsparse.export.quantize import (QuantizeConfig, calibration_tensors, layer_groups, quantize_graph,
+from diffsparse.export.quantize import (QuantizationError, QuantizeConfig, calibration_tensors, layer_groups, quantize_graph,
                                         stored_groups, weight_nodes, write_calibration_cache)
 from diffsparse.export.universal import k_carriers
 from diffsparse.export.verify import compare
@@ -86,7 +86,8 @@ def quantize_universal(folder: Path, model: torch.nn.Module, precision: str, con
     universal = onnx.load(str(folder / UNIVERSAL_FILE), load_external_data=False)
     nodes, _ = weight_nodes(universal, layer_groups(universal, bundle.manifest, stored_groups(model)), config)
     if not nodes:
-        raise ValueError(f"the universal graph has no matmul left to quantize (keep_fp32={list(config.keep_fp32)})")
+        raise QuantizationError(f"the universal graph has no matmul left to quantize (keep_fp32="
+                                f"{list(config.keep_fp32)}): build the engine in fp16 or keep fewer layers fp32")
     steps = collect_step_inputs(bundle, config.calibration)
     work = out.parent / f".{out.stem}.work"
     shutil.rmtree(work, ignore_errors=True)

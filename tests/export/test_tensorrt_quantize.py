@@ -97,3 +97,13 @@ def test_fp16_engines_are_still_built_from_the_fp32_universal_graph(fake_tensorr
     assert call["graph"].parent.name != ".tensorrt-quantize"
     assert not _qdq(call["model"])[0]
     assert "quantization" not in Manifest.load(tmp_path / "b").engines[0]
+
+
+def test_nothing_left_to_quantize_is_a_clear_export_error(fake_tensorrt, tiny_spec, tiny_schedules, tmp_path):
+    from diffsparse.export.bundle import ExportError
+
+    keep_all = QuantizeConfig(calibration=CalibrationConfig(batches=1), keep_fp32=("sa1", "mlp1"))
+    with pytest.raises(ExportError, match="no matmul left to quantize"):
+        export_bundle(tiny_spec, tiny_schedules["toca"], tmp_path / "b",
+                      config=ExportConfig(tensorrt="int8", verify=False, quantize=keep_all))
+    assert not fake_tensorrt and not (tmp_path / "b").exists()
