@@ -13,7 +13,9 @@ agree on lives here (the schema of `manifest.json` is in diffsparse/manifest.py)
 * whether a bundle carries the layer cache (`needs_layer_cache`);
 * which cache entries each step must write (`step_cache_writes`): export prunes its graphs to
   them (export/prune.py) and the runtime refuses a bundle whose steps would read a stale entry
-  (runtime/bundle.py).
+  (runtime/bundle.py);
+* which of a graph's cache writes may go to the buffer its input came from (`in_place_writes`):
+  a token scatter then writes K rows instead of copying the whole entry first.
 
 A bundle folder::
 
@@ -29,10 +31,12 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+import onnx
 import torch
 
+from diffsparse.cache_layout import output_name
 from diffsparse.schedule import Schedule
 
 MANIFEST_FILE = "manifest.json"
@@ -74,6 +78,62 @@ def step_cache_writes(step_graphs: Sequence[int], reads: Sequence[set[str]],
         writes.append(frozenset(changes[g] & live))
         live = reads[g] | (live - changes[g])
     return writes[::-1]
+
+
+#: operators that read only their input's shape, never its values
+SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
+
+
+def in_place_writes(graph: onnx.GraphProto, names: Iterable[str]) -> frozenset[str]:
+    """The cache entries among `names` whose updated value (output `next.<name>`) a backend may
+    write into the very buffer that holds the input `<name>`.
+
+    A partial step updates an entry with a token scatter (paper eq. 4): output = ScatterND(input,
+    rows, fresh). With separate buffers ONNX Runtime first copies all N rows of the input into the
+    output and then writes the K fresh ones, a cost of the whole (R, N, D) entry that K does not
+    shrink; its ScatterND kernel skips the copy when input and output are one buffer. That is safe
+    when nothing reads the input's values after the scatter ran: the output must come straight from
+    a ScatterND whose data input is the graph input (and not also its indices or updates), and every
+    other node reading that input's values must be an ancestor of the scatter, so that it runs first
+    in any valid order (the value-norm score reads the values it then scatters into). Shape-only
+    readers (`SHAPE_ONLY_OPS`) do not count; a graph with subgraphs (If, Loop: implicit readers)
+    gets none."""
+    nodes = list(graph.node)
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute):
+        return frozenset()
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    graph_inputs = {i.name for i in graph.input}
+    graph_outputs = {o.name for o in graph.output}
+    readers: dict[str, set[int]] = {}
+    for i, node in enumerate(nodes):
+        if node.op_type not in SHAPE_ONLY_OPS:
+            for name in node.input:
+                readers.setdefault(name, set()).add(i)
+    safe = set()
+    for name in names:
+        scatter = producer.get(output_name(name))
+        if scatter is None or name not in graph_inputs or output_name(name) not in graph_outputs:
+            continue
+        node = nodes[scatter]
+        if node.op_type != "ScatterND" or list(node.input).count(name) != 1 or node.input[0] != name:
+            continue
+        others = readers.get(name, set()) - {scatter}
+        if not others or others <= _ancestors(nodes, scatter, producer):
+            safe.add(name)
+    return frozenset(safe)
+
+
+def _ancestors(nodes: Sequence[onnx.NodeProto], start: int, producer: dict[str, int]) -> set[int]:
+    """Positions of the nodes the node at `start` depends on, directly or not."""
+    seen: set[int] = set()
+    stack = [start]
+    while stack:
+        for name in nodes[stack.pop()].input:
+            i = producer.get(name)
+            if i is not None and i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return seen
 
 
 def needs_layer_cache(schedule: Schedule, tensorrt: bool = False) -> bool:

@@ -24,7 +24,7 @@ import onnx
 import torch
 from onnx.helper import tensor_dtype_to_np_dtype
 
-from diffsparse.bundle_format import step_cache_writes
+from diffsparse.bundle_format import in_place_writes, step_cache_writes
 from diffsparse.cache_layout import OUTPUT_PREFIX, output_name
 from diffsparse.manifest import BundleError, Manifest, bundle_file, is_plain_file_name
 from diffsparse.models.base import ModelSpec
@@ -94,6 +94,7 @@ class Bundle:
         reads, writes = [], []
         any_quantized = False
         self._graphs = [self._load_graph(g.file) for g in m.graphs]
+        self._in_place: list[frozenset[str] | None] = [None] * len(self._graphs)
         for i, (g, model) in enumerate(zip(m.graphs, self._graphs)):
             self._check_external_data(g.file, model)
             inputs = {v.name for v in model.graph.input}
@@ -141,6 +142,13 @@ class Bundle:
 
     def graph_path(self, index: int) -> Path:
         return self.folder / self.manifest.graphs[index].file
+
+    def in_place_writes(self, index: int) -> frozenset[str]:
+        """The cache entries the `index`-th graph may write into the buffer it read them from
+        (`diffsparse.bundle_format.in_place_writes`: a token scatter then writes only its K rows)."""
+        if self._in_place[index] is None:
+            self._in_place[index] = in_place_writes(self._graphs[index].graph, self.manifest.cache.names)
+        return self._in_place[index]
 
     def graph_model(self, index: int) -> onnx.ModelProto:
         """The `index`-th step graph without its weights, as read (and checked) when the bundle was

@@ -11,7 +11,10 @@ shared by all contexts): two preallocated buffers per entry (and for the latent)
 bound with IO binding. A step reads each entry from the buffer holding its latest value and writes the entries
 it outputs into the other one, which then holds the latest value: an entry a graph does not
 output (export/prune.py: not read later, or carried over unchanged) costs nothing and keeps its
-buffer. Input and output are never the same buffer. On CUDA the steps run without synchronising the stream after each one
+buffer. On the CPU an entry the graph updates by a token scatter that nothing else reads after it
+(`Bundle.in_place_writes`) is written into the buffer it was read from: ONNX Runtime's ScatterND
+then writes the K fresh rows and skips copying the other N - K (not on CUDA: not yet run on a
+GPU). Every other output goes to a buffer no input of the step is bound to. On CUDA the steps run without synchronising the stream after each one
 (`disable_synchronize_execution_providers`); `synchronize` waits once.
 """
 
@@ -234,6 +237,8 @@ class OrtBackend(Backend):
         self.declared = [{i.name for i in s.get_inputs()} for s in self.sessions]
         outputs = [{o.name for o in sess.get_outputs()} for sess in self.sessions]
         self.written = [[s.name for s in self.cache_specs if output_name(s.name) in outs] for outs in outputs]
+        self.in_place = [self.bundle.in_place_writes(i) if self._device == "cpu" else frozenset()
+                         for i in range(len(self.sessions))]
         log.info("loaded %d onnxruntime sessions on %s (weights %s)", len(self.sessions), self._device,
                  "pre-packed per session" if self.prepacked else "shared, packed per call")
 
@@ -298,12 +303,14 @@ class OrtContext(BackendContext):
         for spec in b.cache_specs:
             if spec.name in declared:
                 binding.bind_ortvalue_input(spec.name, sets[latest[spec.name]][spec.name])
-        written = b.written[graph]
+        written, in_place = b.written[graph], b.in_place[graph]
+        flipped = [name for name in written if name not in in_place]
         for name in written:
-            binding.bind_ortvalue_output(output_name(name), sets[1 - latest[name]][name])
+            target = latest[name] if name in in_place else 1 - latest[name]
+            binding.bind_ortvalue_output(output_name(name), sets[target][name])
         b.sessions[graph].run_with_iobinding(binding, self._run_options)
         self._last_binding = binding
-        for name in ["latent", *written]:
+        for name in ["latent", *flipped]:
             latest[name] = 1 - latest[name]
 
     def synchronize(self) -> None:

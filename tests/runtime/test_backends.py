@@ -198,3 +198,15 @@ def test_prepack_auto_weighs_the_copies_against_physical_memory():
     assert not prepack_weights("auto", 5, share // 4), "5 copies of a quarter of the budget do not fit"
     assert prepack_weights("auto", 50, total, device="cuda"), "only the CPU weighs the copies"
     assert prepack_weights("on", 10**6, total) and not prepack_weights("off", 1, 1)
+
+
+def test_ort_in_place_scatters_equal_two_buffers(tiny_bundles):
+    """Token scatters written into the buffer they read (CPU) compute what separate buffers do."""
+    pipe = Pipeline.from_bundle(tiny_bundles["toca"], backend="onnxruntime")
+    backend = pipe.backend.prepare()
+    assert any(backend.in_place), "a ToCa bundle scatters tokens into its cache"
+    assert all(set(p) <= set(w) for p, w in zip(backend.in_place, backend.written))
+    fast = pipe.generate(LABELS, seed=4, guidance_scale=3.0)
+    backend.in_place = [frozenset()] * len(backend.in_place)
+    plain = pipe.generate(LABELS, seed=4, guidance_scale=3.0)
+    np.testing.assert_array_equal(fast.samples, plain.samples)
