@@ -23,7 +23,8 @@ from diffsparse.manifest import BundleError
 from diffsparse.schedule import ScheduleError
 
 PREPACK_HELP = ("onnxruntime on the CPU: each step session keeps pre-packed matmul weights (faster, a copy of the "
-                f"weights per session); auto: when the copies fit in {round(100 * PREPACK_MEMORY_SHARE)}%% of physical memory")
+                f"weights per session); auto: as many sessions as have their copies fit in "
+                f"{round(100 * PREPACK_MEMORY_SHARE)}%% of physical memory, those running the most steps first")
 USER_ERRORS = (BundleError, BackendError, ScheduleError, NonFiniteOutputError, ValueError, FileNotFoundError)
 
 

@@ -144,7 +144,7 @@ def host_info() -> dict[str, Any]:
 
 
 def target_fingerprint(host: dict[str, Any], backend: str, device: str, threads: int | None,
-                       prepacked: bool | None, dtype: str) -> dict[str, Any]:
+                       prepacked: bool | str | None, dtype: str) -> dict[str, Any]:
     """What a latency measured here depends on beyond the model: a latency table records it
     (calibrate/latency.py) and a profile compares it (`LatencyTable.mismatches`)."""
     return {"backend": backend, "device": device, "cpu": host.get("cpu"), "threads": threads, "prepacked": prepacked,
@@ -185,7 +185,7 @@ class BundleProfile:
     macs_breakdown: dict[str, Any]
     memory: dict[str, Any] | None = None
     ops: OpsProfile | None = None
-    prepacked: bool | None = None   # ONNX Runtime: whether the sessions pre-packed their weights
+    prepacked: bool | str | None = None   # ONNX Runtime: whether the sessions pre-packed their weights (ort.prepack_summary)
     predicted_ms: list[float] | None = None   # per computed step, from ProfileConfig.latency_table
 
     @property

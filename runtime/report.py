@@ -70,7 +70,10 @@ def _steps(m) -> str:
     return str(m.schedule.num_steps) + (f" ({computed})" if computed != m.schedule.num_steps else "")
 
 
-def _yes(flag: bool | None) -> str:
+def _yes(flag: bool | str | None) -> str:
+    """A yes/no flag, or a partial answer as it is ("3 of 5 graphs")."""
+    if isinstance(flag, str):
+        return flag
     return "-" if flag is None else ("yes" if flag else "no")
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffsparse.runtime import BackendError, Pipeline
-from diffsparse.runtime.backends.ort import PREPACK_MEMORY_SHARE, physical_memory, prepack_weights
+from diffsparse.runtime.backends.ort import PREPACK_MEMORY_SHARE, physical_memory, prepack_summary, prepack_weights
 from diffsparse.runtime.backends.select import resolve
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -194,10 +194,16 @@ def test_prepacked_weights_give_the_same_samples(tiny_bundles):
 def test_prepack_auto_weighs_the_copies_against_physical_memory():
     total = physical_memory()
     share = int(PREPACK_MEMORY_SHARE * total)
-    assert prepack_weights("auto", 1, share) and prepack_weights("auto", 4, share // 4)
-    assert not prepack_weights("auto", 5, share // 4), "5 copies of a quarter of the budget do not fit"
-    assert prepack_weights("auto", 50, total, device="cuda"), "only the CPU weighs the copies"
-    assert prepack_weights("on", 10**6, total) and not prepack_weights("off", 1, 1)
+    assert prepack_weights("auto", [1], share) == [True]
+    assert prepack_weights("auto", [1, 1, 1, 1], share // 4) == [True] * 4
+    # 5 copies of a quarter of the budget do not fit: the graphs that run the most steps are packed
+    assert prepack_weights("auto", [1, 3, 1, 2, 2], share // 4) == [True, True, False, True, True]
+    assert prepack_weights("auto", [1, 1, 1, 1, 1], share // 4) == [True, True, True, True, False]
+    assert prepack_weights("auto", [4, 1], 2 * total) == [False, False]
+    assert prepack_weights("auto", [1] * 50, total, device="cuda") == [True] * 50, "only the CPU weighs the copies"
+    assert prepack_weights("on", [1] * 7, total) == [True] * 7 and prepack_weights("off", [1], 1) == [False]
+    assert prepack_summary([True, True]) is True and prepack_summary([False]) is False
+    assert prepack_summary([True, False, True]) == "2 of 3 graphs"
 
 
 def test_ort_in_place_scatters_equal_two_buffers(tiny_bundles):
