@@ -8,13 +8,14 @@ on CUDA (onnxruntime-gpu) each weight is uploaded once as a device OrtValue, whi
 place when the initializer is planned on the same device (onnxruntime PR #5092).
 Cache (per `OrtContext`, one per generation running at a time; the sessions and weights are
 shared by all contexts): two preallocated buffers per entry (and for the latent) on the device,
-bound with IO binding. A step reads each entry from the buffer holding its latest value and writes the entries
-it outputs into the other one, which then holds the latest value: an entry a graph does not
-output (export/prune.py: not read later, or carried over unchanged) costs nothing and keeps its
-buffer. On the CPU an entry the graph updates by a token scatter that nothing else reads after it
-(`Bundle.in_place_writes`) is written into the buffer it was read from: ONNX Runtime's ScatterND
-then writes the K fresh rows and skips copying the other N - K (not on CUDA: not yet run on a
-GPU). Every other output goes to a buffer no input of the step is bound to. On CUDA the steps run without synchronising the stream after each one
+bound with IO binding. A step reads each entry from the buffer holding its latest value and
+writes the entries it outputs into the other one, which then holds the latest value: an entry a
+graph does not output (export/prune.py: not read later, or carried over unchanged) costs nothing
+and keeps its buffer. On the CPU an entry the graph updates by a token scatter that nothing else
+reads after it (`Bundle.in_place_writes`) is written into the buffer it was read from: ONNX
+Runtime's ScatterND then writes the K fresh rows and skips copying the other N - K (not on CUDA:
+not yet run on a GPU). Every other output goes to a buffer no input of the step is bound to. On
+CUDA the steps run without synchronising the stream after each one
 (`disable_synchronize_execution_providers`); `synchronize` waits once.
 """
 
