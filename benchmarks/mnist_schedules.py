@@ -120,6 +120,9 @@ def main() -> None:
     cached = out / "dense_images.npy"
     if args.methods and (out / "results.json").exists():
         if not cached.exists():
+            if not dense_dir.exists():   # rows kept from an earlier run on another machine
+                export_bundle(espec, dense_schedule(espec, args.steps), dense_dir, source=source,
+                              config=ExportConfig(overwrite=True))
             np.save(cached, generate_set(dense_dir, ecfg)[0])
         dense_images = np.load(cached)
         rows = [r for r in json.loads((out / "results.json").read_text())

@@ -86,7 +86,10 @@ class TrainConfig:
     # held-out validation (never trained on: draws of their own seeds): the run returns the
     # schedule with the best held-out loss seen, the warm start included, so it never loses to
     # its start; it stops once `patience` validations in a row did not improve on the best
-    heldout_samples: int = 8
+    # 64: with 8 draws the held-out loss ranked FORA above fewer steps at 20 steps / 30% MACs, the
+    # opposite of MNIST-FID on 1,000 samples (46.2 vs 67.1); with 64 it picks fewer steps at every
+    # budget where FID does (20 steps: 50/30/20%, 10 steps: 50%), at ~0.3 s per draw and validation
+    heldout_samples: int = 64
     validate_every: int = 4           # iterations between validations (0: none, return the last schedule)
     patience: int = 4                 # 0: run every epoch
     score: str | None = None          # token score s1 the schedule selects with (None: the model's default)
