@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from diffsparse.export.bundle import ExportConfig, ExportError, export_bundle
 from diffsparse.runtime.backends import BackendError
+from diffsparse.runtime.backends.ort import uniform_prepack
 from diffsparse.runtime.bundle import Bundle
 from diffsparse.runtime.profile import ProfileConfig, profile
 
@@ -144,11 +145,16 @@ def calibrate_latency(cfg: LatencyCalibration, work: str | Path | None = None, b
             log.info("exporting the %s bundle (%d steps)", name, schedule.num_steps)
             export_bundle(spec, schedule, folders[name], source={"model": cfg.model, "seed": cfg.seed},
                           config=ExportConfig(verify=False, overwrite=True))
-        log.info("timing %d generations of each bundle, interleaved", cfg.runs)
+        # one packing setting for every graph: a table mixing packed and unpacked entries would
+        # misprice whichever steps a schedule draws from the other kind
+        calibration = Bundle(folders["calibration"], verify=False).manifest
+        prepack = uniform_prepack(cfg.prepack, [calibration.step_graphs.count(g) for g in range(len(calibration.graphs))],
+                                  int(calibration.weights["bytes"]), cfg.device)
+        log.info("timing %d generations of each bundle, interleaved (pre-packing %s)", cfg.runs, prepack)
         with tqdm(total=cfg.runs, desc="dscalibrate latency", unit="run", disable=not progress) as bar:
             report = profile(folders["calibration"], folders["dense"],
                              ProfileConfig(runs=cfg.runs, warmup=cfg.warmup, backend=cfg.backend, device=cfg.device,
-                                           threads=cfg.threads, prepack=cfg.prepack, seed=cfg.seed, memory=False),
+                                           threads=cfg.threads, prepack=prepack, seed=cfg.seed, memory=False),
                              progress=bar.update)
     host = report.host
     fingerprint = {**model_fingerprint(spec), "model": cfg.model, "backend": report.sparse.backend,

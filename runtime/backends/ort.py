@@ -124,6 +124,13 @@ def prepack_weights(mode: str, graph_steps: Sequence[int], weight_bytes: int, de
     return [g in chosen for g in range(graphs)]
 
 
+def uniform_prepack(mode: str, graph_steps: Sequence[int], weight_bytes: int, device: str = "cpu") -> str:
+    """`mode` as "on" or "off" for every graph alike: "auto" is "on" only when it would pack every
+    graph. For measurements that must hold for every graph of a bundle (a latency table's entries
+    come from different graphs of one calibration bundle)."""
+    return "on" if all(prepack_weights(mode, graph_steps, weight_bytes, device)) else "off"
+
+
 def prepack_summary(flags: Sequence[bool]) -> bool | str:
     """True (every session pre-packed), False (none), or "<k> of <n> graphs"."""
     if all(flags) or not any(flags):

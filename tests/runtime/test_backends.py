@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 from diffsparse.runtime import BackendError, Pipeline
-from diffsparse.runtime.backends.ort import PREPACK_MEMORY_SHARE, physical_memory, prepack_summary, prepack_weights
+from diffsparse.runtime.backends.ort import (PREPACK_MEMORY_SHARE, physical_memory, prepack_summary, prepack_weights,
+                                             uniform_prepack)
 from diffsparse.runtime.backends.select import resolve
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -204,6 +205,10 @@ def test_prepack_auto_weighs_the_copies_against_physical_memory():
     assert prepack_weights("on", [1] * 7, total) == [True] * 7 and prepack_weights("off", [1], 1) == [False]
     assert prepack_summary([True, True]) is True and prepack_summary([False]) is False
     assert prepack_summary([True, False, True]) == "2 of 3 graphs"
+    # one setting for all graphs (latency calibration): auto packs all or none
+    assert uniform_prepack("auto", [1] * 4, share // 4) == "on"
+    assert uniform_prepack("auto", [1] * 5, share // 4) == "off", "auto would pack 4 of 5"
+    assert uniform_prepack("on", [1] * 5, total) == "on" and uniform_prepack("off", [1], 1) == "off"
 
 
 def test_ort_in_place_scatters_equal_two_buffers(tiny_bundles):
