@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from diffsparse.export.bundle import ExportConfig, export_bundle
 from diffsparse.export.calibration import CalibrationConfig
-from diffsparse.export.quantize import QuantizeConfig, quantize_bundle_graphs
+from diffsparse.export.quantize import QuantizeConfig, layer_group_list, quantize_bundle_graphs
 from diffsparse.runtime.pipeline import Pipeline
 
 from diffsparse.builtin_schedules import BUILTIN_NAMES, dense_schedule, resolve_schedule, toca_schedule
@@ -71,10 +71,6 @@ def _export(spec, schedules: dict, out: Path, model: str, verify: bool, calibrat
     return info
 
 
-def _layers(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
 def quality(args) -> dict:
     out = Path(args.out)
     spec = make_spec("mnist-dit", batch_size=args.batch)
@@ -82,7 +78,7 @@ def quality(args) -> dict:
                  "sparse": resolve_schedule(args.schedule, spec, args.steps if args.schedule in BUILTIN_NAMES else None,
                                             0.5, 3)}
     exports = _export(spec, schedules, out, "mnist-dit", verify=True, calibration_batches=args.calibration_batches,
-                      keep_fp32=_layers(args.keep_fp32))
+                      keep_fp32=layer_group_list(args.keep_fp32))
     real, _ = load_mnist_test(None)
     labels = np.tile(np.arange(10), args.n_per_class)
     rows, images = {}, {}
@@ -96,7 +92,7 @@ def quality(args) -> dict:
         rows[name] = {**evaluate_images(images[name], labels, reference_images=ref, real_images=real),
                       "generation_seconds": seconds, **exports[name]}
         logging.info("%s: %s", name, rows[name])
-    return {"model": "mnist-dit", "steps": args.steps, "schedule": args.schedule, "keep_fp32": _layers(args.keep_fp32),
+    return {"model": "mnist-dit", "steps": args.steps, "schedule": args.schedule, "keep_fp32": layer_group_list(args.keep_fp32),
             "batch": args.batch, "n": int(len(labels)), "seed": 0, "rows": rows}
 
 
@@ -106,7 +102,7 @@ def latency(args) -> dict:
     schedules = {"dense": dense_schedule(spec, args.steps),
                  "sparse": toca_schedule(spec, args.steps, 0.5, full_every=args.steps)}
     exports = {} if args.reuse_bundles else _export(spec, schedules, out, args.model, verify=False,
-                                                     calibration_batches=1, keep_fp32=_layers(args.keep_fp32))
+                                                     calibration_batches=1, keep_fp32=layer_group_list(args.keep_fp32))
     del spec
     prepack = {"dense-fp32": "on", "dense-int8": "on", "sparse-fp32": "off", "sparse-int8": "on"}
     pipes = {name: Pipeline.from_bundle(out / f"bundle-{name}", threads=args.threads, prepack=prepack[name])

@@ -147,12 +147,12 @@ def calibrate_latency(cfg: LatencyCalibration, work: str | Path | None = None, b
                           config=ExportConfig(verify=False, overwrite=True))
         # one packing setting for every graph: a table mixing packed and unpacked entries would
         # misprice whichever steps a schedule draws from the other kind
-        calibration = Bundle(folders["calibration"], verify=False).manifest
-        prepack = uniform_prepack(cfg.prepack, [calibration.step_graphs.count(g) for g in range(len(calibration.graphs))],
-                                  int(calibration.weights["bytes"]), cfg.device)
+        calibration = Bundle(folders["calibration"])   # opened once: profile() takes it as it is
+        prepack = uniform_prepack(cfg.prepack, calibration.manifest.steps_per_graph,
+                                  int(calibration.manifest.weights["bytes"]), cfg.device)
         log.info("timing %d generations of each bundle, interleaved (pre-packing %s)", cfg.runs, prepack)
         with tqdm(total=cfg.runs, desc="dscalibrate latency", unit="run", disable=not progress) as bar:
-            report = profile(folders["calibration"], folders["dense"],
+            report = profile(calibration, folders["dense"],
                              ProfileConfig(runs=cfg.runs, warmup=cfg.warmup, backend=cfg.backend, device=cfg.device,
                                            threads=cfg.threads, prepack=prepack, seed=cfg.seed, memory=False),
                              progress=bar.update)

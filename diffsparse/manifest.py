@@ -330,6 +330,12 @@ class Manifest:
         return [s["graph"] for s in self.steps]
 
     @property
+    def steps_per_graph(self) -> list[int]:
+        """How many steps run each graph, in graph order."""
+        graphs = self.step_graphs
+        return [graphs.count(g) for g in range(len(self.graphs))]
+
+    @property
     def parameters(self) -> dict[str, list]:
         """Model parameter/buffer name -> [stored tensor name, transposed] (weights.bin)."""
         return self.weights["parameters"]

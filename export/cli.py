@@ -10,7 +10,8 @@ import time
 
 from diffsparse.export.bundle import ExportConfig, ExportError, export_bundle
 from diffsparse.export.calibration import CalibrationConfig
-from diffsparse.export.quantize import CALIBRATION_METHODS, DEFAULT_TOLERANCE, QuantizationError, QuantizeConfig
+from diffsparse.export.quantize import (CALIBRATION_METHODS, DEFAULT_TOLERANCE, QuantizationError, QuantizeConfig,
+                                        layer_group_list)
 from diffsparse.export.tensorrt import EXPLICITLY_QUANTIZED, PRECISIONS as TENSORRT_PRECISIONS
 
 from diffsparse.builtin_schedules import BUILTIN_NAMES, resolve_schedule
@@ -94,7 +95,7 @@ def quantize_config(args: argparse.Namespace) -> QuantizeConfig | None:
     if args.calibration_batches < 1:
         raise QuantizationError(f"--calibration-batches must be at least 1, got {args.calibration_batches}")
     return QuantizeConfig(calibration=CalibrationConfig(batches=args.calibration_batches), method=args.calibration_method,
-                          keep_fp32=tuple(x.strip() for x in args.keep_fp32.split(",") if x.strip()),
+                          keep_fp32=layer_group_list(args.keep_fp32),
                           tolerance=tolerance)
 
 

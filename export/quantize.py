@@ -115,6 +115,11 @@ class QuantizeConfig:
         return d
 
 
+def layer_group_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of layer groups as `keep_fp32` takes it ("sa4, mlp4" -> ("sa4", "mlp4"))."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def parameter_group(name: str) -> str:
     """The layer group of a model parameter: "sa<b>" / "ca<b>" / "mlp<b>" / "tmlp<b>" (the
     schedule's layer names) for attention and feed-forward weights of block b, "block<b>" for the

@@ -194,8 +194,7 @@ class OrtBackend(Backend):
         self.sessions: list = []
         m = bundle.manifest
         self.prepack = prepack
-        graph_steps = [m.step_graphs.count(g) for g in range(len(m.graphs))]
-        self.prepacked_graphs = prepack_weights(prepack, graph_steps, int(m.weights["bytes"]), device)
+        self.prepacked_graphs = prepack_weights(prepack, m.steps_per_graph, int(m.weights["bytes"]), device)
         self.prepacked = prepack_summary(self.prepacked_graphs)
         self.inputs = {t.name: t for t in m.inputs}
         self.latent_spec = m.inputs[0]
