@@ -9,14 +9,16 @@ bundle in the same run. Interleaved generations, medians; not a test.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 from pathlib import Path
 
 import numpy as np
 from diffsparse.runtime.backends.ort import PREPACK_MODES
 from diffsparse.runtime.pipeline import Pipeline
 from diffsparse.runtime.profile import host_info
+
+from interleave import interleaved, summarize
 
 
 def main() -> None:
@@ -37,7 +39,6 @@ def main() -> None:
     variants = {"dense": (pipes["dense"], None), "sparse, in place": (pipes["sparse"], in_place),
                 "sparse, copy": (pipes["sparse"], [frozenset()] * len(in_place))}
     conditioning = pipes["sparse"].spec.example_conditioning(np.random.default_rng(args.seed))
-    steps: dict[str, list[list[float]]] = {name: [] for name in variants}
 
     def run(name: str) -> list[float]:
         pipe, scatter = variants[name]
@@ -45,22 +46,9 @@ def main() -> None:
             sparse_backend.in_place = scatter
         return pipe.generate(conditioning=conditioning, seed=args.seed).step_seconds
 
-    order = list(variants)
-    for name in order:   # warm-up
-        run(name)
-    for i in range(args.runs):
-        for name in order[i % 3:] + order[: i % 3]:   # rotate who goes first
-            steps[name].append(run(name))
+    steps = interleaved({name: functools.partial(run, name) for name in variants}, args.runs)
     result = {"host": host_info(), "prepack": args.prepack, "runs": args.runs, "bundles": [args.sparse, args.dense],
-              "in_place_entries_per_graph": [len(s) for s in in_place], "variants": {}}
-    dense_ms = statistics.median(sum(r) for r in steps["dense"]) * 1e3
-    for name, runs in steps.items():
-        total = statistics.median(sum(r) for r in runs) * 1e3
-        per_step = [statistics.median(r[t] for r in runs) * 1e3 for t in range(len(runs[0]))]
-        result["variants"][name] = {"total_ms": total, "total_ms_runs": [sum(r) * 1e3 for r in runs],
-                                    "per_step_ms": per_step, "speedup_vs_dense": dense_ms / total}
-        print(f"{name:18s} {total:9.1f} ms  {dense_ms / total:5.2f}x dense   per step "
-              + " ".join(f"{x:.0f}" for x in per_step))
+              "in_place_entries_per_graph": [len(s) for s in in_place], "variants": summarize(steps, "dense")}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from diffsparse.export.bundle import ExportConfig, ExportError, export_bundle
 from diffsparse.runtime.backends import BackendError
-from diffsparse.runtime.backends.ort import uniform_prepack
+from diffsparse.runtime.backends.ort import PREPACK_MODES, uniform_prepack
 from diffsparse.runtime.bundle import Bundle
 from diffsparse.runtime.profile import ProfileConfig, profile
 
@@ -177,7 +177,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=d.backend, choices=["onnxruntime", "torch"])
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
-    p.add_argument("--prepack", default=d.prepack, choices=["auto", "on", "off"],
+    p.add_argument("--prepack", default=d.prepack, choices=PREPACK_MODES,
                    help="ONNX Runtime weight pre-packing, as the deployed bundles will run (default %(default)s)")
     p.add_argument("--runs", type=int, default=d.runs, help="timed generations per bundle (medians; default %(default)s)")
     p.add_argument("--bundles", default=None,

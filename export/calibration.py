@@ -96,15 +96,13 @@ def collect_step_inputs(bundle: Bundle, config: CalibrationConfig | None = None,
         latent = initial_noise(seed, spec.batch_size, spec.latent_shape)
         cache = {t.name: t.zeros() for t in m.cache.tensors}
         for i, step in enumerate(steps):
-            sess = backend.sessions[step.graph]
             declared = backend.declared[step.graph]
             feeds = spec.feeds(StepCall(float(plan.timesteps[i]), plan.coefficients[i]), conditioning, scale)
             feeds[latent_in] = latent
             feeds.update(cache)
             feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in declared}
             step.feeds.append(feeds)
-            names = [o.name for o in sess.get_outputs()]
-            out = dict(zip(names, sess.run(names, feeds)))
+            out = backend.run_once(step.graph, feeds)
             latent = out[latent_out]
             for name in backend.written[step.graph]:
                 cache[name] = out[output_name(name)]

@@ -22,9 +22,11 @@ from diffsparse.runtime.report import write_report
 from diffsparse.manifest import BundleError
 from diffsparse.schedule import ScheduleError
 
-PREPACK_HELP = ("onnxruntime on the CPU: each step session keeps pre-packed matmul weights (faster, a copy of the "
-                f"weights per session); auto: as many sessions as have their copies fit in "
-                f"{round(100 * PREPACK_MEMORY_SHARE)}%% of physical memory, those running the most steps first")
+PREPACK_HELP = ("onnxruntime on the CPU, matmul weights packed once at load instead of at every call. shared: one "
+                "packed copy for all step sessions (through onnxruntime's C library); on: a copy per session; off: "
+                "none; auto (default): shared where the C library loads and one copy fits in "
+                f"{round(100 * PREPACK_MEMORY_SHARE)}%% of physical memory, else as many per-session copies as fit, "
+                "the sessions running the most steps first")
 USER_ERRORS = (BundleError, BackendError, ScheduleError, NonFiniteOutputError, ValueError, FileNotFoundError)
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from diffsparse.runtime.backends import ort_capi
 from diffsparse.runtime.bundle import Bundle
 from diffsparse.runtime.ops_profile import OpsProfile, check_profilable, measure_ops
 from diffsparse.runtime.pipeline import Pipeline
@@ -91,6 +92,7 @@ def memory_footprint(folder: str | Path, cfg: ProfileConfig | None = None, gener
     import onnxruntime  # noqa: F401
     import torch
 
+    ort_capi.available()   # loads onnxruntime's C library (shared pre-packing) where it exists
     cfg = cfg or ProfileConfig()
     bundle = Bundle(folder, verify=False)
     conditioning = bundle.spec.example_conditioning(np.random.default_rng(cfg.seed))

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from diffsparse.cache_layout import output_name
+from diffsparse.runtime.backends import ort_capi
 from diffsparse.runtime.backends.base import Backend, BackendContext, BackendError, check_latent
 from diffsparse.runtime.backends.select import check_ort_device
 from diffsparse.runtime.bundle import Bundle
@@ -90,7 +91,7 @@ def thread_options(ort, opts, threads: int | None, shared: bool) -> None:
 #: prepack="auto" pre-packs while the packed copies of all sessions fit in this share of the
 #: machine's physical memory
 PREPACK_MEMORY_SHARE = 0.4
-PREPACK_MODES = ("auto", "on", "off")
+PREPACK_MODES = ("auto", "on", "off", "shared")
 
 
 def physical_memory() -> int:
@@ -117,22 +118,51 @@ def prepack_weights(mode: str, graph_steps: Sequence[int], weight_bytes: int, de
     if mode not in PREPACK_MODES:
         raise BackendError(f"prepack must be one of {', '.join(PREPACK_MODES)}, got {mode!r}")
     graphs = len(graph_steps)
-    if mode != "auto" or device != "cpu":
+    if mode != "auto" or device != "cpu" or shares_prepacked_weights(mode, weight_bytes, device):
         return [mode != "off"] * graphs
     fits = int(PREPACK_MEMORY_SHARE * physical_memory() // max(1, weight_bytes))
     chosen = set(sorted(range(graphs), key=lambda g: -graph_steps[g])[:fits])
     return [g in chosen for g in range(graphs)]
 
 
+def shares_prepacked_weights(mode: str, weight_bytes: int, device: str = "cpu") -> bool:
+    """Whether a bundle's sessions pre-pack into one shared copy (`ort_capi`: ONNX Runtime's C API
+    through the wheel's own C library; the Python API cannot share packed weights).
+
+    "shared": always (BackendError with the fix where it cannot run: CPU only, and the wheel must
+    ship its C library). "auto": on the CPU whenever the C library loads and one packed copy fits
+    in `PREPACK_MEMORY_SHARE` of physical memory: every graph is then pre-packed for the memory of
+    one (DiT-XL/2's 5-graph sparse bundle: 3.3 GB private after load instead of 5 x 2.9 GB).
+    "on"/"off": never (a packed copy per session, or none)."""
+    if mode not in PREPACK_MODES:
+        raise BackendError(f"prepack must be one of {', '.join(PREPACK_MODES)}, got {mode!r}")
+    if mode == "shared":
+        if device != "cpu":
+            raise BackendError(f"prepack='shared' runs on the CPU only (device {device!r}): use prepack='on'")
+        if not ort_capi.available():
+            raise BackendError("prepack='shared' needs the C library that the onnxruntime wheel ships "
+                               "(onnxruntime/capi/libonnxruntime.*), which is not loadable here: reinstall "
+                               "onnxruntime from PyPI, or use prepack='on' (a packed copy per session) or 'off'")
+        return True
+    return (mode == "auto" and device == "cpu" and weight_bytes <= PREPACK_MEMORY_SHARE * physical_memory()
+            and ort_capi.available())
+
+
 def uniform_prepack(mode: str, graph_steps: Sequence[int], weight_bytes: int, device: str = "cpu") -> str:
-    """`mode` as "on" or "off" for every graph alike: "auto" is "on" only when it would pack every
-    graph. For measurements that must hold for every graph of a bundle (a latency table's entries
-    come from different graphs of one calibration bundle)."""
+    """`mode` as "shared", "on" or "off" for every graph alike: "auto" is "shared" where it would share
+    one packed copy, "on" where it would pack every graph, else "off". For measurements that must
+    hold for every graph of a bundle (a latency table's entries come from different graphs of one
+    calibration bundle)."""
+    if shares_prepacked_weights(mode, weight_bytes, device):
+        return "shared"
     return "on" if all(prepack_weights(mode, graph_steps, weight_bytes, device)) else "off"
 
 
-def prepack_summary(flags: Sequence[bool]) -> bool | str:
-    """True (every session pre-packed), False (none), or "<k> of <n> graphs"."""
+def prepack_summary(flags: Sequence[bool], shared: bool = False) -> bool | str:
+    """True (every session pre-packed, a copy each), "shared" (every session, one copy), False
+    (none), or "<k> of <n> graphs"."""
+    if shared:
+        return "shared"
     if all(flags) or not any(flags):
         return all(flags)
     return f"{sum(flags)} of {len(flags)} graphs"
@@ -194,8 +224,10 @@ class OrtBackend(Backend):
         self.sessions: list = []
         m = bundle.manifest
         self.prepack = prepack
+        #: one packed copy shared by all sessions, through ONNX Runtime's C API (`ort_capi`)
+        self.shared_prepack = shares_prepacked_weights(prepack, int(m.weights["bytes"]), device)
         self.prepacked_graphs = prepack_weights(prepack, m.steps_per_graph, int(m.weights["bytes"]), device)
-        self.prepacked = prepack_summary(self.prepacked_graphs)
+        self.prepacked = prepack_summary(self.prepacked_graphs, self.shared_prepack)
         self.inputs = {t.name: t for t in m.inputs}
         self.latent_spec = m.inputs[0]
         self.cache_specs = m.cache.tensors
@@ -223,12 +255,41 @@ class OrtBackend(Backend):
 
     def load(self) -> None:
         ort = self.ort
-        shared = {name: self._ortvalue(array) for name, array in self.bundle.weights.items()}
-        self._shared = shared  # the sessions borrow these buffers: keep them alive
         with _PROCESS_SETUP:  # pipelines of other bundles may be loading in other threads
-            if self._device == "cpu":
-                share_cpu_allocator(ort)
-            self._load_sessions(ort, shared)
+            if self.shared_prepack:
+                self._load_capi_sessions()
+            else:
+                shared = {name: self._ortvalue(array) for name, array in self.bundle.weights.items()}
+                self._shared = shared  # the sessions borrow these buffers: keep them alive
+                if self._device == "cpu":
+                    share_cpu_allocator(ort)
+                self._load_sessions(ort, shared)
+        # the exporter drops inputs a graph does not read (e.g. reuse counts of a full step), and
+        # graphs output only the cache entries a later step reads
+        self.written = [[s.name for s in self.cache_specs if output_name(s.name) in outs] for outs in self.outputs]
+        self.in_place = [self.bundle.in_place_writes(i) if self._device == "cpu" else frozenset()
+                         for i in range(len(self.sessions))]
+        log.info("loaded %d onnxruntime sessions on %s (weights pre-packed: %s)", len(self.sessions),
+                 self._device, self.prepacked)
+
+    def _load_capi_sessions(self) -> None:
+        """Sessions through ONNX Runtime's C API (`ort_capi`) that pre-pack into one process-wide
+        container: every graph of every bundle of the same weights shares one packed copy."""
+        weights = {name: ort_capi.Tensor(np.ascontiguousarray(array)) for name, array in self.bundle.weights.items()}
+        self._shared = weights
+        config = {"optimization.disable_specified_optimizers": ",".join(CPU_DISABLED_OPTIMIZERS)}
+        self.declared, self.outputs = [], []
+        for i in range(len(self.bundle.manifest.graphs)):
+            path, graph = self.bundle.graph_path(i), self.bundle.graph_model(i).graph
+            prefix = None if self.profile_prefix is None else f"{self.profile_prefix}_{i:03d}"
+            try:
+                self.sessions.append(ort_capi.Session(
+                    str(path), {init.name: weights[init.name] for init in graph.initializer if init.name in weights},
+                    shared_container(), threads=self.threads, config=config, profile_prefix=prefix))
+            except ort_capi.CApiError as e:
+                raise BackendError(f"onnxruntime could not load {path}: {e}") from e
+            self.declared.append({t.name for t in graph.input})
+            self.outputs.append({t.name for t in graph.output})
 
     def _load_sessions(self, ort, shared: dict) -> None:
         for i in range(len(self.bundle.manifest.graphs)):
@@ -256,15 +317,24 @@ class OrtBackend(Backend):
                                                           disabled_optimizers=disabled))
             except Exception as e:
                 raise BackendError(f"onnxruntime could not load {path}: {e}") from e
-        # the exporter drops inputs a graph does not read (e.g. reuse counts of a full step), and
-        # graphs output only the cache entries a later step reads
         self.declared = [{i.name for i in s.get_inputs()} for s in self.sessions]
-        outputs = [{o.name for o in sess.get_outputs()} for sess in self.sessions]
-        self.written = [[s.name for s in self.cache_specs if output_name(s.name) in outs] for outs in outputs]
-        self.in_place = [self.bundle.in_place_writes(i) if self._device == "cpu" else frozenset()
-                         for i in range(len(self.sessions))]
-        log.info("loaded %d onnxruntime sessions on %s (weights pre-packed per session: %s)", len(self.sessions),
-                 self._device, self.prepacked)
+        self.outputs = [{o.name for o in sess.get_outputs()} for sess in self.sessions]
+
+    def run_once(self, graph: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one step graph on host arrays outside any generation -> every output of the graph by
+        name (export verification and calibration). Inputs the graph does not read are ignored."""
+        feeds = {n: np.ascontiguousarray(v, dtype=self.inputs[n].numpy_dtype) if n in self.inputs
+                 else np.ascontiguousarray(v) for n, v in feeds.items() if n in self.declared[graph]}
+        names = sorted(self.outputs[graph])
+        if not self.shared_prepack:
+            return dict(zip(names, self.sessions[graph].run(names, feeds)))
+        shapes = {self.output_latent: self.latent_spec, **{output_name(s.name): s for s in self.cache_specs}}
+        outputs = {n: ort_capi.Tensor(shapes[n].zeros()) for n in names}
+        try:
+            self.sessions[graph].run({n: ort_capi.Tensor(v) for n, v in feeds.items()}, outputs)
+        except ort_capi.CApiError as e:
+            raise BackendError(str(e)) from e
+        return {n: t.array for n, t in outputs.items()}
 
     def end_profiling(self) -> list[str]:
         """Stop profiling; the trace file of each session, in graph order."""
@@ -273,14 +343,29 @@ class OrtBackend(Backend):
         return [s.end_profiling() for s in self.sessions]
 
     def new_context(self) -> OrtContext:
-        return OrtContext(self)
+        return CApiContext(self) if self.shared_prepack else OrtContext(self)
+
+
+_CONTAINER: ort_capi.PrepackedWeights | None = None
+
+
+def shared_container() -> ort_capi.PrepackedWeights:
+    """The process's one pre-packed weights container: sessions of different bundles over the same
+    weights (a sparse bundle and its dense twin) share their packed copies too."""
+    global _CONTAINER
+    if _CONTAINER is None:
+        _CONTAINER = ort_capi.PrepackedWeights()
+    return _CONTAINER
 
 
 class OrtContext(BackendContext):
     """One generation's state over an OrtBackend's shared sessions: two buffers per cache entry
     and for the latent, which of the two holds each one's latest value, and one IOBinding per
     session. ONNX Runtime allows concurrent `run_with_iobinding` calls on one session with
-    distinct bindings, so contexts of one backend may run in different threads at once."""
+    distinct bindings, so contexts of one backend may run in different threads at once.
+
+    Extension points (a context over other session objects overrides these four): `new_buffer`,
+    `write_buffer`, `read_buffer` and `run_graph`; the buffer bookkeeping above them is shared."""
 
     def __init__(self, backend: OrtBackend) -> None:
         self.backend = b = backend
@@ -288,18 +373,48 @@ class OrtContext(BackendContext):
             raise BackendError("the onnxruntime backend is not loaded: call prepare() before new_context()")
 
         def buffers():
-            bufs = {s.name: b._ortvalue(s.zeros()) for s in b.cache_specs}
-            bufs["latent"] = b._ortvalue(b.latent_spec.zeros())
+            bufs = {s.name: self.new_buffer(s.zeros()) for s in b.cache_specs}
+            bufs["latent"] = self.new_buffer(b.latent_spec.zeros())
             return bufs
         self._sets = [buffers(), buffers()]
         self._latest = self._zero_parity()
-        self._bindings = [s.io_binding() for s in b.sessions]
-        self._run_options = b.ort.RunOptions()
-        if b.device == "cuda":
-            # no stream synchronisation after each step; `synchronize` waits once
-            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        self._last_binding = None
 
+    # ---- extension points ----------------------------------------------------------------
+    def new_buffer(self, array: np.ndarray):
+        """A device buffer holding a copy of `array`."""
+        return self.backend._ortvalue(array)
+
+    def write_buffer(self, buffer, array: np.ndarray) -> None:
+        buffer.update_inplace(array)
+
+    def read_buffer(self, buffer) -> np.ndarray:
+        """A host copy of the buffer."""
+        return buffer.numpy().copy()
+
+    def run_graph(self, graph: int, feeds: dict[str, np.ndarray], inputs: dict, outputs: dict) -> None:
+        """Run step graph `graph`: numpy `feeds` and buffer `inputs` by input name, each output
+        written into its buffer in `outputs` (a buffer may be both an input and an output: the
+        in-place scatters)."""
+        b = self.backend
+        if not hasattr(self, "_bindings"):
+            self._bindings = [s.io_binding() for s in b.sessions]
+            self._run_options = b.ort.RunOptions()
+            if b.device == "cuda":
+                # no stream synchronisation after each step; `synchronize` waits once
+                self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        binding = self._bindings[graph]
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name, buffer in inputs.items():
+            binding.bind_ortvalue_input(name, buffer)
+        for name, buffer in outputs.items():
+            binding.bind_ortvalue_output(name, buffer)
+        b.sessions[graph].run_with_iobinding(binding, self._run_options)
+        self._last_binding = binding
+
+    # ---- the generation ------------------------------------------------------------------
     def _zero_parity(self) -> dict[str, int]:
         """Which of the two buffers holds each entry's (and the latent's) latest value."""
         return {name: 0 for name in ["latent", *(s.name for s in self.backend.cache_specs)]}
@@ -309,45 +424,71 @@ class OrtContext(BackendContext):
         latent = check_latent(latent, b.latent_spec)
         for bufs in self._sets:
             for spec in b.cache_specs:
-                bufs[spec.name].update_inplace(spec.zeros())
+                self.write_buffer(bufs[spec.name], spec.zeros())
         self._latest = self._zero_parity()
-        self._sets[0]["latent"].update_inplace(latent)
+        self.write_buffer(self._sets[0]["latent"], latent)
 
     def run_step(self, graph: int, feeds: dict[str, np.ndarray]) -> None:
         b, latest, sets = self.backend, self._latest, self._sets
-        binding = self._bindings[graph]
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
         declared = b.declared[graph]
-        for name, value in feeds.items():
-            if name in declared:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=b.inputs[name].numpy_dtype))
-        binding.bind_ortvalue_input(b.latent_spec.name, sets[latest["latent"]]["latent"])
-        binding.bind_ortvalue_output(b.output_latent, sets[1 - latest["latent"]]["latent"])
+        arrays = {name: np.ascontiguousarray(value, dtype=b.inputs[name].numpy_dtype)
+                  for name, value in feeds.items() if name in declared}
+        inputs = {b.latent_spec.name: sets[latest["latent"]]["latent"]}
+        outputs = {b.output_latent: sets[1 - latest["latent"]]["latent"]}
         for spec in b.cache_specs:
             if spec.name in declared:
-                binding.bind_ortvalue_input(spec.name, sets[latest[spec.name]][spec.name])
+                inputs[spec.name] = sets[latest[spec.name]][spec.name]
         written, in_place = b.written[graph], b.in_place[graph]
         flipped = [name for name in written if name not in in_place]
         for name in written:
             target = latest[name] if name in in_place else 1 - latest[name]
-            binding.bind_ortvalue_output(output_name(name), sets[target][name])
-        b.sessions[graph].run_with_iobinding(binding, self._run_options)
-        self._last_binding = binding
+            outputs[output_name(name)] = sets[target][name]
+        self.run_graph(graph, arrays, inputs, outputs)
         for name in ["latent", *flipped]:
             latest[name] = 1 - latest[name]
 
     def synchronize(self) -> None:
-        if self.backend.device == "cuda" and self._last_binding is not None:
+        if self.backend.device == "cuda" and getattr(self, "_last_binding", None) is not None:
             self._last_binding.synchronize_outputs()
 
     def latent(self) -> np.ndarray:
-        return self._sets[self._latest["latent"]]["latent"].numpy().copy()
+        return self.read_buffer(self._sets[self._latest["latent"]]["latent"])
 
     def cache(self) -> dict[str, np.ndarray]:
         """The latest value of every cache entry on the host (for tests and debugging); an entry
         no graph writes any more holds its last written value."""
-        return {s.name: self._sets[self._latest[s.name]][s.name].numpy().copy() for s in self.backend.cache_specs}
+        return {s.name: self.read_buffer(self._sets[self._latest[s.name]][s.name]) for s in self.backend.cache_specs}
+
+
+class CApiContext(OrtContext):
+    """A generation over sessions made through ONNX Runtime's C API (shared pre-packing,
+    `ort_capi`): buffers are numpy arrays wrapped as OrtValues once; each step passes them to
+    `Run` as inputs and as preallocated outputs. Run is thread-safe, so contexts may run at once."""
+
+    def __init__(self, backend: OrtBackend) -> None:
+        super().__init__(backend)
+        #: one host tensor per step input fed from numpy, refilled each step
+        self._feeds: dict[str, ort_capi.Tensor] = {}
+
+    def new_buffer(self, array: np.ndarray) -> ort_capi.Tensor:
+        return ort_capi.Tensor(np.array(array, order="C"))
+
+    def write_buffer(self, buffer: ort_capi.Tensor, array: np.ndarray) -> None:
+        buffer.array[...] = array
+
+    def read_buffer(self, buffer: ort_capi.Tensor) -> np.ndarray:
+        return buffer.array.copy()
+
+    def run_graph(self, graph: int, feeds: dict[str, np.ndarray], inputs: dict, outputs: dict) -> None:
+        for name, value in feeds.items():
+            if name not in self._feeds or self._feeds[name].array.shape != value.shape:
+                self._feeds[name] = ort_capi.Tensor(np.array(value, order="C"))
+            else:
+                self._feeds[name].array[...] = value
+        try:
+            self.backend.sessions[graph].run({**{n: self._feeds[n] for n in feeds}, **inputs}, outputs)
+        except ort_capi.CApiError as e:
+            raise BackendError(str(e)) from e
 
 
 def default_threads() -> int | None:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 from diffsparse.runtime import BackendError, Pipeline
+from diffsparse.runtime.backends import ort_capi
 from diffsparse.runtime.backends.ort import (PREPACK_MEMORY_SHARE, physical_memory, prepack_summary, prepack_weights,
-                                             uniform_prepack)
+                                             shares_prepacked_weights, uniform_prepack)
 from diffsparse.runtime.backends.select import resolve
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -192,7 +193,8 @@ def test_prepacked_weights_give_the_same_samples(tiny_bundles):
         Pipeline.from_bundle(tiny_bundles["toca"], backend="onnxruntime", prepack="yes", verify=False)
 
 
-def test_prepack_auto_weighs_the_copies_against_physical_memory():
+def test_prepack_auto_weighs_the_copies_against_physical_memory(monkeypatch):
+    monkeypatch.setattr(ort_capi, "available", lambda: False)   # per-session copies: what auto weighs then
     total = physical_memory()
     share = int(PREPACK_MEMORY_SHARE * total)
     assert prepack_weights("auto", [1], share) == [True]
@@ -209,6 +211,44 @@ def test_prepack_auto_weighs_the_copies_against_physical_memory():
     assert uniform_prepack("auto", [1] * 4, share // 4) == "on"
     assert uniform_prepack("auto", [1] * 5, share // 4) == "off", "auto would pack 4 of 5"
     assert uniform_prepack("on", [1] * 5, total) == "on" and uniform_prepack("off", [1], 1) == "off"
+
+
+@pytest.mark.skipif(not ort_capi.available(), reason="the onnxruntime wheel here ships no C library")
+def test_shared_prepacked_weights_give_the_same_samples(tiny_bundles):
+    """Sessions made through the C API with one shared packed copy compute what the Python API's
+    sessions with a copy each compute, in place and into two buffers, and carry the same cache."""
+    pipes = {mode: Pipeline.from_bundle(tiny_bundles["toca"], backend="onnxruntime", prepack=mode, verify=False)
+             for mode in ("on", "shared")}
+    runs = {mode: pipe.generate(LABELS, seed=4, guidance_scale=3.0).samples for mode, pipe in pipes.items()}
+    shared = pipes["shared"].backend
+    assert shared.prepacked == "shared" and shared.shared_prepack and any(shared.in_place)
+    np.testing.assert_allclose(runs["shared"], runs["on"], rtol=0, atol=1e-6)
+    caches = {}
+    for mode, pipe in pipes.items():
+        spec, plan, ctx = pipe.spec, pipe.plan, pipe.backend.new_context()
+        ctx.start(initial_noise(1, spec.batch_size, spec.latent_shape))
+        labels = {"class_labels": np.arange(spec.batch_size) % 10}
+        for i in (0, 1):   # a refresh step, then a partial one
+            ctx.run_step(pipe.step_graphs[i], spec.feeds(StepCall(float(plan.timesteps[i]), plan.coefficients[i]),
+                                                          labels, 3.0))
+        caches[mode] = ctx.cache()
+    on, sh = caches["on"], caches["shared"]
+    assert on.keys() == sh.keys()
+    for name in on:
+        np.testing.assert_allclose(sh[name], on[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_shared_prepack_is_chosen_where_it_can_run(monkeypatch):
+    total = physical_memory()
+    assert shares_prepacked_weights("auto", 1) is ort_capi.available()
+    assert not shares_prepacked_weights("auto", total), "one packed copy must fit in the memory share"
+    assert not shares_prepacked_weights("auto", 1, device="cuda") and not shares_prepacked_weights("on", 1)
+    with pytest.raises(BackendError, match="CPU only"):
+        shares_prepacked_weights("shared", 1, device="cuda")
+    monkeypatch.setattr(ort_capi, "available", lambda: False)
+    with pytest.raises(BackendError, match="reinstall onnxruntime"):
+        shares_prepacked_weights("shared", 1)
+    assert not shares_prepacked_weights("auto", 1)
 
 
 def test_ort_in_place_scatters_equal_two_buffers(tiny_bundles):
