@@ -2,8 +2,10 @@
 
 Weights: every session gets the same OrtValues through `SessionOptions.add_initializer`: T sessions
 share one copy of the weights. Pre-packing (`prepack_weights`) trades memory for speed on the CPU:
-each session keeps its own packed copy of every matmul weight. On the CPU the OrtValues are views
-of one memory map of weights.bin;
+through the Python API each session keeps its own packed copy of every matmul weight; sessions
+made through the C API (`ort_capi`, `shares_prepacked_weights`: the default where the wheel's C
+library loads) share one packed copy, and run with `CApiContext`. On the CPU the OrtValues are
+views of one memory map of weights.bin;
 on CUDA (onnxruntime-gpu) each weight is uploaded once as a device OrtValue, which ORT uses in
 place when the initializer is planned on the same device (onnxruntime PR #5092).
 Cache (per `OrtContext`, one per generation running at a time; the sessions and weights are
@@ -21,6 +23,7 @@ CUDA the steps run without synchronising the stream after each one
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -396,13 +399,8 @@ class OrtContext(BackendContext):
         written into its buffer in `outputs` (a buffer may be both an input and an output: the
         in-place scatters)."""
         b = self.backend
-        if not hasattr(self, "_bindings"):
-            self._bindings = [s.io_binding() for s in b.sessions]
-            self._run_options = b.ort.RunOptions()
-            if b.device == "cuda":
-                # no stream synchronisation after each step; `synchronize` waits once
-                self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        binding = self._bindings[graph]
+        bindings, run_options = self._io
+        binding = bindings[graph]
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         for name, value in feeds.items():
@@ -411,8 +409,18 @@ class OrtContext(BackendContext):
             binding.bind_ortvalue_input(name, buffer)
         for name, buffer in outputs.items():
             binding.bind_ortvalue_output(name, buffer)
-        b.sessions[graph].run_with_iobinding(binding, self._run_options)
+        b.sessions[graph].run_with_iobinding(binding, run_options)
         self._last_binding = binding
+
+    @functools.cached_property
+    def _io(self):
+        """(one IOBinding per session, the RunOptions) for the Python API's sessions."""
+        b = self.backend
+        run_options = b.ort.RunOptions()
+        if b.device == "cuda":
+            # no stream synchronisation after each step; `synchronize` waits once
+            run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        return [s.io_binding() for s in b.sessions], run_options
 
     # ---- the generation ------------------------------------------------------------------
     def _zero_parity(self) -> dict[str, int]:
