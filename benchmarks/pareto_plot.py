@@ -24,6 +24,8 @@ LABELS = {"dense": "dense", "fewer-steps": "fewer steps", "fora": "FORA-style", 
           "diffsparse-joint": "learned (joint space)"}
 STYLES = {"fewer-steps": "o-", "fora": "s--", "toca": "^--", "random": "x:", "genetic": "+:",
           "diffsparse": "v-", "diffsparse-joint": "D-"}
+COLORS = {"fewer-steps": "tab:blue", "fora": "tab:orange", "toca": "tab:green", "random": "tab:gray",
+          "genetic": "tab:brown", "diffsparse": "tab:red", "diffsparse-joint": "tab:purple"}
 
 
 def load_rows(paths: list[str]) -> list[dict]:
@@ -47,7 +49,9 @@ def plot(rows: list[dict], out: Path) -> None:
                 ax.axhline(pts[0][1], color="gray", lw=1, label=f"dense ({t} steps)")
                 continue
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, STYLES[method], label=LABELS[method], alpha=0.85)
+            # the joint line is drawn hollow and larger: where it kept a baseline, that one shows through
+            hollow = {"markerfacecolor": "none", "markersize": 10} if method == "diffsparse-joint" else {}
+            ax.plot(xs, ys, STYLES[method], color=COLORS[method], label=LABELS[method], alpha=0.85, **hollow)
         ax.set_title(f"{t} DDIM steps")
         ax.set_xlabel("MACs ratio (of dense)")
         ax.set_ylabel("MNIST-FID (lower is better)")
