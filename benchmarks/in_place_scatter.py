@@ -8,7 +8,6 @@ bundle in the same run. Interleaved generations, medians; not a test.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 from pathlib import Path
@@ -18,18 +17,12 @@ from diffsparse.runtime.backends.ort import PREPACK_MODES
 from diffsparse.runtime.pipeline import Pipeline
 from diffsparse.runtime.profile import host_info
 
-from interleave import interleaved, summarize
+from interleave import bundle_pair_parser, interleaved, summarize
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sparse")
-    p.add_argument("dense")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
+    p = bundle_pair_parser(__doc__)
     p.add_argument("--prepack", default="off", choices=PREPACK_MODES)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write the result here")
     args = p.parse_args()
     pipes = {name: Pipeline.from_bundle(folder, backend="onnxruntime", threads=args.threads, prepack=args.prepack)
              for name, folder in (("sparse", args.sparse), ("dense", args.dense))}

@@ -5,8 +5,22 @@ from separate runs)."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from collections.abc import Callable
+
+
+def bundle_pair_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every sparse-vs-dense bundle benchmark takes: the two bundle folders, rounds,
+    threads, seed and the result JSON."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sparse")
+    p.add_argument("dense")
+    p.add_argument("--runs", type=int, default=5, help="interleaved rounds (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the result here")
+    return p
 
 
 def interleaved(variants: dict[str, Callable[[], list[float]]], runs: int) -> dict[str, list[list[float]]]:

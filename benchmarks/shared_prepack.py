@@ -10,7 +10,6 @@ generation, each in a fresh process. Not a test.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 from pathlib import Path
@@ -21,7 +20,7 @@ from diffsparse.runtime.backends import ort_capi
 from diffsparse.runtime.pipeline import Pipeline
 from diffsparse.runtime.profile import ProfileConfig, fresh_process, host_info, memory_footprint
 
-from interleave import interleaved, summarize
+from interleave import bundle_pair_parser, interleaved, summarize
 
 
 def per_session_pipeline(folder: str, threads: int | None) -> Pipeline:
@@ -40,14 +39,8 @@ def per_session_footprint(folder: str, threads: int | None) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sparse")
-    p.add_argument("dense")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p = bundle_pair_parser(__doc__)
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
-    p.add_argument("--json", help="write the result here")
     args = p.parse_args()
     if not ort_capi.available():
         raise SystemExit("onnxruntime's C library does not load here: shared pre-packing cannot run")
