@@ -288,7 +288,7 @@ class OrtBackend(Backend):
             try:
                 self.sessions.append(ort_capi.Session(
                     str(path), {init.name: weights[init.name] for init in graph.initializer if init.name in weights},
-                    shared_container(), threads=self.threads, config=config, profile_prefix=prefix))
+                    ort_capi.shared_container(), threads=self.threads, config=config, profile_prefix=prefix))
             except ort_capi.CApiError as e:
                 raise BackendError(f"onnxruntime could not load {path}: {e}") from e
             self.declared.append({t.name for t in graph.input})
@@ -349,18 +349,6 @@ class OrtBackend(Backend):
         return CApiContext(self) if self.shared_prepack else OrtContext(self)
 
 
-_CONTAINER: ort_capi.PrepackedWeights | None = None
-
-
-def shared_container() -> ort_capi.PrepackedWeights:
-    """The process's one pre-packed weights container: sessions of different bundles over the same
-    weights (a sparse bundle and its dense twin) share their packed copies too."""
-    global _CONTAINER
-    if _CONTAINER is None:
-        _CONTAINER = ort_capi.PrepackedWeights()
-    return _CONTAINER
-
-
 class OrtContext(BackendContext):
     """One generation's state over an OrtBackend's shared sessions: two buffers per cache entry
     and for the latent, which of the two holds each one's latest value, and one IOBinding per
@@ -381,6 +369,7 @@ class OrtContext(BackendContext):
             return bufs
         self._sets = [buffers(), buffers()]
         self._latest = self._zero_parity()
+        self._last_binding = None   # the Python API's binding of the last step (CUDA synchronises on it)
 
     # ---- extension points ----------------------------------------------------------------
     def new_buffer(self, array: np.ndarray):
@@ -456,7 +445,7 @@ class OrtContext(BackendContext):
             latest[name] = 1 - latest[name]
 
     def synchronize(self) -> None:
-        if self.backend.device == "cuda" and getattr(self, "_last_binding", None) is not None:
+        if self.backend.device == "cuda" and self._last_binding is not None:
             self._last_binding.synchronize_outputs()
 
     def latent(self) -> np.ndarray:

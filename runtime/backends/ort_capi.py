@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,7 @@ _ORT_ARENA_ALLOCATOR = 1
 _ORT_MEM_TYPE_DEFAULT = 0
 
 _p = ctypes.c_void_p
+log = logging.getLogger(__name__)
 
 
 class CApiError(RuntimeError):
@@ -119,7 +121,9 @@ class _Api:
 _API: _Api | None = None
 _ENV = None
 _ENV_THREADS: int | None = None
-_LOCK = threading.Lock()
+_CONTAINER: PrepackedWeights | None = None
+#: reentrant: api() is called while the environment and the container are created under it
+_LOCK = threading.RLock()
 
 
 def api() -> _Api:
@@ -166,7 +170,20 @@ def environment(threads: int | None):
             finally:
                 a.release("ArenaCfg", arena)
             _ENV, _ENV_THREADS = env, threads or 0
+        elif (threads or 0) != _ENV_THREADS:
+            log.info("onnxruntime's C-library thread pool of this process has %s threads; the %s asked for now is "
+                     "not used", _ENV_THREADS or "default", threads)
         return _ENV
+
+
+def shared_container() -> PrepackedWeights:
+    """The process's one pre-packed weights container: sessions of different bundles over the same
+    weights (a sparse bundle and its dense twin) share their packed copies too."""
+    global _CONTAINER
+    with _LOCK:
+        if _CONTAINER is None:
+            _CONTAINER = PrepackedWeights()
+        return _CONTAINER
 
 
 class Tensor:
@@ -216,8 +233,8 @@ class PrepackedWeights:
 
 
 def _names(names: Sequence[str]):
-    encoded = [n.encode() for n in names]
-    return (ctypes.c_char_p * max(1, len(encoded)))(*encoded), encoded
+    """A C array of the names (the array keeps the encoded bytes alive)."""
+    return (ctypes.c_char_p * max(1, len(names)))(*(n.encode() for n in names))
 
 
 class Session:
@@ -255,8 +272,7 @@ class Session:
 
     def run(self, inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> None:
         """Run with every output written into its preallocated tensor (shapes are static)."""
-        in_names, _keep_in = _names(list(inputs))
-        out_names, _keep_out = _names(list(outputs))
+        in_names, out_names = _names(list(inputs)), _names(list(outputs))
         in_values = (_p * max(1, len(inputs)))(*(t.handle for t in inputs.values()))
         out_values = (_p * max(1, len(outputs)))(*(t.handle for t in outputs.values()))
         api().call("Run", self.handle, None, in_names, in_values, ctypes.c_size_t(len(inputs)), out_names,
