@@ -100,7 +100,7 @@ def export_report(out: Path, sizes: dict, threads: int | None) -> None:
         # loading only: one generation of a full-size model is what the timed benchmark is for
         report["load"][name] = fresh_process(memory_footprint, folder, ProfileConfig(threads=threads), generate=False)
         bundle = Bundle(folder, verify=False)
-        report["macs"][name] = bundle.spec.macs_breakdown(bundle.schedule)
+        report["macs"][name] = bundle.spec.macs_breakdown(bundle.schedule, bundle.conditioning)
         report["macs"][name]["ratio"] = bundle.manifest.macs["ratio"]
     gib = 1 / 2**30
     lines = ["# Export report", ""]

@@ -15,6 +15,8 @@ Roles, for a layer l over N tokens of width D, with R rows (both guidance halves
     recv   (B, N)     attention each token received (s1 with score "attention")
     ent    (B, N)     cross-attention entropy (s2, when λ2 weighs it)
     inp    (R, N, D)  the layer input when the token was last computed (score "cosine")
+    cond   (G, R, M)  not a layer's: the conditioning rows a refresh step computed for the steps it
+                      serves (`cond.modulation`, diffsparse/conditioning.py)
     sampler           a multistep sampler's state, shaped like the latent (B, ...)
 
 Everything that reads or writes the cache — the cached and masked steps, the exporter, the
@@ -32,6 +34,7 @@ from typing import Any
 
 import torch
 
+from diffsparse.conditioning import CONDITIONING_OWNER, ConditioningPlan
 from diffsparse.schedule import LayerRef
 from diffsparse.tensors import TensorSpec
 
@@ -44,11 +47,14 @@ class Role(str, enum.Enum):
     RECV = "recv"
     ENT = "ent"
     INP = "inp"
+    COND = "cond"
     SAMPLER = "sampler"
 
 
 #: roles that hold a D-wide vector per token and row; the others one number per token and sample
 PER_ROW_ROLES = frozenset({Role.OUT, Role.KEY, Role.VALUE, Role.INP})
+#: roles that belong to no layer
+STEP_ROLES = frozenset({Role.COND, Role.SAMPLER})
 #: roles a layer whose K is 0 carries over unchanged (reuse counts and the cosine input are
 #: bookkeeping, updated by the step's own rule)
 CARRIED_ROLES = (Role.OUT, Role.KEY, Role.VALUE, Role.RECV, Role.ENT)
@@ -110,10 +116,11 @@ class CacheLayout:
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
-    def for_spec(cls, spec, selector, layer_cache: bool = True) -> CacheLayout:
+    def for_spec(cls, spec, selector, layer_cache: bool = True,
+                 conditioning: ConditioningPlan | None = None) -> CacheLayout:
         """The layout of a model spec under a selector: each cacheable layer's roles
         (`spec.cache_roles`) over its tokens (`spec.layer_tokens`) unless `layer_cache` is False,
-        then the sampler's state."""
+        the hoisted conditioning when a plan is given, then the sampler's state."""
         entries: list[CacheEntry] = []
         if layer_cache:
             for layer in spec.layers:
@@ -121,6 +128,10 @@ class CacheLayout:
                 for role in spec.cache_roles(layer, selector):
                     shape = (spec.rows, n, spec.dim) if role in PER_ROW_ROLES else (spec.batch_size, n)
                     entries.append(CacheEntry(Role(role), layer.name, shape))
+        if conditioning is not None:
+            if not layer_cache:
+                raise CacheLayoutError("hoisted conditioning is read by partial steps, which need the layer cache")
+            entries.append(CacheEntry(Role.COND, CONDITIONING_OWNER, conditioning.shape))
         latent = (spec.batch_size, *spec.latent_shape)
         entries += [CacheEntry(Role.SAMPLER, state, latent) for state in spec.sampler.state]
         return cls(entries)
@@ -177,7 +188,12 @@ class CacheLayout:
 
     @property
     def has_layer_cache(self) -> bool:
-        return any(e.role is not Role.SAMPLER for e in self.entries)
+        return any(e.role not in STEP_ROLES for e in self.entries)
+
+    @property
+    def conditioning_name(self) -> str | None:
+        """The hoisted conditioning's entry, or None when every step computes its own."""
+        return next((e.name for e in self.entries if e.role is Role.COND), None)
 
     @property
     def nbytes(self) -> int:
@@ -199,7 +215,7 @@ class CacheLayout:
     def layer_entries(self, layer: LayerRef | str, roles: Iterable[Role] = tuple(Role)) -> list[str]:
         """Names of the layer's entries with one of `roles`, in layout order."""
         owner, wanted = _owner(layer), {Role(r) for r in roles}
-        return [e.name for e in self.entries if e.owner == owner and e.role in wanted and e.role is not Role.SAMPLER]
+        return [e.name for e in self.entries if e.owner == owner and e.role in wanted and e.role not in STEP_ROLES]
 
     def zeros(self, device: torch.device | str | None = None) -> list[torch.Tensor]:
         """A zero cache (the state before the first step), one tensor per entry."""

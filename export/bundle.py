@@ -107,6 +107,10 @@ class ExportConfig:
     precision: "fp32", or "int8" (post-training quantization of every step graph after the fp32
         graphs are verified, export/quantize.py, configured by `quantize`; the int8 graphs are then
         checked against the fp32 PyTorch step at `quantize.tolerance`, which the manifest records).
+    hoist_conditioning: refresh steps compute the conditioning of the partial steps they serve,
+        which read it from the cache (diffsparse/conditioning.py), wherever the family and the
+        schedule allow (`ModelSpec.conditioning_plan`); False: every step computes its own (the
+        bundles before 2026-12-03; the runtime reads both).
     """
 
     overwrite: bool = False
@@ -116,6 +120,7 @@ class ExportConfig:
     tensorrt: str | None = None   # build a TensorRT engine at this precision (export/tensorrt.py PRECISIONS)
     precision: str = "fp32"
     quantize: QuantizeConfig | None = None   # int8 options (also of --tensorrt int8/fp8); None: QuantizeConfig()
+    hoist_conditioning: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -361,6 +366,8 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
     selector = schedule.selector
     layer_cache = needs_layer_cache(schedule, tensorrt=config.tensorrt is not None)
     plan = spec.schedule_plan(schedule)   # one row per computed step
+    conditioning = (spec.conditioning_plan(schedule, universal=config.tensorrt is not None)
+                    if config.hoist_conditioning else None)
     store = WeightStore(folder / WEIGHTS_FILE)
     if is_lazy(spec.model):  # larger than memory: initialised straight into the bundle's weights
         store.adopt(spec.model, spec.sliced_parameters())
@@ -369,7 +376,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
     for i, sig in enumerate(signatures):
         t0 = time.perf_counter()
         # weights go to the store first: a >2 GB model cannot be serialised for shape inference
-        model = export_step(spec, list(sig), selector, store, layer_cache=layer_cache)
+        model = export_step(spec, list(sig), selector, store, layer_cache=layer_cache, conditioning=conditioning)
         if config.check_tensorrt:
             problems = tensorrt_problems(model)
             if problems:
@@ -378,7 +385,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
         onnx.save(model, str(folder / rel))
         _checkpoint(f"graph-{i}")
         # checksum, size and operators are recorded once the graphs are pruned (_prune_cache_writes)
-        graphs.append(GraphEntry(file=rel, sha256="", bytes=0, keep=list(sig), macs=spec.step_macs(sig), ops=[]))
+        graphs.append(GraphEntry(file=rel, sha256="", bytes=0, keep=list(sig), macs=spec.graph_macs(sig, conditioning), ops=[]))
         log.info("exported graph %d/%d in %.1fs", i + 1, len(signatures), time.perf_counter() - t0)
     if config.tensorrt is not None:
         universal = export_universal_step(spec, selector, store=store)  # same weights: stored once
@@ -396,7 +403,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
     steps = [{"index": t, "timestep": float(plan.timesteps[k]), "graph": g}
              for k, (t, g) in enumerate(zip(schedule.computed_steps, step_graph_indices(schedule)))]
     dense = spec.dense_macs(schedule.num_steps)
-    per_step = spec.schedule_step_macs(schedule)
+    per_step = spec.schedule_step_macs(schedule, conditioning)
     total = sum(per_step)
     diffusers_class = type(spec.model).__name__
     manifest = Manifest(
@@ -405,7 +412,7 @@ def _write(spec: ModelSpec, schedule: Schedule, folder: Path, source: dict[str, 
         batch_size=spec.batch_size, guidance=spec.guidance, spec_options=dict(spec.options),
         guidance_scale=spec.default_guidance_scale,
         inputs=spec.step_inputs(),
-        outputs=spec.step_outputs(), cache=spec.cache_layout(selector, layer_cache),
+        outputs=spec.step_outputs(), cache=spec.cache_layout(selector, layer_cache, conditioning),
         schedule=schedule, sampler=plan,
         graphs=graphs, steps=steps, weights=weights,
         macs={"dense_total": dense, "total": total, "ratio": total / dense,

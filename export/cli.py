@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (after the new one is complete)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch parity check")
+    p.add_argument("--no-hoist-conditioning", action="store_true",
+                   help="every step computes its own conditioning (default: refresh steps compute the partial "
+                        "steps' adaLN modulation, which they read from the cache; DiT family)")
     p.add_argument("--write-schedule", default=None, help="also save the resolved schedule to this JSON file")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
@@ -116,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = export_bundle(spec, schedule, args.out, source={"model": args.model, "seed": args.seed},
                                  config=ExportConfig(overwrite=args.overwrite, verify=not args.no_verify,
                                                     tensorrt=args.tensorrt, precision=args.precision,
-                                                    quantize=quantize_config(args)))
+                                                    quantize=quantize_config(args),
+                                                    hoist_conditioning=not args.no_hoist_conditioning))
     except USER_ERRORS as e:
         print(f"dsexport: error: {e}", file=sys.stderr)
         return 2

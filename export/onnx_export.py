@@ -13,6 +13,7 @@ import onnx_ir as ir
 import torch
 from diffsparse.export.weights import WeightStore
 
+from diffsparse.conditioning import ConditioningPlan
 from diffsparse.models.base import ModelSpec
 from diffsparse.tensors import TensorSpec
 from diffsparse.schedule import SelectorConfig
@@ -147,12 +148,14 @@ def trace_to_onnx(module: torch.nn.Module, args: tuple, input_names: list[str], 
 
 
 def export_step(spec: ModelSpec, keep: list[int], selector: SelectorConfig,
-                store: WeightStore | None = None, layer_cache: bool = True) -> onnx.ModelProto:
+                store: WeightStore | None = None, layer_cache: bool = True,
+                conditioning: ConditioningPlan | None = None) -> onnx.ModelProto:
     """Trace the cached step for `keep`: the ONNX model, its large weights in `store` if given,
-    else in the model. layer_cache False: a dense step without the layer cache (the plain model)."""
-    module = spec.build_step(keep, selector, layer_cache)
+    else in the model. layer_cache False: a dense step without the layer cache (the plain model).
+    conditioning: the schedule's hoisting plan (`ModelSpec.conditioning_plan`)."""
+    module = spec.build_step(keep, selector, layer_cache, conditioning)
     inputs = spec.step_inputs()
-    layout = spec.cache_layout(selector, layer_cache)
+    layout = spec.cache_layout(selector, layer_cache, conditioning)
     cache = layout.tensors
     g = torch.Generator().manual_seed(0)
     args = tuple(sample_tensor(t, g) for t in inputs + cache)

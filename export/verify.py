@@ -30,7 +30,7 @@ from diffsparse.cache_layout import Role, output_name
 from diffsparse.manifest import Manifest
 from diffsparse.models.base import ModelSpec, StepCall
 from diffsparse.runtime.backends.ort import OrtBackend
-from diffsparse.runtime.bundle import Bundle
+from diffsparse.runtime.bundle import Bundle, recorded_conditioning
 from diffsparse.sampler import initial_noise
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,9 @@ def reference_inputs(spec: ModelSpec, manifest: Manifest, seed: int = 0) -> dict
     layer_cache = manifest.layer_cache
     # the spec's own layout for this selector: the universal-graph tests pass a manifest whose
     # recorded cache is another selector's
-    layout = spec.cache_layout(selector, layer_cache)
-    dense = spec.build_step(spec.dense_keep(), selector, layer_cache)
+    hoisting = recorded_conditioning(spec, manifest)
+    layout = spec.cache_layout(selector, layer_cache, hoisting)
+    dense = spec.build_step(spec.dense_keep(), selector, layer_cache, hoisting)
     scale = spec.resolve_guidance_scale(None)
     feeds0 = spec.feeds(StepCall(float(plan.timesteps[0]), plan.coefficients[0]), conditioning, scale)
     specs = spec.step_inputs()
@@ -137,9 +138,10 @@ def verify_graphs(folder: str | Path, spec: ModelSpec, quantized: bool = False) 
     selector = manifest.schedule.selector
     in_names = [s.name for s in manifest.inputs] + manifest.cache.names
     out_names = [s.name for s in manifest.outputs] + manifest.cache.output_names
+    hoisting = backend.bundle.conditioning
     errors = []
     for i, g in enumerate(manifest.graphs):
-        module = spec.build_step(g.keep, selector, manifest.layer_cache)
+        module = spec.build_step(g.keep, selector, manifest.layer_cache, hoisting)
         # the exporter drops inputs a graph does not read (e.g. reuse counts of a full step), and a
         # finished bundle's graphs output only the cache entries a later step reads (export/prune.py)
         got = backend.run_once(i, {n: feeds[n] for n in in_names})

@@ -26,6 +26,7 @@ from onnx.helper import tensor_dtype_to_np_dtype
 
 from diffsparse.bundle_format import in_place_writes, step_cache_writes
 from diffsparse.cache_layout import OUTPUT_PREFIX, output_name
+from diffsparse.conditioning import ConditioningPlan
 from diffsparse.manifest import BundleError, Manifest, bundle_file, is_plain_file_name
 from diffsparse.models.base import ModelSpec
 from diffsparse.models.zoo import families, spec_from_config
@@ -37,6 +38,16 @@ QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 #: how far the sampler plan a manifest records may be from the one this diffsparse computes from
 #: its config (float32 rounding; a plan off by more was edited, or comes from another sampler)
 PLAN_RTOL, PLAN_ATOL = 1e-5, 1e-6
+
+
+def recorded_conditioning(spec: ModelSpec, manifest: Manifest) -> ConditioningPlan | None:
+    """The conditioning plan a bundle's graphs were exported with: the spec's rule
+    (`ModelSpec.conditioning_plan`) where the manifest's cache holds the hoisted rows, else None
+    (exported with hoisting off, or before it existed). The bundle check compares the whole
+    layout, so a cache entry the rule would not give is refused there."""
+    if manifest.cache.conditioning_name is None:
+        return None
+    return spec.conditioning_plan(manifest.schedule, universal=manifest.universal is not None)
 
 
 class Bundle:
@@ -180,7 +191,7 @@ class Bundle:
             spec.check_schedule(m.schedule)
         except ScheduleError as e:
             raise self._error(f"its schedule does not fit its model: {e}") from None
-        layout = spec.cache_layout(m.schedule.selector, m.layer_cache)
+        layout = spec.cache_layout(m.schedule.selector, m.layer_cache, recorded_conditioning(spec, m))
         if layout != m.cache:
             diff = next((i for i, (a, b) in enumerate(zip(layout.tensors, m.cache.tensors)) if a != b),
                         min(len(layout), len(m.cache)))
@@ -201,6 +212,12 @@ class Bundle:
     def spec(self) -> ModelSpec:
         """The model's spec with its structure only (the model on the meta device)."""
         return self._meta_spec()
+
+    @cached_property
+    def conditioning(self) -> ConditioningPlan | None:
+        """Which steps compute whose conditioning rows (diffsparse/conditioning.py), None where
+        every step computes its own (`recorded_conditioning`)."""
+        return recorded_conditioning(self.spec, self.manifest)
 
     def _views(self, mode: str) -> dict[str, np.ndarray]:
         """Every stored tensor as a view of one memory map (the index is validated by the manifest;

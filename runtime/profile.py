@@ -323,7 +323,8 @@ class _Subject:
         return BundleProfile(
             folder=self.bundle.folder, manifest=self.bundle.manifest, backend=self.pipe.backend.name,
             device=self.pipe.backend.device, runs=self.runs, load_seconds=self.load_seconds,
-            macs_breakdown=self.pipe.spec.macs_breakdown(self.bundle.schedule), memory=self.memory, ops=self.ops,
+            macs_breakdown=self.pipe.spec.macs_breakdown(self.bundle.schedule, self.bundle.conditioning),
+            memory=self.memory, ops=self.ops,
             prepacked=getattr(self.pipe.backend, "prepacked", None))
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from torch import nn
 
 from diffsparse.cache_layout import CacheLayout, Role
+from diffsparse.conditioning import ConditioningPlan, plan_conditioning
 from diffsparse.sampler import SamplerPlan, sampler_config
 from diffsparse.schedule import LayerRef, Schedule, SelectorConfig
 from diffsparse.tensors import TensorSpec
@@ -173,11 +174,37 @@ class ModelSpec(abc.ABC):
             roles.append(Role.INP)
         return roles
 
-    def cache_layout(self, selector: SelectorConfig, layer_cache: bool = True) -> CacheLayout:
+    def cache_layout(self, selector: SelectorConfig, layer_cache: bool = True,
+                     conditioning: ConditioningPlan | None = None) -> CacheLayout:
         """Every tensor carried from one step to the next: the layers' token cache (unless
-        `layer_cache` is False: a schedule that never reuses tokens), then the sampler's state
-        (multistep solvers)."""
-        return CacheLayout.for_spec(self, selector, layer_cache)
+        `layer_cache` is False: a schedule that never reuses tokens), the hoisted conditioning
+        under a plan (`conditioning_plan`), then the sampler's state (multistep solvers)."""
+        return CacheLayout.for_spec(self, selector, layer_cache, conditioning)
+
+    # ---- hoisted conditioning (diffsparse/conditioning.py) ---------------------------------
+    def conditioning_width(self) -> int | None:
+        """Values per row of the conditioning a refresh step can compute for the partial steps
+        it serves (the per-step modulation that depends on timestep and conditioning only), or
+        None: every step computes its own. A family that returns a width implements
+        `CachedStep.conditioning_rows` and reads `CachedStep.hoisted_conditioning`."""
+        return None
+
+    def conditioning_macs(self) -> int:
+        """MACs per row of that conditioning (part of `fixed_macs`)."""
+        return 0
+
+    def conditioning_plan(self, schedule: Schedule, universal: bool = False) -> ConditioningPlan | None:
+        """Whether and how the schedule's steps hoist their conditioning into refresh steps: the
+        one rule export, runtime and MACs ask. None for the universal step graph (its K are
+        inputs, so it cannot know whether it is a refresh) and wherever
+        `diffsparse.conditioning.plan_conditioning` finds nothing to gain."""
+        width = self.conditioning_width()
+        if universal or width is None:
+            return None
+        dense = self.dense_keep()
+        refresh = [list(row) == dense for row in schedule.computed_keep]
+        return plan_conditioning(self.schedule_plan(schedule).timesteps, refresh, width, self.rows,
+                                 self.conditioning_macs())
 
     @abc.abstractmethod
     def conditioning_inputs(self) -> list[TensorSpec]:
@@ -185,9 +212,12 @@ class ModelSpec(abc.ABC):
         or text embeddings; these are also step inputs under the same names."""
 
     @abc.abstractmethod
-    def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True) -> nn.Module:
+    def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True,
+                   conditioning: ConditioningPlan | None = None) -> nn.Module:
         """The token-cached step for one sparsity pattern; forward(*inputs, *cache) -> (*outputs, *cache').
-        layer_cache False (dense steps of a schedule that never reuses): no layer cache in or out."""
+        layer_cache False (dense steps of a schedule that never reuses): no layer cache in or out.
+        conditioning: the schedule's plan (`conditioning_plan`), under which a refresh step computes
+        the conditioning of its group and a partial step reads it from the cache."""
 
     def build_universal_step(self, selector: SelectorConfig) -> nn.Module:
         """One step module for every sparsity pattern: each layer's K is the length of a carrier
@@ -254,12 +284,24 @@ class ModelSpec(abc.ABC):
         per_row = self.fixed_macs() + sum(self.layer_macs(l, k) for l, k in zip(self.layers, keep))
         return per_row * self.rows
 
-    def schedule_step_macs(self, schedule: Schedule) -> list[int]:
-        """MACs of each computed step of a schedule (a skipped step costs nothing, not listed)."""
-        return [self.step_macs(row) for row in schedule.computed_keep]
+    def graph_macs(self, keep: Sequence[int], conditioning: ConditioningPlan | None = None) -> int:
+        """MACs of one step graph for `keep`, under the schedule's conditioning plan."""
+        macs = self.step_macs(keep)
+        if conditioning is not None:
+            macs += conditioning.graph_macs_delta(list(keep) == self.dense_keep())
+        return macs
 
-    def schedule_macs(self, schedule: Schedule) -> int:
-        return sum(self.schedule_step_macs(schedule))
+    def schedule_step_macs(self, schedule: Schedule, conditioning: ConditioningPlan | None = None) -> list[int]:
+        """MACs of each computed step of a schedule (a skipped step costs nothing, not listed);
+        under a conditioning plan, refresh steps compute their group's conditioning and partial
+        steps none (diffsparse/conditioning.py)."""
+        macs = [self.step_macs(row) for row in schedule.computed_keep]
+        if conditioning is not None:
+            macs = [m + conditioning.step_macs_delta(k) for k, m in enumerate(macs)]
+        return macs
+
+    def schedule_macs(self, schedule: Schedule, conditioning: ConditioningPlan | None = None) -> int:
+        return sum(self.schedule_step_macs(schedule, conditioning))
 
     def dense_keep(self) -> list[int]:
         return [self.layer_tokens(l) for l in self.layers]
@@ -267,9 +309,9 @@ class ModelSpec(abc.ABC):
     def dense_macs(self, num_steps: int) -> int:
         return self.step_macs(self.dense_keep()) * num_steps
 
-    def macs_breakdown(self, schedule: Schedule) -> dict[str, Any]:
+    def macs_breakdown(self, schedule: Schedule, conditioning: ConditioningPlan | None = None) -> dict[str, Any]:
         """MACs of a whole run (all steps, all rows) split into the fixed part and each cacheable
-        layer, dense and under the schedule: where the saving comes from."""
+        layer, dense and under the schedule (and its conditioning plan): where the saving comes from."""
         steps, rows = schedule.num_steps, self.rows
         computed = len(schedule.computed_steps)
         layers = [{"layer": l.name, "kind": l.kind,
@@ -278,6 +320,8 @@ class ModelSpec(abc.ABC):
                   for i, l in enumerate(self.layers)]
         fixed = self.fixed_macs() * rows * steps
         fixed_scheduled = self.fixed_macs() * rows * computed
+        if conditioning is not None:
+            fixed_scheduled += sum(conditioning.step_macs_delta(k) for k in range(computed))
         return {"fixed": fixed, "fixed_scheduled": fixed_scheduled, "layers": layers,
                 "dense_total": fixed + sum(x["dense"] for x in layers),
                 "scheduled_total": fixed_scheduled + sum(x["scheduled"] for x in layers)}

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from diffsparse import tokencache as tc
 from diffsparse.cache_layout import CARRIED_ROLES, Role
+from diffsparse.conditioning import ConditioningPlan
 from diffsparse.schedule import LayerRef, SelectorConfig
 
 
@@ -62,7 +64,8 @@ class CachedStep(nn.Module):
     #: (`k.<layer>`) instead of a constant, and K = 0 and K = N take the general path
     dynamic_k: bool = False
 
-    def __init__(self, spec, keep: list[int], selector: SelectorConfig, layer_cache: bool = True) -> None:
+    def __init__(self, spec, keep: list[int], selector: SelectorConfig, layer_cache: bool = True,
+                 conditioning: ConditioningPlan | None = None) -> None:
         super().__init__()
         if len(keep) != len(spec.layers):
             raise ValueError(f"keep has {len(keep)} entries for {len(spec.layers)} layers")
@@ -75,8 +78,16 @@ class CachedStep(nn.Module):
         self.input_names = [t.name for t in spec.step_inputs()]
         #: which cache entries this step reads and writes (diffsparse/cache_layout.py): every
         #: entry name below comes from it, and whether an entry exists is asked of it
-        self.cache = spec.cache_layout(selector, layer_cache)
+        self.cache = spec.cache_layout(selector, layer_cache, conditioning)
         self.cache_names = self.cache.names
+        #: the hoisted conditioning (diffsparse/conditioning.py): whether this step computes its
+        #: group's rows (a refresh) or reads its row, and the tables that find them by timestep
+        self.conditioning = conditioning
+        if conditioning is not None:
+            self.refreshes_conditioning = list(keep) == spec.dense_keep()
+            self.plan_timesteps = torch.tensor(conditioning.timesteps, dtype=torch.float32)
+            self.served_timesteps = torch.from_numpy(conditioning.served())
+            self.conditioning_row = torch.from_numpy(conditioning.row().astype(np.int32))
         self.sampler_names = self.cache.sampler_names
         self.halves = spec.halves
         self.layer_index = {layer: i for i, layer in enumerate(spec.layers)}
@@ -128,6 +139,29 @@ class CachedStep(nn.Module):
         """The transformer on the guidance rows -> model output (R, *latent_shape), conditional
         rows first; writes every layer's new cache entries into `new`."""
         raise NotImplementedError
+
+    def conditioning_rows(self, timesteps: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Extension point of a family whose spec has a `conditioning_width` M: the conditioning
+        of every guidance row at each of `timesteps` (G,) -> (G, R, M), from the step's inputs."""
+        raise NotImplementedError(f"{type(self).__name__} does not hoist its conditioning")
+
+    def hoisted_conditioning(self, inputs: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                             new: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """This step's conditioning rows (R, M) under the plan, or None without one (the step
+        computes its own inline). A refresh computes its group's rows (`conditioning_rows` over
+        the group's timesteps) and writes them to the cache; a partial step carries them over.
+        The step is found by its timestep among the plan's."""
+        if self.conditioning is None:
+            return None
+        name = self.cache.conditioning_name
+        # int32 indices: TensorRT's subset (export/trt_compat.py) takes no int64 Gather indices
+        k = (self.plan_timesteps == inputs["timestep"]).to(torch.int32).argmax().to(torch.int32).reshape(1)
+        if self.refreshes_conditioning:
+            table = self.conditioning_rows(self.served_timesteps.index_select(0, k).reshape(-1), inputs)
+        else:
+            table = state[name]
+        new[name] = table
+        return table.index_select(0, self.conditioning_row.index_select(0, k)).squeeze(0)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """(B, ...) -> (R, ...): the same tensor for each guidance half."""

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from diffsparse.conditioning import ConditioningPlan
 from diffsparse.models.base import ModelSpec, register
 from diffsparse.models.dit_masked import DiTMaskedStep
 from diffsparse.models.dit_step import DiTCachedStep
@@ -75,8 +76,13 @@ class DiTSpec(ModelSpec):
     def conditioning_inputs(self) -> list[TensorSpec]:
         return [TensorSpec("class_labels", (self.batch_size,), "int32")]
 
-    def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True) -> nn.Module:
-        return DiTCachedStep(self, list(keep), selector, layer_cache)
+    def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True,
+                   conditioning: ConditioningPlan | None = None) -> nn.Module:
+        return DiTCachedStep(self, list(keep), selector, layer_cache, conditioning)
+
+    def conditioning_width(self) -> int:
+        """Every block's adaLN-zero modulation (6·D) and the output layer's shift and scale (2·D)."""
+        return len(self.model.transformer_blocks) * 6 * self.dim + 2 * self.dim
 
     def build_masked_step(self, token_counts: Sequence[int], selector: SelectorConfig) -> nn.Module:
         return DiTMaskedStep(self, list(token_counts), selector)
@@ -99,9 +105,12 @@ class DiTSpec(ModelSpec):
 
     def fixed_macs(self) -> int:
         d, n, p = self.dim, self.num_tokens, self.patch
-        blocks = len(self.model.transformer_blocks)
         patch_embed = n * p * p * self.in_channels * d
-        # per block: timestep MLP (256·D + D·D) and adaLN modulation (D·6D)
-        conditioning = blocks * (256 * d + d * d + 6 * d * d)
-        head = (256 * d + d * d) + 2 * d * d + n * d * p * p * self.out_channels
-        return patch_embed + conditioning + head
+        head = n * d * p * p * self.out_channels
+        return patch_embed + self.conditioning_macs() + head
+
+    def conditioning_macs(self) -> int:
+        d, blocks = self.dim, len(self.model.transformer_blocks)
+        # per block: timestep MLP (256·D + D·D) and adaLN modulation (D·6D); the output layer's
+        # timestep MLP (block 0's, again) and modulation (D·2D)
+        return blocks * (256 * d + d * d + 6 * d * d) + (256 * d + d * d) + 2 * d * d

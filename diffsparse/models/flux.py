@@ -56,6 +56,7 @@ from torch import nn
 
 from diffsparse import tokencache as tc
 from diffsparse.cache_layout import Role
+from diffsparse.conditioning import ConditioningPlan
 from diffsparse.models.base import ModelSpec, SpecError, register
 from diffsparse.tensors import TensorSpec
 from diffsparse.models.cached import CachedStep
@@ -163,9 +164,10 @@ class FluxSpec(ModelSpec):
             roles.append(Role.INP)
         return roles
 
-    def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True) -> nn.Module:
+    def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True,
+                   conditioning: ConditioningPlan | None = None) -> nn.Module:
         self._check_selector(selector)
-        return FluxCachedStep(self, list(keep), selector, layer_cache)
+        return FluxCachedStep(self, list(keep), selector, layer_cache, conditioning)
 
     # ---- cost ------------------------------------------------------------------------------
     def layer_macs(self, layer: LayerRef, keep: int) -> int:
@@ -217,8 +219,9 @@ class FluxCachedStep(CachedStep):
         -> (next_latent, *cache')
     """
 
-    def __init__(self, spec: FluxSpec, keep: list[int], selector: SelectorConfig, layer_cache: bool = True) -> None:
-        super().__init__(spec, keep, selector, layer_cache)
+    def __init__(self, spec: FluxSpec, keep: list[int], selector: SelectorConfig, layer_cache: bool = True,
+                 conditioning: ConditioningPlan | None = None) -> None:
+        super().__init__(spec, keep, selector, layer_cache, conditioning)
         self.heads = _Unprojected(spec.heads)
         gh, gw = spec.grid
         img_ids = torch.zeros(gh, gw, 3)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffsparse.conditioning import ConditioningPlan
 from diffsparse.models.base import ModelSpec, register
 from diffsparse.tensors import TensorSpec
 from diffsparse.models.cached import CachedStep
@@ -120,8 +121,9 @@ class PixArtSpec(ModelSpec):
             out += [TensorSpec(embeds, (b, m, self.caption_channels)), TensorSpec(mask, (b, m))]
         return out
 
-    def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True) -> nn.Module:
-        return PixArtCachedStep(self, list(keep), selector, layer_cache)
+    def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True,
+                   conditioning: ConditioningPlan | None = None) -> nn.Module:
+        return PixArtCachedStep(self, list(keep), selector, layer_cache, conditioning)
 
     def check_conditioning(self, conditioning: dict[str, np.ndarray]) -> None:
         super().check_conditioning(conditioning)

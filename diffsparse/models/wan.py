@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffsparse.conditioning import ConditioningPlan
 from diffsparse.models.base import ModelSpec, SpecError, register
 from diffsparse.tensors import TensorSpec
 from diffsparse.models.cached import CachedStep
@@ -132,13 +133,14 @@ class WanSpec(ModelSpec):
             embeds.append(TensorSpec("negative_prompt_embeds", shape))
         return embeds
 
-    def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True) -> nn.Module:
+    def build_step(self, keep: Sequence[int], selector: SelectorConfig, layer_cache: bool = True,
+                   conditioning: ConditioningPlan | None = None) -> nn.Module:
         rows_per_frame, cols = self.video_grid[1:]
         if selector.lambdas[3] != 0.0 and selector.window > 1 and (rows_per_frame % selector.window
                                                                     or cols % selector.window):
             raise SpecError(f"the spatial-bonus window {selector.window} must divide each frame's token grid "
                              f"{rows_per_frame}x{cols} so that its tiles stay inside a frame")
-        return WanCachedStep(self, list(keep), selector, layer_cache)
+        return WanCachedStep(self, list(keep), selector, layer_cache, conditioning)
 
     # ---- cost ------------------------------------------------------------------------------
     def layer_macs(self, layer: LayerRef, keep: int) -> int:
@@ -189,8 +191,9 @@ class WanCachedStep(CachedStep):
             *cache) -> (next_latent, *cache')
     """
 
-    def __init__(self, spec: WanSpec, keep: list[int], selector: SelectorConfig, layer_cache: bool = True) -> None:
-        super().__init__(spec, keep, selector, layer_cache)
+    def __init__(self, spec: WanSpec, keep: list[int], selector: SelectorConfig, layer_cache: bool = True,
+                 conditioning: ConditioningPlan | None = None) -> None:
+        super().__init__(spec, keep, selector, layer_cache, conditioning)
         # the rotary tables of every video token (N, head_dim/2), in float32 for the graph;
         # diffusers keeps (N, head_dim) float64 tables with each frequency repeated twice
         cos, sin = self.model.rope(torch.empty((1, *spec.latent_shape), device="meta"))

@@ -64,7 +64,9 @@ class TorchBackend(Backend):
         self.input_specs = spec.step_inputs()
         self.latent_spec = self.input_specs[0]
         self.layer_cache = needs_layer_cache(schedule) if layer_cache is None else layer_cache
-        self.cache_layout = spec.cache_layout(schedule.selector, self.layer_cache)
+        #: refresh steps compute the conditioning of the partial steps they serve (diffsparse/conditioning.py)
+        self.conditioning = spec.conditioning_plan(schedule) if self.layer_cache else None
+        self.cache_layout = spec.cache_layout(schedule.selector, self.layer_cache, self.conditioning)
         self.cache_specs = self.cache_layout.tensors
 
     @property
@@ -81,7 +83,7 @@ class TorchBackend(Backend):
     # ---- load -> allocate ----------------------------------------------------------------------
     def load(self) -> None:
         self.spec.model.to(self._device)
-        self.modules = [self.spec.build_step(list(sig), self.schedule.selector, self.layer_cache)
+        self.modules = [self.spec.build_step(list(sig), self.schedule.selector, self.layer_cache, self.conditioning)
                         for sig in self.schedule.distinct_signatures()]
 
     def new_context(self) -> TorchContext:

@@ -53,7 +53,8 @@ def test_dense_bundle_is_the_plain_model(tiny_bundles, tiny_spec):
     pays nothing for caching (no cache outputs, no attention map for token scores)."""
     dense, toca = Manifest.load(tiny_bundles["dense"]), Manifest.load(tiny_bundles["toca"])
     assert not dense.layer_cache and len(dense.cache) == 0
-    assert toca.layer_cache and toca.cache == tiny_spec.cache_layout(toca.schedule.selector)
+    assert toca.layer_cache and toca.cache == tiny_spec.cache_layout(toca.schedule.selector, True,
+                                                                     tiny_spec.conditioning_plan(toca.schedule))
     model = onnx.load(str(tiny_bundles["dense"] / dense.graphs[0].file), load_external_data=False)
     assert [o.name for o in model.graph.output] == ["next_latent"]
     assert not {"TopK", "ScatterElements", "GatherElements"} & set(dense.graphs[0].ops)

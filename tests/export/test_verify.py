@@ -20,7 +20,7 @@ def test_an_imposed_selection_is_what_the_step_computes(tiny_bundles, tiny_spec)
     g = next(g for g in m.graphs if any(0 < k < tiny_spec.num_tokens for k in g.keep))
     feeds = reference_inputs(tiny_spec, m)
     in_names, out_names = _names(m)
-    step = tiny_spec.build_step(g.keep, m.schedule.selector)
+    step = tiny_spec.build_step(g.keep, m.schedule.selector, True, tiny_spec.conditioning_plan(m.schedule))
     step.record_scores = {}
     own = graph_selection(tiny_spec, g.keep, _run_torch(step, feeds, in_names, out_names), m.cache)
     assert own and set(own) == set(step.record_scores)
