@@ -85,9 +85,12 @@ class CachedStep(nn.Module):
         self.conditioning = conditioning
         if conditioning is not None:
             self.refreshes_conditioning = list(keep) == spec.dense_keep()
-            self.plan_timesteps = torch.tensor(conditioning.timesteps, dtype=torch.float32)
-            self.served_timesteps = torch.from_numpy(conditioning.served())
-            self.conditioning_row = torch.from_numpy(conditioning.row().astype(np.int32))
+            # buffers, so that moving the step to a device moves them (the torch backend does)
+            self.register_buffer("plan_timesteps", torch.tensor(conditioning.timesteps, dtype=torch.float32),
+                                 persistent=False)
+            self.register_buffer("served_timesteps", torch.from_numpy(conditioning.served()), persistent=False)
+            self.register_buffer("conditioning_row", torch.from_numpy(conditioning.row().astype(np.int32)),
+                                 persistent=False)
         self.sampler_names = self.cache.sampler_names
         self.halves = spec.halves
         self.layer_index = {layer: i for i, layer in enumerate(spec.layers)}

@@ -83,7 +83,9 @@ class TorchBackend(Backend):
     # ---- load -> allocate ----------------------------------------------------------------------
     def load(self) -> None:
         self.spec.model.to(self._device)
+        # .to: a step's own buffers (the hoisted conditioning's tables) go where the model is
         self.modules = [self.spec.build_step(list(sig), self.schedule.selector, self.layer_cache, self.conditioning)
+                        .to(self._device)
                         for sig in self.schedule.distinct_signatures()]
 
     def new_context(self) -> TorchContext:
