@@ -17,6 +17,8 @@ Roles, for a layer l over N tokens of width D, with R rows (both guidance halves
     inp    (R, N, D)  the layer input when the token was last computed (score "cosine")
     cond   (G, R, M)  not a layer's: the conditioning rows a refresh step computed for the steps it
                       serves (`cond.modulation`, diffsparse/conditioning.py)
+    textkey   (R, M, D)  a cross-attention layer's keys ┐ of its fixed text, computed by refresh
+    textvalue (R, M, D)  and values                     ┘ steps (diffsparse/conditioning.py)
     sampler           a multistep sampler's state, shaped like the latent (B, ...)
 
 Everything that reads or writes the cache — the cached and masked steps, the exporter, the
@@ -48,11 +50,17 @@ class Role(str, enum.Enum):
     ENT = "ent"
     INP = "inp"
     COND = "cond"
+    TEXT_KEY = "textkey"
+    TEXT_VALUE = "textvalue"
     SAMPLER = "sampler"
 
 
 #: roles that hold a D-wide vector per token and row; the others one number per token and sample
 PER_ROW_ROLES = frozenset({Role.OUT, Role.KEY, Role.VALUE, Role.INP})
+#: a cross-attention layer's text keys and values, kept when refresh steps compute them
+TEXT_ROLES = (Role.TEXT_KEY, Role.TEXT_VALUE)
+#: the entries of hoisted conditioning
+HOISTED_ROLES = frozenset({Role.COND, *TEXT_ROLES})
 #: roles that belong to no layer
 STEP_ROLES = frozenset({Role.COND, Role.SAMPLER})
 #: roles a layer whose K is 0 carries over unchanged (reuse counts and the cosine input are
@@ -128,10 +136,14 @@ class CacheLayout:
                 for role in spec.cache_roles(layer, selector):
                     shape = (spec.rows, n, spec.dim) if role in PER_ROW_ROLES else (spec.batch_size, n)
                     entries.append(CacheEntry(Role(role), layer.name, shape))
+                text = spec.context_kv_shape(layer) if conditioning is not None and conditioning.context else None
+                if text is not None:
+                    entries += [CacheEntry(role, layer.name, (spec.rows, *text)) for role in TEXT_ROLES]
         if conditioning is not None:
             if not layer_cache:
                 raise CacheLayoutError("hoisted conditioning is read by partial steps, which need the layer cache")
-            entries.append(CacheEntry(Role.COND, CONDITIONING_OWNER, conditioning.shape))
+            if conditioning.width is not None:
+                entries.append(CacheEntry(Role.COND, CONDITIONING_OWNER, conditioning.shape))
         latent = (spec.batch_size, *spec.latent_shape)
         entries += [CacheEntry(Role.SAMPLER, state, latent) for state in spec.sampler.state]
         return cls(entries)
@@ -189,6 +201,12 @@ class CacheLayout:
     @property
     def has_layer_cache(self) -> bool:
         return any(e.role not in STEP_ROLES for e in self.entries)
+
+    @property
+    def hoists_conditioning(self) -> bool:
+        """Whether refresh steps compute conditioning that partial steps read (a `cond` table or
+        text keys and values; diffsparse/conditioning.py)."""
+        return any(e.role in HOISTED_ROLES for e in self.entries)
 
     @property
     def conditioning_name(self) -> str | None:

@@ -9,6 +9,11 @@ never on the tokens. A partial step that recomputes a few tokens still evaluates
 modulation, which reads all of W_b (6·D² per block, 0.9 GB of fp32 weights at DiT-XL/2) to produce
 R rows: a memory-bound fixed part of the step that its MACs barely show.
 
+The same holds for the keys and values of a cross-attention over fixed text (PixArt-α: the
+caption projection and every block's `W_k·c`, `W_v·c` for M text tokens, ~6% of a dense step's
+MACs at 256²): the same at every step. They are computed by each refresh step and kept in the
+cache entries `textkey.<layer>` / `textvalue.<layer>` (R, M, D); partial steps attend over them.
+
 So a *refresh* step (every layer recomputes all its tokens) computes the modulation of each
 computed step it serves — itself and the partial steps up to the next refresh, a group of at
 most G — in one pass over the weights (G·R rows), and writes them to the cache entry
@@ -22,10 +27,11 @@ in the group (`row`). A plan exists only where it helps and fits (`plan_conditio
 that can hoist (`ModelSpec.conditioning_width`), a schedule with partial steps whose first
 computed step is a refresh, distinct timesteps, and not the universal graph (its K is an input).
 
-MACs: per computed step, a refresh computes G·R rows of c MACs instead of R, a partial step none:
-    macs(k) = step_macs(K_k) + c·R·(G − 1)   (refresh),    step_macs(K_k) − c·R   (partial),
+MACs: per computed step, a refresh computes G·R rows of c MACs instead of R, a partial step none
+(and no text keys and values, c_text per row):
+    macs(k) = step_macs(K_k) + c·R·(G − 1)   (refresh),    step_macs(K_k) − (c + c_text)·R   (partial),
 with c = `ModelSpec.conditioning_macs()` (the padding rows of a shorter group included: they are
-computed).
+computed) and c_text = `ModelSpec.context_macs()`.
 """
 
 from __future__ import annotations
@@ -46,16 +52,20 @@ class ConditioningPlan:
     timesteps  per computed step k, its model timestep (what the step graph is fed)
     groups     the computed steps by refresh: each group a refresh's index k, then the partial
                steps that follow it
-    width      M, the conditioning values per row
+    width      M, the conditioning values per row; None: no modulation table (text only)
     rows       R, the rows per step (samples × guidance halves)
     macs       c, MACs of one row's conditioning
+    context    whether refresh steps also compute the text keys and values partial steps read
+    context_macs  c_text, MACs of one row's text keys and values (and text projection)
     """
 
     timesteps: tuple[float, ...]
     groups: tuple[tuple[int, ...], ...]
-    width: int
+    width: int | None
     rows: int
     macs: int
+    context: bool = False
+    context_macs: int = 0
 
     @property
     def group_size(self) -> int:
@@ -94,24 +104,26 @@ class ConditioningPlan:
 
     def step_macs_delta(self, k: int) -> int:
         """MACs computed step k spends on conditioning beyond what it would computing its own."""
-        if any(g[0] == k for g in self.groups):
-            return self.macs * self.rows * (self.group_size - 1)
-        return -self.macs * self.rows
+        return self.graph_macs_delta(any(g[0] == k for g in self.groups))
 
     def graph_macs_delta(self, refresh: bool) -> int:
         """The same for a graph, by whether it is a refresh's (all graphs of one kind agree)."""
-        return self.macs * self.rows * ((self.group_size - 1) if refresh else -1)
+        table = self.macs * (self.group_size - 1) if self.width is not None else 0
+        if refresh:
+            return self.rows * table
+        return -self.rows * ((self.macs if self.width is not None else 0) + (self.context_macs if self.context else 0))
 
 
 def plan_conditioning(timesteps: Sequence[float], refresh: Sequence[bool], width: int | None, rows: int,
-                      macs: int) -> ConditioningPlan | None:
+                      macs: int, context: bool = False, context_macs: int = 0) -> ConditioningPlan | None:
     """The hoisting plan of a schedule's computed steps, or None where there is nothing to gain or
-    it would not be exact: no hoistable conditioning (width None), no partial step, a first step
-    that is not a refresh, or timesteps that are not distinct (a graph finds its step by timestep).
+    it would not be exact: nothing hoistable (width None and no text context), no partial step, a
+    first step that is not a refresh, or timesteps that are not distinct (a graph finds its step by
+    timestep).
 
     timesteps: per computed step, the model timestep; refresh: per computed step, whether every
     layer recomputes all its tokens."""
-    if width is None or all(refresh) or not refresh or not refresh[0]:
+    if (width is None and not context) or all(refresh) or not refresh or not refresh[0]:
         return None
     ts = [float(np.float32(t)) for t in timesteps]
     if len(set(ts)) != len(ts):
@@ -122,5 +134,6 @@ def plan_conditioning(timesteps: Sequence[float], refresh: Sequence[bool], width
             groups.append([k])
         else:
             groups[-1].append(k)
-    return ConditioningPlan(timesteps=tuple(ts), groups=tuple(tuple(g) for g in groups), width=int(width),
-                            rows=int(rows), macs=int(macs))
+    return ConditioningPlan(timesteps=tuple(ts), groups=tuple(tuple(g) for g in groups),
+                            width=None if width is None else int(width), rows=int(rows), macs=int(macs),
+                            context=bool(context), context_macs=int(context_macs))

@@ -45,7 +45,7 @@ def recorded_conditioning(spec: ModelSpec, manifest: Manifest) -> ConditioningPl
     (`ModelSpec.conditioning_plan`) where the manifest's cache holds the hoisted rows, else None
     (exported with hoisting off, or before it existed). The bundle check compares the whole
     layout, so a cache entry the rule would not give is refused there."""
-    if manifest.cache.conditioning_name is None:
+    if not manifest.cache.hoists_conditioning:
         return None
     return spec.conditioning_plan(manifest.schedule, universal=manifest.universal is not None)
 

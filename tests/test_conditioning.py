@@ -13,6 +13,7 @@ from diffsparse.cache_layout import Role
 from diffsparse.conditioning import plan_conditioning
 from diffsparse.manifest import Manifest
 from diffsparse.models.base import StepCall
+from diffsparse.models.zoo import make_spec
 from diffsparse.sampler import initial_noise
 
 
@@ -43,55 +44,52 @@ def test_the_spec_plans_sparse_schedules_only(tiny_spec, tiny_schedules):
     toca = tiny_schedules["toca"]
     plan = tiny_spec.conditioning_plan(toca)
     assert plan is not None and plan.rows == tiny_spec.rows
-    assert plan.width == tiny_spec.conditioning_width()
+    assert plan.width == tiny_spec.conditioning_width() and not plan.context
     assert tiny_spec.conditioning_plan(tiny_schedules["dense"]) is None
     # the universal step's K are inputs: it cannot tell a refresh from a partial step
     assert tiny_spec.conditioning_plan(toca, universal=True) is None
 
 
-def _generate(spec, schedule, plan, seed=0):
-    """The schedule's computed steps on the PyTorch step modules -> final latent."""
+def _run(spec, schedule, plan, steps=None, count_macs=None, seed=0):
+    """The schedule's computed steps on the PyTorch step modules -> (final latent, per-step MACs
+    counted by PyTorch's FLOP counter when `count_macs` is given)."""
     sampler = spec.schedule_plan(schedule)
-    cond = {"class_labels": np.array([3, 7][:spec.batch_size])}
+    cond = spec.example_conditioning(np.random.default_rng(seed))
     latent = torch.from_numpy(initial_noise(seed, spec.batch_size, spec.latent_shape))
     cache = spec.cache_layout(schedule.selector, True, plan).zeros()
-    modules = {}
-    for k, keep in enumerate(schedule.computed_keep):
+    modules, counted = {}, []
+    for k, keep in enumerate(schedule.computed_keep[:steps]):
         step = modules.setdefault(tuple(keep), spec.build_step(keep, schedule.selector, True, plan))
         feeds = spec.feeds(StepCall(float(sampler.timesteps[k]), sampler.coefficients[k]), cond, 3.0)
         args = [torch.from_numpy(np.asarray(feeds[s.name])) for s in spec.step_inputs()[1:]]
         with torch.no_grad():
+            if count_macs is not None:
+                counted.append(count_macs(step, latent, *args, *cache))
             out = step(latent, *args, *cache)
         latent, cache = out[0], list(out[1:])
-    return latent.numpy()
+    return latent.numpy(), counted
 
 
-def test_hoisted_steps_sample_what_inline_steps_do(tiny_spec):
-    schedule = toca_schedule(tiny_spec, 7, 0.5, full_every=4)   # groups of 4 and 3: padding rows too
-    plan = tiny_spec.conditioning_plan(schedule)
+FAMILIES = ["dit-tiny", "pixart-tiny"]
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_hoisted_steps_sample_what_inline_steps_do(model):
+    spec = make_spec(model, batch_size=2)
+    schedule = toca_schedule(spec, 7, 0.5, full_every=4)   # groups of 4 and 3: padding rows too
+    plan = spec.conditioning_plan(schedule)
     assert plan is not None and [len(g) for g in plan.groups] == [4, 3]
-    np.testing.assert_allclose(_generate(tiny_spec, schedule, plan), _generate(tiny_spec, schedule, None),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_run(spec, schedule, plan)[0], _run(spec, schedule, None)[0], atol=1e-5, rtol=0)
 
 
-def test_partial_steps_count_no_conditioning_macs(tiny_spec, count_macs):
-    schedule = toca_schedule(tiny_spec, 6, 0.5, full_every=3)
-    plan = tiny_spec.conditioning_plan(schedule)
-    sampler = tiny_spec.schedule_plan(schedule)
-    cond = {"class_labels": np.array([3, 7])}
-    cache = tiny_spec.cache_layout(schedule.selector, True, plan).zeros()
-    latent = torch.from_numpy(initial_noise(0, tiny_spec.batch_size, tiny_spec.latent_shape))
-    counted = []
-    for k, keep in enumerate(schedule.computed_keep[:3]):
-        step = tiny_spec.build_step(keep, schedule.selector, True, plan)
-        feeds = tiny_spec.feeds(StepCall(float(sampler.timesteps[k]), sampler.coefficients[k]), cond, 3.0)
-        args = [torch.from_numpy(np.asarray(feeds[s.name])) for s in tiny_spec.step_inputs()[1:]]
-        with torch.no_grad():
-            counted.append(count_macs(step, latent, *args, *cache))
-            out = step(latent, *args, *cache)
-        latent, cache = out[0], list(out[1:])
-    assert counted == tiny_spec.schedule_step_macs(schedule, plan)[:3]
-    assert tiny_spec.schedule_step_macs(schedule, plan)[1] < tiny_spec.schedule_step_macs(schedule)[1]
+@pytest.mark.parametrize("model", FAMILIES)
+def test_partial_steps_count_no_conditioning_macs(model, count_macs):
+    spec = make_spec(model, batch_size=2)
+    schedule = toca_schedule(spec, 6, 0.5, full_every=3)
+    plan = spec.conditioning_plan(schedule)
+    _, counted = _run(spec, schedule, plan, steps=3, count_macs=count_macs)
+    assert counted == spec.schedule_step_macs(schedule, plan)[:3]
+    assert spec.schedule_step_macs(schedule, plan)[1] < spec.schedule_step_macs(schedule)[1]
 
 
 def test_the_sparse_bundle_carries_the_rows_and_its_partial_graphs_no_modulation_weights(tiny_bundles, tiny_spec):
@@ -125,3 +123,17 @@ def test_a_bundle_exported_without_hoisting_runs_and_samples_the_same(tmp_path, 
     b = Pipeline.from_bundle(tiny_bundles["toca"], backend="onnxruntime").generate(conditioning=labels, seed=1)
     assert a.samples.shape == b.samples.shape
     np.testing.assert_allclose(a.samples, b.samples, atol=1e-5, rtol=0)
+
+
+def test_pixart_hoists_its_text_keys_and_values_only():
+    spec = make_spec("pixart-tiny", batch_size=1)
+    schedule = toca_schedule(spec, 6, 0.5, full_every=3)
+    plan = spec.conditioning_plan(schedule)
+    assert plan.width is None and plan.context   # adaLN-single: no per-block modulation matmul
+    layout = spec.cache_layout(schedule.selector, True, plan)
+    assert layout.conditioning_name is None
+    ca = next(layer for layer in spec.layers if layer.kind == "CA")
+    assert layout.entry(layout.name(Role.TEXT_KEY, ca)).shape == (spec.rows, spec.text_len, spec.dim)
+    assert not any(layout.has(Role.TEXT_KEY, layer) for layer in spec.layers if layer.kind != "CA")
+    # a refresh computes them as it always did; a partial step saves them and the text projection
+    assert plan.step_macs_delta(0) == 0 and plan.step_macs_delta(1) == -spec.context_macs() * spec.rows

@@ -193,18 +193,30 @@ class ModelSpec(abc.ABC):
         """MACs per row of that conditioning (part of `fixed_macs`)."""
         return 0
 
+    def context_kv_shape(self, layer: LayerRef) -> tuple[int, int] | None:
+        """(M, D) of a cross-attention layer's keys (and values) over step-invariant text, when
+        refresh steps may compute them for the partial steps (`_cross_attention` reads them from
+        the cache); None: every step computes its own."""
+        return None
+
+    def context_macs(self) -> int:
+        """MACs per row of those text keys and values, and of the text projection before them
+        (part of `fixed_macs`)."""
+        return 0
+
     def conditioning_plan(self, schedule: Schedule, universal: bool = False) -> ConditioningPlan | None:
         """Whether and how the schedule's steps hoist their conditioning into refresh steps: the
         one rule export, runtime and MACs ask. None for the universal step graph (its K are
         inputs, so it cannot know whether it is a refresh) and wherever
         `diffsparse.conditioning.plan_conditioning` finds nothing to gain."""
         width = self.conditioning_width()
-        if universal or width is None:
+        context = any(self.context_kv_shape(layer) is not None for layer in self.layers)
+        if universal or (width is None and not context):
             return None
         dense = self.dense_keep()
         refresh = [list(row) == dense for row in schedule.computed_keep]
         return plan_conditioning(self.schedule_plan(schedule).timesteps, refresh, width, self.rows,
-                                 self.conditioning_macs())
+                                 self.conditioning_macs(), context, self.context_macs())
 
     @abc.abstractmethod
     def conditioning_inputs(self) -> list[TensorSpec]:

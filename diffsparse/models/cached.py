@@ -83,8 +83,8 @@ class CachedStep(nn.Module):
         #: the hoisted conditioning (diffsparse/conditioning.py): whether this step computes its
         #: group's rows (a refresh) or reads its row, and the tables that find them by timestep
         self.conditioning = conditioning
-        if conditioning is not None:
-            self.refreshes_conditioning = list(keep) == spec.dense_keep()
+        self.refreshes_conditioning = conditioning is None or list(keep) == spec.dense_keep()
+        if conditioning is not None and conditioning.width is not None:
             # buffers, so that moving the step to a device moves them (the torch backend does)
             self.register_buffer("plan_timesteps", torch.tensor(conditioning.timesteps, dtype=torch.float32),
                                  persistent=False)
@@ -154,7 +154,7 @@ class CachedStep(nn.Module):
         computes its own inline). A refresh computes its group's rows (`conditioning_rows` over
         the group's timesteps) and writes them to the cache; a partial step carries them over.
         The step is found by its timestep among the plan's."""
-        if self.conditioning is None:
+        if self.conditioning is None or self.conditioning.width is None:
             return None
         name = self.cache.conditioning_name
         # int32 indices: TensorRT's subset (export/trt_compat.py) takes no int64 Gather indices
@@ -358,15 +358,34 @@ class CachedStep(nn.Module):
     def _mlp(self, index, layer, sa, ff, mlp_in, h, state, new) -> torch.Tensor:
         return self._token_layer(index, layer, sa, lambda x, idx: ff(x), mlp_in, h, state, new)
 
+    @property
+    def computes_text(self) -> bool:
+        """Whether this step computes its cross-attention text keys and values (else it reads
+        them from the cache, and needs no text projection either)."""
+        return self.refreshes_conditioning or not self.conditioning.context
+
+    def _text_kv(self, layer, attn, context, state, new) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values of the text (R, M, D): computed here, or (under a plan that
+        hoists them, diffsparse/conditioning.py) by refresh steps and read from the cache."""
+        if not self.cache.has(Role.TEXT_KEY, layer):
+            return attn.to_k(context), attn.to_v(context)
+        k_name, v_name = self.cache.name(Role.TEXT_KEY, layer), self.cache.name(Role.TEXT_VALUE, layer)
+        if self.computes_text:
+            keys, values = attn.to_k(context), attn.to_v(context)
+        else:
+            keys, values = state[k_name], state[v_name]
+        new[k_name], new[v_name] = keys, values
+        return keys, values
+
     def _cross_attention(self, index, layer, sa, attn, ca_in, h, context, state, new,
                          context_bias: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-attention of the image/video tokens (queries) over fixed text tokens `context`
         (R, M, D_ctx); context_bias (R, 1, 1, M) masks padded text (0 or -inf). The text keys and
-        values are the same at every step, but are recomputed per step: caching them across steps
-        would make them graph inputs the runtime must fill."""
+        values are the same at every step: under a plan that hoists them, refresh steps compute
+        them and partial steps read them from the cache (`_text_kv`)."""
         need_probs = self.cache.has(Role.ENT, layer)
         ent_key = self.cache.name(Role.ENT, layer) if need_probs else None
-        keys, values = attn.to_k(context), attn.to_v(context)
+        keys, values = self._text_kv(layer, attn, context, state, new)
         entropy: list[torch.Tensor] = []
 
         def fn(x, idx):

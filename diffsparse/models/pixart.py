@@ -154,17 +154,24 @@ class PixArtSpec(ModelSpec):
         return 2 * keep * d * self.ff_dim
 
     def fixed_macs(self) -> int:
-        d, n, m, p = self.dim, self.num_tokens, self.text_len, self.patch
-        blocks = len(self.model.transformer_blocks)
+        d, n, p = self.dim, self.num_tokens, self.patch
         patch_embed = n * p * p * self.in_channels * d
         timestep = 256 * d + d * d + 6 * d * d
         if self.micro_conditions:
             s = self.model.adaln_single.emb.outdim
             timestep += 3 * (256 * s + s * s)
-        caption = m * (self.caption_channels * d + d * d) if self.model.caption_projection is not None else 0
-        text_kv = blocks * 2 * m * self.context_dim * d
         head = n * d * p * p * self.out_channels
-        return patch_embed + timestep + caption + text_kv + head
+        return patch_embed + timestep + self.context_macs() + head
+
+    def context_kv_shape(self, layer: LayerRef) -> tuple[int, int] | None:
+        """Every cross-attention layer's text keys and values are step-invariant (the text is)."""
+        return (self.text_len, self.dim) if layer.kind == "CA" else None
+
+    def context_macs(self) -> int:
+        d, m, blocks = self.dim, self.text_len, len(self.model.transformer_blocks)
+        # the caption projection (a 2-layer MLP over the M text tokens) and each block's W_k, W_v
+        caption = m * (self.caption_channels * d + d * d) if self.model.caption_projection is not None else 0
+        return caption + blocks * 2 * m * self.context_dim * d
 
 
 class PixArtCachedStep(CachedStep):
@@ -194,7 +201,7 @@ class PixArtCachedStep(CachedStep):
         h = model.pos_embed(x)
         t6, embedded_t = model.adaln_single(t, self._micro_conditions(rows, x), batch_size=rows,
                                             hidden_dtype=h.dtype)
-        if model.caption_projection is not None:
+        if model.caption_projection is not None and self.computes_text:
             context = model.caption_projection(context)
         bias = text_bias(mask.to(h.dtype))
         for b, block in enumerate(model.transformer_blocks):
