@@ -22,9 +22,9 @@ L blocks, S = D/3 the micro-condition width):
     fixed  patch embed            N·p²·C_in·D
            timestep embedding     256·D + D²  and adaLN-single D·6D (once per step, shared by blocks)
            micro-conditions       3·(256·S + S²)  (only models with use_additional_conditions, 1024²)
-           caption projection     M·(C_cap·D + D²)
-           text keys/values       L·2·M·D_ctx·D  (same text every step, but recomputed per step)
-           head                   N·D·p²·C_out
+           caption projection     M·(C_cap·D + D²)          ┐ the same text every step: under a
+           text keys/values       L·2·M·D_ctx·D             ┘ plan only refresh steps compute them
+           head                   N·D·p²·C_out                (diffsparse/conditioning.py)
 """
 
 from __future__ import annotations
