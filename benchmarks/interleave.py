@@ -10,16 +10,21 @@ import statistics
 from collections.abc import Callable
 
 
-def bundle_pair_parser(doc: str) -> argparse.ArgumentParser:
-    """The arguments every sparse-vs-dense bundle benchmark takes: the two bundle folders, rounds,
-    threads, seed and the result JSON."""
+def interleave_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every interleaved benchmark takes: rounds, threads, seed and the result JSON."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sparse")
-    p.add_argument("dense")
     p.add_argument("--runs", type=int, default=5, help="interleaved rounds (default %(default)s)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the result here")
+    return p
+
+
+def bundle_pair_parser(doc: str) -> argparse.ArgumentParser:
+    """`interleave_parser` with the two bundle folders of a sparse-vs-dense benchmark."""
+    p = interleave_parser(doc)
+    p.add_argument("sparse")
+    p.add_argument("dense")
     return p
 
 

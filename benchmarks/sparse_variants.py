@@ -24,7 +24,7 @@ import numpy as np
 from diffsparse.runtime.pipeline import Pipeline
 from diffsparse.runtime.profile import host_info
 
-from interleave import interleaved, summarize
+from interleave import interleave_parser, interleaved, summarize
 
 
 def variant(text: str) -> tuple[str, str]:
@@ -35,14 +35,10 @@ def variant(text: str) -> tuple[str, str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = interleave_parser(__doc__)
     p.add_argument("dense", help="the plain dense bundle")
     p.add_argument("variants", nargs="+", type=variant, metavar="NAME=BUNDLE", help="sparse bundles to compare")
-    p.add_argument("--runs", type=int, default=5, help="interleaved rounds (default %(default)s)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prepack", default="auto", help="ONNX Runtime weight pre-packing for every bundle (default auto)")
-    p.add_argument("--json", help="write the result here")
     args = p.parse_args()
     bundles = {"dense": args.dense, **dict(args.variants)}
     if len(bundles) != len(args.variants) + 1:

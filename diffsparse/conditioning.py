@@ -54,9 +54,9 @@ class ConditioningPlan:
                steps that follow it
     width      M, the conditioning values per row; None: no modulation table (text only)
     rows       R, the rows per step (samples × guidance halves)
-    macs       c, MACs of one row's conditioning
+    macs       c, MACs of one row's conditioning (0 without a table)
     context    whether refresh steps also compute the text keys and values partial steps read
-    context_macs  c_text, MACs of one row's text keys and values (and text projection)
+    context_macs  c_text, MACs of one row's text keys and values and text projection (0 without)
     """
 
     timesteps: tuple[float, ...]
@@ -76,11 +76,6 @@ class ConditioningPlan:
     def shape(self) -> tuple[int, int, int]:
         """The cache entry's shape (G, R, M)."""
         return (self.group_size, self.rows, self.width)
-
-    @property
-    def refreshes(self) -> list[int]:
-        """Computed-step indices that compute their group's rows."""
-        return [g[0] for g in self.groups]
 
     def served(self) -> np.ndarray:
         """(T', G) float32: per computed step, the timesteps of its group in row order, padded
@@ -108,10 +103,9 @@ class ConditioningPlan:
 
     def graph_macs_delta(self, refresh: bool) -> int:
         """The same for a graph, by whether it is a refresh's (all graphs of one kind agree)."""
-        table = self.macs * (self.group_size - 1) if self.width is not None else 0
         if refresh:
-            return self.rows * table
-        return -self.rows * ((self.macs if self.width is not None else 0) + (self.context_macs if self.context else 0))
+            return self.rows * self.macs * (self.group_size - 1)
+        return -self.rows * (self.macs + self.context_macs)
 
 
 def plan_conditioning(timesteps: Sequence[float], refresh: Sequence[bool], width: int | None, rows: int,
@@ -135,5 +129,6 @@ def plan_conditioning(timesteps: Sequence[float], refresh: Sequence[bool], width
         else:
             groups[-1].append(k)
     return ConditioningPlan(timesteps=tuple(ts), groups=tuple(tuple(g) for g in groups),
-                            width=None if width is None else int(width), rows=int(rows), macs=int(macs),
-                            context=bool(context), context_macs=int(context_macs))
+                            width=None if width is None else int(width), rows=int(rows),
+                            macs=0 if width is None else int(macs), context=bool(context),
+                            context_macs=int(context_macs) if context else 0)

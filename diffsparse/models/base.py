@@ -213,8 +213,7 @@ class ModelSpec(abc.ABC):
         context = any(self.context_kv_shape(layer) is not None for layer in self.layers)
         if universal or (width is None and not context):
             return None
-        dense = self.dense_keep()
-        refresh = [list(row) == dense for row in schedule.computed_keep]
+        refresh = [self.refreshes(row) for row in schedule.computed_keep]
         return plan_conditioning(self.schedule_plan(schedule).timesteps, refresh, width, self.rows,
                                  self.conditioning_macs(), context, self.context_macs())
 
@@ -300,7 +299,7 @@ class ModelSpec(abc.ABC):
         """MACs of one step graph for `keep`, under the schedule's conditioning plan."""
         macs = self.step_macs(keep)
         if conditioning is not None:
-            macs += conditioning.graph_macs_delta(list(keep) == self.dense_keep())
+            macs += conditioning.graph_macs_delta(self.refreshes(keep))
         return macs
 
     def schedule_step_macs(self, schedule: Schedule, conditioning: ConditioningPlan | None = None) -> list[int]:
@@ -317,6 +316,12 @@ class ModelSpec(abc.ABC):
 
     def dense_keep(self) -> list[int]:
         return [self.layer_tokens(l) for l in self.layers]
+
+    def refreshes(self, keep: Sequence[int]) -> bool:
+        """Whether a step (graph) with this K row recomputes every token of every layer: a
+        refresh, which computes the hoisted conditioning of its group (diffsparse/conditioning.py).
+        By K, not by the schedule's `full_steps`: graphs are shared by K pattern."""
+        return list(keep) == self.dense_keep()
 
     def dense_macs(self, num_steps: int) -> int:
         return self.step_macs(self.dense_keep()) * num_steps

@@ -83,7 +83,7 @@ class CachedStep(nn.Module):
         #: the hoisted conditioning (diffsparse/conditioning.py): whether this step computes its
         #: group's rows (a refresh) or reads its row, and the tables that find them by timestep
         self.conditioning = conditioning
-        self.refreshes_conditioning = conditioning is None or list(keep) == spec.dense_keep()
+        self.refreshes_conditioning = conditioning is None or spec.refreshes(keep)
         if conditioning is not None and conditioning.width is not None:
             # buffers, so that moving the step to a device moves them (the torch backend does)
             self.register_buffer("plan_timesteps", torch.tensor(conditioning.timesteps, dtype=torch.float32),
