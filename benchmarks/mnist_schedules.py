@@ -5,7 +5,10 @@ dstrain's defaults (two stages, distillation loss = classifier features + L2) at
 schedule's MACs, in the paper's space (tokens only); the schedule learned in the joint space
 (steps may be skipped: `dstrain --space joint --init best`, warm-started from the best baseline on
 held-out draws, at exactly its MACs); FORA-style whole-layer reuse and fewer steps (skipped steps
-of the T-step grid) at the nearest MACs; optionally random search and a GA (--search). Both
+of the T-step grid) at the nearest MACs; optionally random search and a GA (--search). Ours, not
+baselines: `fewer-steps-forecast` (the fewer-steps schedule, its skipped steps forecasting x0 from
+the last two computed steps: `Schedule.forecasting`) and `diffsparse-joint-forecast` (the joint
+space learned with forecasting skips, `dstrain --space joint --skip-forecast`). Both
 learned schedules are the best of their run on held-out draws (never worse than the start).
 Every schedule is exported to a bundle and scored
 with dseval's metrics on ONNX Runtime CPU (n per class, seed 0, the model's default guidance): accuracy, MNIST-FID
@@ -44,8 +47,10 @@ def build_schedules(ratio: float, args, out: Path) -> dict:
                       lr_layer=args.lr_layer, lr_unified=args.lr_unified)
     scheds = {"toca": toca_schedule(spec, args.steps, ratio, full_every=None), "fora": fora_schedule(spec, args.steps, ratio),
               "fewer-steps": fewer_steps_schedule(spec, args.steps, ratio)}
+    scheds["fewer-steps-forecast"] = scheds["fewer-steps"].forecasting()
     joint = dataclasses.replace(cfg, space="joint", init="best", stage2_epochs=args.joint_epochs)
-    for method, space_cfg in (("diffsparse", cfg), ("diffsparse-joint", joint)):
+    forecast = dataclasses.replace(joint, skip_forecast=True)
+    for method, space_cfg in (("diffsparse", cfg), ("diffsparse-joint", joint), ("diffsparse-joint-forecast", forecast)):
         if args.methods and method not in args.methods:
             continue
         t0 = time.perf_counter()
@@ -154,7 +159,8 @@ def main() -> None:
             (out / "results.json").write_text(json.dumps(rows, indent=1))
     lines = ["| target | method | MACs ratio | accuracy | MNIST-FID | PSNR vs dense (dB) | SSIM vs dense |",
              "|---|---|---|---|---|---|---|"]
-    order = ["dense", "toca", "fora", "fewer-steps", "random", "genetic", "diffsparse", "diffsparse-joint"]
+    order = ["dense", "toca", "fora", "fewer-steps", "random", "genetic", "diffsparse", "diffsparse-joint",
+             "fewer-steps-forecast", "diffsparse-joint-forecast"]
     rows.sort(key=lambda r: (-r["ratio_target"], order.index(r["method"])))
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     for r in rows:

@@ -21,11 +21,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 LABELS = {"dense": "dense", "fewer-steps": "fewer steps", "fora": "FORA-style", "toca": "ToCa-style",
           "random": "random search", "genetic": "GA", "diffsparse": "learned (tokens)",
-          "diffsparse-joint": "learned (joint space)"}
+          "diffsparse-joint": "learned (joint space)", "fewer-steps-forecast": "fewer steps, forecasting skips (ours)",
+          "diffsparse-joint-forecast": "learned (joint space, forecasting skips)"}
 STYLES = {"fewer-steps": "o-", "fora": "s--", "toca": "^--", "random": "x:", "genetic": "+:",
-          "diffsparse": "v-", "diffsparse-joint": "D-"}
+          "diffsparse": "v-", "diffsparse-joint": "D-", "fewer-steps-forecast": "*-", "diffsparse-joint-forecast": "p-"}
 COLORS = {"fewer-steps": "tab:blue", "fora": "tab:orange", "toca": "tab:green", "random": "tab:gray",
-          "genetic": "tab:brown", "diffsparse": "tab:red", "diffsparse-joint": "tab:purple"}
+          "genetic": "tab:brown", "diffsparse": "tab:red", "diffsparse-joint": "tab:purple",
+          "fewer-steps-forecast": "tab:cyan", "diffsparse-joint-forecast": "black"}
 
 
 def load_rows(paths: list[str]) -> list[dict]:
@@ -50,7 +52,7 @@ def plot(rows: list[dict], out: Path) -> None:
                 continue
             xs, ys = zip(*pts)
             # the joint line is drawn hollow and larger: where it kept a baseline, that one shows through
-            hollow = {"markerfacecolor": "none", "markersize": 10} if method == "diffsparse-joint" else {}
+            hollow = {"markerfacecolor": "none", "markersize": 10} if method.startswith("diffsparse-joint") else {}
             ax.plot(xs, ys, STYLES[method], color=COLORS[method], label=LABELS[method], alpha=0.85, **hollow)
         ax.set_title(f"{t} DDIM steps")
         ax.set_xlabel("MACs ratio (of dense)")

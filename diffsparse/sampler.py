@@ -78,6 +78,7 @@ class SamplerPlan:
             raise SamplerError(f"sampler.kind must be one of {sorted(SAMPLERS)}, got {kind!r}")
         sampler_cls = SAMPLERS[kind]
         config = _check_config(sampler_cls, data["config"])
+        sampler = sampler_cls.from_scheduler_config(config)
         timesteps = _number_array(data["timesteps"], "timesteps", 1)
         t = len(timesteps)
         if t == 0 or (num_steps is not None and t != num_steps):
@@ -91,7 +92,7 @@ class SamplerPlan:
             raise SamplerError(f"sampler.timesteps[{bad[0]}] = {float(timesteps[bad[0]])!r} must be {what} "
                                f"(the sampler's num_train_timesteps is {top})")
         coefficients = _number_array(data["coefficients"], "coefficients", 2)
-        c = sampler_cls.num_coefficients
+        c = sampler.num_coefficients
         if coefficients.shape != (t, c):
             raise SamplerError(f"sampler.coefficients must be {t} rows of {c} numbers (one row per step for "
                                f"{kind!r}), got shape {list(coefficients.shape)}")
@@ -112,11 +113,16 @@ _SETTING_CHOICES = {"beta_schedule": ("linear", "scaled_linear", "squaredcos_cap
                     "final_sigmas_type": ("zero", "sigma_min")}
 
 
+#: settings added after bundles were first written, and the value a plan without them meant
+_LATER_SETTINGS = {"skip_forecast": False}
+
+
 def _check_config(sampler_cls: type[Sampler], config: Any) -> dict[str, Any]:
     """A plan's `config`: exactly the sampler's settings (`asdict` of it), each of its type and range."""
     if not isinstance(config, dict):
         raise SamplerError(f"sampler.config must be an object, got {type(config).__name__}")
     fields = sampler_cls.__dataclass_fields__
+    config = {**{k: v for k, v in _LATER_SETTINGS.items() if k in fields}, **config}
     missing, unknown = [k for k in fields if k not in config], sorted(map(str, set(config) - set(fields)))
     if missing or unknown:
         raise SamplerError(f"sampler.config: missing key(s) {missing}, unknown key(s) {unknown} "
@@ -179,6 +185,8 @@ class Sampler(ABC):
                       next (e.g. ("prev_x0",)); they travel with the token cache as "sampler.<name>"
                       and start at zero. () when the sampler is single-step.
     num_coefficients  C, the length of one step's coefficient vector (the plan's coefficients are (T, C)).
+    (`state` and `num_coefficients` may depend on the settings: a `ForecastingSampler` whose
+    skipped steps forecast carries the last x0 and plans 5 coefficients.)
 
     The split: `plan` runs once on the host (float64/float32 as diffusers does) and reduces each
     step of diffusers' `step` to C numbers; `update` runs inside the step graph and only multiplies
@@ -222,9 +230,104 @@ class Sampler(ABC):
     def scheduler(self):
         """The diffusers scheduler these settings describe (the reference `plan` and `update` match)."""
 
+    def scheduler_settings(self) -> dict[str, Any]:
+        """The settings that are diffusers scheduler arguments (all but `skip_forecast`, ours)."""
+        return {k: v for k, v in asdict(self).items() if k != "skip_forecast"}
+
+
+#: the state a sampler whose skipped steps forecast carries: the last computed step's x0
+FORECAST_STATE = ("prev_x0",)
+#: a forecasting plan's coefficients per computed step: [c0, c1, P, Q, Q_prev] (`ForecastingSampler`)
+FORECAST_COEFFICIENTS = 5
+
+
+class ForecastingSampler(Sampler):
+    """A single-step sampler whose skipped steps may *forecast* the model's prediction instead of
+    reusing it (the `skip_forecast` setting; the schedule's `skip_forecast` chooses it).
+
+    Each step j of the T-step grid is written in data-prediction form: the computed step's model
+    output o gives x0 = (x_j − c1_j·o) / c0_j, and the update is x_{j+1} = p_j·x_j + q_j·x0
+    (`fine_grid`). A skipped step j after the computed steps i_{k−1} < i_k (the last two) runs
+    that update on the linear extrapolation
+
+        x̂0(j) = x0_k + r_j·(x0_k − x0_{k−1}),   r_j = (j − i_k) / (i_k − i_{k−1})
+
+    (r_j = 0, i.e. reuse, while only one step has been computed). Reusing the model output
+    (skip_forecast False) is r_j = 0 throughout: for DDIM (η = 0) and flow-matching Euler the
+    plain sub-grid plan. The update is linear in (x_{i_k}, x0_k, x0_{k−1}), so the computed step
+    i_k and the skipped steps after it fold into one row of `FORECAST_COEFFICIENTS`
+
+        [c0, c1, P, Q, Q_prev]:  x0 = (x − c1·o) / c0;   x' = P·x + Q·x0 + Q_prev·x0_prev,
+
+    with P = Π p_j and Q, Q_prev accumulated over j = i_k … i_{k+1} − 1; the state ("prev_x0")
+    carries x0 to the next computed step. It is a linear multistep method on the fine grid, as
+    DPM-Solver++(2M) is one on the sub-grid (TaylorSeer-style forecasting, at the model output).
+    """
+
+    #: the setting (a dataclass field of every subclass)
+    skip_forecast: bool
+    #: C and state without forecasting
+    plain_num_coefficients: ClassVar[int]
+
+    @property
+    def state(self) -> tuple[str, ...]:
+        return FORECAST_STATE if self.skip_forecast else ()
+
+    @property
+    def num_coefficients(self) -> int:
+        return FORECAST_COEFFICIENTS if self.skip_forecast else self.plain_num_coefficients
+
+    @abstractmethod
+    def fine_grid(self, num_steps: int, image_seq_len: int | None = None) -> tuple[np.ndarray, ...]:
+        """(timesteps, c0, c1, p, q), each (T,), float64 but the timesteps: the T-step grid in
+        data-prediction form (class docstring)."""
+
+    @abstractmethod
+    def plain_plan(self, num_steps: int, image_seq_len: int | None,
+                   computed: Sequence[bool] | None) -> SamplerPlan:
+        """The plan when skipped steps reuse the last model output (diffusers' own arithmetic)."""
+
+    @abstractmethod
+    def plain_update(self, sample: torch.Tensor, model_output: torch.Tensor,
+                     coef: torch.Tensor) -> torch.Tensor:
+        """The update of `plain_plan`'s coefficients."""
+
+    def data_prediction(self, sample: torch.Tensor, model_output: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """x0 = (x − c1·o) / c0, the step's prediction of the clean sample (coef[0], coef[1])."""
+        return (sample - coef[1] * model_output) / coef[0]
+
+    def plan(self, num_steps: int, image_seq_len: int | None = None,
+             computed: Sequence[bool] | None = None) -> SamplerPlan:
+        if not self.skip_forecast:
+            return self.plain_plan(num_steps, image_seq_len, computed)
+        idx = computed_indices(num_steps, computed)
+        timesteps, c0, c1, p, q = self.fine_grid(num_steps, image_seq_len)
+        rows = []
+        for k, i in enumerate(idx):
+            end = idx[k + 1] if k + 1 < len(idx) else num_steps
+            gap = i - idx[k - 1] if k else 0
+            big_p, big_q, q_prev = 1.0, 0.0, 0.0
+            for j in range(i, end):
+                r = (j - i) / gap if gap else 0.0
+                big_p, big_q, q_prev = p[j] * big_p, p[j] * big_q + q[j] * (1 + r), p[j] * q_prev - q[j] * r
+            rows.append([c0[i], c1[i], big_p, big_q, q_prev])
+        return SamplerPlan(kind=self.kind, timesteps=np.asarray(timesteps, np.float32)[idx],
+                           coefficients=np.asarray(rows, dtype=np.float32), config=asdict(self))
+
+    def update(self, sample, model_output, coef, state):
+        if not self.skip_forecast:
+            return self.plain_update(sample, model_output, coef), []
+        x0 = self.data_prediction(sample, model_output, coef)
+        return coef[2] * sample + coef[3] * x0 + coef[4] * state[0], [x0]
+
+    def forecast_update(self, sample: torch.Tensor, x0: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """One grid step on a given x0 (a forecast one), coef a row of the all-computed forecasting
+        plan ([c0, c1, p, q, 0]): x' = p·x + q·x0. The training rollout's skipped step."""
+        return coef[2] * sample + coef[3] * x0
+
 
 @dataclass(frozen=True)
-class DDIMSampler(Sampler):
+class DDIMSampler(ForecastingSampler):
     """DDIM (eta = 0, epsilon prediction), bit-for-bit the arithmetic of diffusers' `DDIMScheduler.step`:
         x0   = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)          [clipped to ±r if clip_sample]
         x_t' = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps
@@ -239,8 +342,7 @@ class DDIMSampler(Sampler):
     """
 
     kind = "ddim"
-    state = ()
-    num_coefficients = 4
+    plain_num_coefficients = 4
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
@@ -251,6 +353,7 @@ class DDIMSampler(Sampler):
     set_alpha_to_one: bool = True
     steps_offset: int = 0
     timestep_spacing: str = "leading"
+    skip_forecast: bool = False
 
     @classmethod
     def from_scheduler_config(cls, config: dict[str, Any]) -> DDIMSampler:
@@ -265,10 +368,28 @@ class DDIMSampler(Sampler):
     def scheduler(self):
         from diffusers import DDIMScheduler
 
-        return DDIMScheduler(**asdict(self), prediction_type="epsilon")
+        return DDIMScheduler(**self.scheduler_settings(), prediction_type="epsilon")
 
-    def plan(self, num_steps: int, image_seq_len: int | None = None,
-             computed: Sequence[bool] | None = None) -> SamplerPlan:
+    def fine_grid(self, num_steps, image_seq_len=None):
+        """c0 = √ᾱ_j, c1 = √(1 − ᾱ_j); with ᾱ'_j where step j ends, p = √(1 − ᾱ'_j) / √(1 − ᾱ_j),
+        q = √ᾱ'_j − p·√ᾱ_j (the DDIM step on x0: x' = √ᾱ'·x0 + √(1 − ᾱ')·ε)."""
+        sched = self.scheduler()
+        sched.set_timesteps(num_steps)
+        acp = sched.alphas_cumprod.double().numpy()
+        final = float(sched.final_alpha_cumprod)
+        stride = self.num_train_timesteps // num_steps
+        steps = sched.timesteps.numpy()
+        a = acp[steps]
+        a_end = np.asarray([acp[t - stride] if t - stride >= 0 else final for t in steps])
+        p = np.sqrt(1 - a_end) / np.sqrt(1 - a)
+        return steps, np.sqrt(a), np.sqrt(1 - a), p, np.sqrt(a_end) - p * np.sqrt(a)
+
+    def data_prediction(self, sample, model_output, coef):
+        x0 = super().data_prediction(sample, model_output, coef)
+        return x0.clamp(-self.clip_sample_range, self.clip_sample_range) if self.clip_sample else x0
+
+    def plain_plan(self, num_steps: int, image_seq_len: int | None = None,
+                   computed: Sequence[bool] | None = None) -> SamplerPlan:
         """Timesteps and coefficients exactly as `DDIMScheduler.set_timesteps` + `step` compute them
         (image_seq_len is not used). A computed step followed by skipped ones targets ᾱ of where
         the last of them ends: x0 is unchanged by a DDIM step on the same ε, so this is exact."""
@@ -290,12 +411,9 @@ class DDIMSampler(Sampler):
         return SamplerPlan(kind=self.kind, timesteps=sched.timesteps.numpy().astype(np.float32)[idx],
                            coefficients=coefficients, config=asdict(self))
 
-    def update(self, sample, model_output, coef, state):
-        """coef = [sqrt(a_t), sqrt(1-a_t), sqrt(a_prev), sqrt(1-a_prev)]; no state."""
-        x0 = (sample - coef[1] * model_output) / coef[0]
-        if self.clip_sample:
-            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
-        return coef[2] * x0 + coef[3] * model_output, []
+    def plain_update(self, sample, model_output, coef):
+        """coef = [sqrt(a_t), sqrt(1-a_t), sqrt(a_prev), sqrt(1-a_prev)]."""
+        return coef[2] * self.data_prediction(sample, model_output, coef) + coef[3] * model_output
 
 
 def computed_indices(num_steps: int, computed: Sequence[bool] | None) -> list[int]:
@@ -355,6 +473,9 @@ class DPMSolverSampler(Sampler):
         for key, ok in unsupported.items():
             if config.get(key, ok) != ok:
                 raise SamplerError(f"DPM-Solver {key}={config[key]!r} is not yet supported (only {ok!r})")
+        if config.get("skip_forecast", False):
+            raise SamplerError("forecasting skipped steps is not yet supported with DPM-Solver++ (already a "
+                               "multistep solver on the computed steps); use skip_forecast false")
         if int(config.get("solver_order", 2)) > 2:
             raise SamplerError("DPM-Solver order 3 is not yet supported; use solver_order 2")
         return cls(**{k: config[k] for k in cls.__dataclass_fields__ if k in config})
@@ -410,7 +531,7 @@ class DPMSolverSampler(Sampler):
 
 
 @dataclass(frozen=True)
-class FlowMatchSampler(Sampler):
+class FlowMatchSampler(ForecastingSampler):
     """Flow-matching Euler (diffusers' `FlowMatchEulerDiscreteScheduler`): x' = x + (σ' − σ)·v.
 
     shift: the static time shift σ ← shift·σ / (1 + (shift − 1)·σ) (FLUX.1-schnell 1.0; Wan2.1
@@ -424,8 +545,7 @@ class FlowMatchSampler(Sampler):
     """
 
     kind = "flow_euler"
-    state = ()
-    num_coefficients = 2
+    plain_num_coefficients = 2
     integer_timesteps = False
 
     num_train_timesteps: int = 1000
@@ -436,6 +556,7 @@ class FlowMatchSampler(Sampler):
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
     schnell_sigmas: bool = True
+    skip_forecast: bool = False
 
     @classmethod
     def from_scheduler_config(cls, config: dict[str, Any]) -> FlowMatchSampler:
@@ -454,7 +575,7 @@ class FlowMatchSampler(Sampler):
     def scheduler(self):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        fields = {k: v for k, v in asdict(self).items() if k != "schnell_sigmas"}
+        fields = {k: v for k, v in self.scheduler_settings().items() if k != "schnell_sigmas"}
         return FlowMatchEulerDiscreteScheduler(**fields)
 
     def mu(self, image_seq_len: int | None) -> float | None:
@@ -465,23 +586,34 @@ class FlowMatchSampler(Sampler):
         slope = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
         return image_seq_len * slope + self.base_shift - slope * self.base_image_seq_len
 
-    def plan(self, num_steps: int, image_seq_len: int | None = None,
-             computed: Sequence[bool] | None = None) -> SamplerPlan:
-        """coefficients (T, 2) = [σ, σ' − σ]; the timesteps are diffusers' (σ·1000). With skipped
-        steps σ' is where the next computed step starts (Euler steps on one v add up exactly)."""
-        idx = computed_indices(num_steps, computed)
+    def _scheduler_for(self, num_steps: int, image_seq_len: int | None):
         sched = self.scheduler()
         sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps) if self.schnell_sigmas else None
         sched.set_timesteps(num_steps, sigmas=sigmas, mu=self.mu(image_seq_len))
+        return sched
+
+    def fine_grid(self, num_steps, image_seq_len=None):
+        """c0 = 1, c1 = σ_j (x0 = x − σ·v); p = σ_{j+1} / σ_j, q = 1 − p."""
+        sched = self._scheduler_for(num_steps, image_seq_len)
+        s = sched.sigmas.double().numpy()
+        p = s[1:] / s[:-1]
+        return sched.timesteps.numpy(), np.ones(num_steps), s[:-1], p, 1 - p
+
+    def plain_plan(self, num_steps: int, image_seq_len: int | None = None,
+                   computed: Sequence[bool] | None = None) -> SamplerPlan:
+        """coefficients (T, 2) = [σ, σ' − σ]; the timesteps are diffusers' (σ·1000). With skipped
+        steps σ' is where the next computed step starts (Euler steps on one v add up exactly)."""
+        idx = computed_indices(num_steps, computed)
+        sched = self._scheduler_for(num_steps, image_seq_len)
         s = sched.sigmas.to(torch.float32).numpy()
         nxt = np.asarray(idx[1:] + [len(s) - 1])
         coefs = np.stack([s[idx], s[nxt] - s[idx]], axis=1).astype(np.float32)
         return SamplerPlan(kind=self.kind, timesteps=sched.timesteps.numpy().astype(np.float32)[idx],
                            coefficients=coefs, config=asdict(self))
 
-    def update(self, sample, model_output, coef, state):
-        """coef = [σ, σ' − σ], model_output the velocity v; no state."""
-        return sample + coef[1] * model_output, []
+    def plain_update(self, sample, model_output, coef):
+        """coef = [σ, σ' − σ], model_output the velocity v."""
+        return sample + coef[1] * model_output
 
 
 SAMPLERS: dict[str, type[Sampler]] = {c.kind: c for c in (DDIMSampler, DPMSolverSampler, FlowMatchSampler)}

@@ -8,7 +8,7 @@ and the bundle manifest (embeds it). `Schedule.load` validates everything it rea
 File layout (JSON)::
 
     {
-      "format": "diffsparse-schedule", "version": 2,
+      "format": "diffsparse-schedule", "version": 3,
       "family": "dit",                      # model family the layers belong to
       "num_tokens": 256,                    # N: tokens per layer (image/video tokens)
       "layer_tokens": [256, 256, ...],      # optional: N_l per layer where layers differ (FLUX's
@@ -19,6 +19,8 @@ File layout (JSON)::
       "keep": [[256, 256, ...], ...],       # K(t, l): tokens recomputed, T rows of L ints
       "full_steps": [true, false, ...],     # steps that recompute every token of every layer
       "skip": [false, false, true, ...],    # steps with no network evaluation (K row all 0)
+      "skip_forecast": false,               # skipped steps forecast x0 from the last two computed
+                                            # steps (true) or reuse the last model output (false)
       "selector": {"score": "attention", "lambdas": [1, 0, 0.0833, 0.6], "window": 2},
       "macs_ratio": {"target": 0.5, "achieved": 0.49},
       "provenance": {"method": "toca", "created": "...", "tool": "diffsparse 0.1.0", ...}
@@ -30,9 +32,15 @@ One space holds every baseline. Each step t is one of
              sub-grid of computed steps; the sampler plans that sub-grid (`Sampler.plan`'s
              `computed`), so a skipped step costs nothing at all, fixed part included, and no
              graph runs for it. Skipping steps evenly is "fewer steps".
+             With `skip_forecast` the skipped steps instead run on x0 extrapolated linearly
+             from the last two computed steps (`diffsparse.sampler.ForecastingSampler`): still
+             no network evaluation, folded into the computed step's update the same way.
     refresh  every token of every layer (`full_steps`);
     partial  K(t, l) ∈ S per layer; K = 0 everywhere is FORA-style whole-layer reuse.
-Version 1 files (no `skip`) are read as schedules without skipped steps.
+Version 1 files (no `skip`) are read as schedules without skipped steps, version 2 files (no
+`skip_forecast`) as schedules whose skipped steps reuse the last model output. Version 3 added
+`skip_forecast`: a version 2 reader would run such a schedule's skipped steps the other way, so
+it refuses the file.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +56,9 @@ from diffsparse import __version__
 from diffsparse.jsonfile import load_json, save_json
 
 FORMAT = "diffsparse-schedule"
-VERSION = 2
-#: versions this diffsparse reads (1: no skipped steps)
-READ_VERSIONS = (1, 2)
+VERSION = 3
+#: versions this diffsparse reads (1: no skipped steps; 2: no skip_forecast)
+READ_VERSIONS = (1, 2, 3)
 #: the step signature of a skipped step (no graph runs it)
 SKIP_SIGNATURE: tuple = ("skip",)
 # SA self-attention, CA cross-attention, MLP feed-forward (image tokens), TMLP feed-forward of a
@@ -121,6 +129,7 @@ class Schedule:
     provenance: dict[str, Any] = field(default_factory=dict)
     layer_tokens: list[int] | None = None
     skip: list[bool] | None = None
+    skip_forecast: bool = False
 
     def __post_init__(self) -> None:
         self._check_layer_tokens()
@@ -188,6 +197,14 @@ class Schedule:
             seen.setdefault(self.step_signature(t), None)
         return list(seen)
 
+    def forecasting(self) -> Schedule:
+        """This schedule with forecasting skipped steps (`skip_forecast`); ScheduleError when it skips
+        no step, where forecasting would change nothing but the sampler's state."""
+        if not any(self.skip):
+            raise ScheduleError("the schedule skips no step, so there is nothing to forecast; use a schedule with "
+                                "skipped steps (e.g. fewer-steps)")
+        return replace(self, skip_forecast=True, provenance={**self.provenance, "skip_forecast": True})
+
     # ---- validation ------------------------------------------------------------------------
     def _check_layer_tokens(self) -> None:
         if self.layer_tokens is not None and (
@@ -213,6 +230,8 @@ class Schedule:
         if (not isinstance(self.skip, list) or len(self.skip) != self.num_steps
                 or any(not isinstance(x, bool) for x in self.skip)):
             raise ScheduleError(f"skip must hold one true/false per step ({self.num_steps}), got {self.skip!r}")
+        if not isinstance(self.skip_forecast, bool):
+            raise ScheduleError(f"skip_forecast must be true or false, got {self.skip_forecast!r}")
         allowed_by_n = {nl: set(self.allowed_keep(nl)) for nl in set(self.dense_keep())}
         dense = self.dense_keep()
         for t, row in enumerate(self.keep):
@@ -281,6 +300,7 @@ class Schedule:
             "keep": [list(r) for r in self.keep],
             "full_steps": list(self.full_steps),
             "skip": list(self.skip),
+            "skip_forecast": self.skip_forecast,
             "selector": {**asdict(self.selector), "lambdas": list(self.selector.lambdas)},
             "macs_ratio": dict(self.macs_ratio),
             "provenance": dict(self.provenance),
@@ -298,6 +318,9 @@ class Schedule:
                 f"(it reads versions {list(READ_VERSIONS)}); upgrade diffsparse or re-create the schedule")
         if data["version"] == 1 and "skip" in data:
             raise ScheduleError(f"{source}: a version 1 schedule has no 'skip' field (skipped steps need version 2)")
+        if data["version"] < 3 and "skip_forecast" in data:
+            raise ScheduleError(f"{source}: a version {data['version']} schedule has no 'skip_forecast' field "
+                                "(forecasting skipped steps needs version 3)")
         required = ("family", "num_tokens", "layers", "num_steps", "keep")
         missing = [k for k in required if k not in data]
         if missing:
@@ -320,6 +343,7 @@ class Schedule:
                 provenance=dict(data.get("provenance", {})),
                 layer_tokens=list(data["layer_tokens"]) if data.get("layer_tokens") is not None else None,
                 skip=list(data["skip"]) if "skip" in data else None,
+                skip_forecast=data.get("skip_forecast", False),
             )
         except ScheduleError as e:
             raise ScheduleError(f"{source}: {e}") from None

@@ -137,6 +137,7 @@ def export_bundle(spec: ModelSpec, schedule: Schedule, out: str | Path, source: 
     if out.exists() and not config.overwrite:
         raise ExportError(f"{out} already exists; pass overwrite (dsexport --overwrite) to replace it")
     spec.check_schedule(schedule)
+    spec = spec.for_schedule(schedule)
     if config.precision == "int8" and is_lazy(spec.model):
         raise ExportError("int8 export of a model larger than memory is not supported (calibration runs every graph "
                           "in memory): export it in fp32")

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what --ratio is a ratio of: dense MACs, or dense latency predicted by --latency-table")
     p.add_argument("--latency-table", default=None, help="latency table (dscalibrate latency) for --budget latency")
     p.add_argument("--full-every", type=int, default=3, help="full step period of the toca schedule")
+    p.add_argument("--skip-forecast", action="store_true",
+                   help="skipped steps run on x0 forecast linearly from the last two computed steps instead of "
+                        "reusing the last model output (e.g. with --schedule fewer-steps; diffsparse/sampler.py)")
     p.add_argument("--batch", type=int, default=1, help="samples per run (static in the graphs)")
     p.add_argument("--no-guidance", action="store_true", help="export without classifier-free guidance")
     p.add_argument("--seed", type=int, default=0, help="seed of a built-in model's random weights")
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps if args.steps is not None else (20 if args.schedule in BUILTIN_NAMES else None)
         costs = make_costs(spec, args.budget, args.latency_table)
         schedule = resolve_schedule(args.schedule, spec, steps, args.ratio, args.full_every, costs=costs)
+        if args.skip_forecast:
+            schedule = schedule.forecasting()
         if args.write_schedule:
             schedule.save(args.write_schedule)
         manifest = export_bundle(spec, schedule, args.out, source={"model": args.model, "seed": args.seed},

@@ -196,6 +196,7 @@ class Pipeline:
         model); cuda_graphs None = on whenever static buffers run on CUDA. concurrency: generations
         that may run at once from several threads, each on its own buffers over the shared step
         modules; more than 1 is refused with CUDA graphs (not yet supported: use cuda_graphs=False)."""
+        spec = spec.for_schedule(schedule)
         backend = TorchBackend(spec, schedule, device=device, dtype=dtype, static=static, cuda_graphs=cuda_graphs)
         return cls(backend, spec, spec.schedule_plan(schedule), step_graph_indices(schedule),
                    concurrency=concurrency)

@@ -1,3 +1,4 @@
+import dataclasses
 from dataclasses import asdict
 
 import numpy as np
@@ -104,21 +105,22 @@ def test_sampler_configs_reject_what_they_do_not_support():
 def test_registered_samplers_implement_the_protocol(kind):
     cls = SAMPLERS[kind]
     assert issubclass(cls, Sampler) and not cls.__abstractmethods__ and cls.kind == kind
-    for name in ("kind", "state", "num_coefficients"):   # class attributes, not settings
-        assert name in vars(cls) and name not in cls.__dataclass_fields__
-    assert isinstance(cls.state, tuple) and all(isinstance(n, str) for n in cls.state)
     sampler = cls()
+    for name in ("kind", "state", "num_coefficients"):   # attributes (a forecasting sampler's depend on it), not settings
+        assert hasattr(sampler, name) and name not in cls.__dataclass_fields__
+    assert isinstance(sampler.state, tuple) and all(isinstance(n, str) for n in sampler.state)
+    assert isinstance(sampler.num_coefficients, int)
     assert isinstance(sampler, Sampler) and sampler_config(kind, {}) == sampler
     plan = sampler.plan(5, image_seq_len=256)
     assert plan.kind == kind and plan.timesteps.shape == (5,) and plan.timesteps.dtype == np.float32
-    assert plan.coefficients.shape == (5, cls.num_coefficients) and plan.coefficients.dtype == np.float32
+    assert plan.coefficients.shape == (5, sampler.num_coefficients) and plan.coefficients.dtype == np.float32
     # the plan's config is the sampler's settings: the sampler rebuilds from it
     assert plan.config == asdict(sampler) and sampler_config(kind, plan.config) == sampler
     assert cls.from_scheduler_config(plan.config) == sampler
     x = torch.randn(1, 2, 3, 3)
     out, state = sampler.update(x, 0.5 * x, torch.from_numpy(plan.coefficients[1]),
-                                [torch.zeros_like(x) for _ in cls.state])
-    assert out.shape == x.shape and len(state) == len(cls.state)
+                                [torch.zeros_like(x) for _ in sampler.state])
+    assert out.shape == x.shape and len(state) == len(sampler.state)
     assert all(s.shape == x.shape for s in state)
     assert type(sampler.scheduler()).__name__.endswith("Scheduler")
 
@@ -220,3 +222,70 @@ def test_dpm_solver_on_a_sub_grid_matches_diffusers_on_those_timesteps():
         x = sched.step(eps, t, x).prev_sample
         ours, state = cfg.update(ours, eps, torch.from_numpy(plan.coefficients[i]), state)
     torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
+
+
+def _forecast_on_the_grid(cfg, computed, x, outputs, num_steps):
+    """The definition of a forecasting skip, step by step on the T-step grid: a computed step's x0
+    from its model output, a skipped one's extrapolated linearly (in grid steps) from the last two
+    computed steps' x0, and each step x' = p·x + q·x0 (`ForecastingSampler.fine_grid`)."""
+    _, c0, c1, p, q = cfg.fine_grid(num_steps)
+    history = []   # (grid index, x0) of the computed steps
+    x = x.double()
+    for j in range(num_steps):
+        if computed[j]:
+            history.append((j, (x - c1[j] * outputs[j].double()) / c0[j]))
+            x0 = history[-1][1]
+        elif len(history) == 1:
+            x0 = history[-1][1]
+        else:
+            (i0, a0), (i1, a1) = history[-2:]
+            x0 = a1 + (j - i1) / (i1 - i0) * (a1 - a0)
+        x = p[j] * x + q[j] * x0
+    return x
+
+
+@pytest.mark.parametrize("cfg", [DDIMSampler(skip_forecast=True), FlowMatchSampler(skip_forecast=True),
+                                 FlowMatchSampler(shift=3.0, schnell_sigmas=False, skip_forecast=True)])
+def test_forecasting_skips_fold_into_the_computed_steps(cfg):
+    """The folded plan (one 5-coefficient row per computed step, x0 carried as state) = the
+    forecast stepped on the 20-step grid; with every step computed it is the plain sampler."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    outputs = [torch.randn(2, 4, 8, 8, generator=g) * 0.5 for _ in range(20)]
+    assert cfg.state == ("prev_x0",) and cfg.num_coefficients == 5
+    for computed in ([i % 5 == 0 for i in range(20)], [True, True, False, False, True] + [False] * 15,
+                     [True] + [False] * 19):
+        plan = cfg.plan(20, computed=computed)
+        ours, state = x.clone(), [torch.zeros_like(x)]
+        for k, i in enumerate(i for i, c in enumerate(computed) if c):
+            ours, state = cfg.update(ours, outputs[i], torch.from_numpy(plan.coefficients[k]), state)
+        ref = _forecast_on_the_grid(cfg, computed, x, outputs, 20)
+        scale = float(ref.abs().max())
+        assert (ours.double() - ref).abs().max() / scale < 1e-5
+    plain = dataclasses.replace(cfg, skip_forecast=False)
+    a, state = x.clone(), [torch.zeros_like(x)]
+    b = x.clone()
+    for row_f, row_p, out in zip(cfg.plan(20).coefficients, plain.plan(20).coefficients, outputs):
+        a, state = cfg.update(a, out, torch.from_numpy(row_f), state)
+        b, _ = plain.update(b, out, torch.from_numpy(row_p), [])
+    assert (a - b).abs().max() / float(b.abs().max()) < 1e-5
+    # reusing instead: only one computed step so far is a reuse either way
+    one = [True] + [False] * 19
+    reuse = _reuse_last_output(plain, plain.plan(20), one, x.clone(), outputs)
+    f, _ = cfg.update(x.clone(), outputs[0], torch.from_numpy(cfg.plan(20, computed=one).coefficients[0]),
+                      [torch.zeros_like(x)])
+    assert (f - reuse).abs().max() / float(reuse.abs().max()) < 1e-5
+
+
+def test_forecasting_is_a_setting_the_plan_records():
+    cfg = DDIMSampler(skip_forecast=True)
+    plan = cfg.plan(10, computed=[i % 2 == 0 for i in range(10)])
+    again = SamplerPlan.from_dict(plan.to_dict(), num_steps=5)
+    assert again.config["skip_forecast"] is True and again.coefficients.shape == (5, 5)
+    data = plan.to_dict()
+    data["config"] = {k: v for k, v in data["config"].items() if k != "skip_forecast"}   # a plan written before
+    with pytest.raises(SamplerError, match="5 rows of 4 numbers"):
+        SamplerPlan.from_dict(data, num_steps=5)
+    assert "skip_forecast" not in DDIMSampler().scheduler_settings()
+    with pytest.raises(SamplerError, match="not yet supported with DPM-Solver"):
+        sampler_config("dpmpp_2m", {"skip_forecast": True})

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from diffsparse.builtin_schedules import dense_schedule, resolve_schedule, toca_schedule
+from diffsparse.builtin_schedules import dense_schedule, fewer_steps_schedule, resolve_schedule, toca_schedule
 from diffsparse.schedule import LayerRef, Schedule, ScheduleError
 
 
@@ -136,10 +136,31 @@ def test_per_layer_token_counts():
 def test_version_1_files_read_as_schedules_without_skips(tmp_path, tiny_schedules):
     data = tiny_schedules["toca"].to_dict()
     data.pop("skip")
+    data.pop("skip_forecast")
     data["version"] = 1
     old = Schedule.load(_write(tmp_path, data))
     assert old.skip == [False] * old.num_steps and old.computed_steps == list(range(old.num_steps))
-    assert old.to_dict()["version"] == 2 and old.keep == tiny_schedules["toca"].keep
+    assert old.to_dict()["version"] == 3 and old.keep == tiny_schedules["toca"].keep
+
+
+def test_skip_forecast_is_version_3(tmp_path, tiny_spec):
+    """Version 2 files read as reusing skips; a version 2 file naming skip_forecast is refused (a
+    version 2 reader would have run it the other way), as is a forecast with nothing skipped."""
+    sched = fewer_steps_schedule(tiny_spec, 6, 0.5)
+    data = sched.to_dict()
+    data["version"] = 2
+    with pytest.raises(ScheduleError, match="version 2 schedule has no 'skip_forecast'"):
+        Schedule.load(_write(tmp_path, data))
+    data.pop("skip_forecast")
+    assert Schedule.load(_write(tmp_path, data)).skip_forecast is False
+    forecast = sched.forecasting()
+    assert Schedule.load(forecast.save(tmp_path / "f.json")).skip_forecast is True
+    data = forecast.to_dict()
+    data["skip_forecast"] = "yes"
+    with pytest.raises(ScheduleError, match="skip_forecast must be true or false"):
+        Schedule.load(_write(tmp_path, data))
+    with pytest.raises(ScheduleError, match="skips no step"):
+        toca_schedule(tiny_spec, 6, 0.5).forecasting()
 
 
 def test_skipped_steps_are_not_computed_steps(tiny_spec, tmp_path):

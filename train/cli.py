@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="schedule the costs start from (fewer-steps needs --space joint)")
     p.add_argument("--space", default=d.space, choices=SPACES,
                    help="tokens: K per step and layer (the paper); joint: steps may also be skipped")
+    p.add_argument("--skip-forecast", action="store_true",
+                   help="joint space: skipped steps run on x0 forecast from the last two computed steps")
     p.add_argument("--heldout-samples", type=int, default=d.heldout_samples,
                    help="held-out draws the run validates on (default %(default)s)")
     p.add_argument("--validate-every", type=int, default=d.validate_every,
@@ -91,7 +93,7 @@ def config_from_args(args) -> TrainConfig:
                        temperature=args.temperature, init=args.init, space=args.space, score=args.score,
                        seed=args.seed, loss=loss, heldout_samples=args.heldout_samples,
                        validate_every=args.validate_every, patience=args.patience, budget=args.budget,
-                       latency_table=args.latency_table)
+                       latency_table=args.latency_table, skip_forecast=args.skip_forecast)
 
 
 def _world() -> tuple[int, int]:

@@ -57,15 +57,22 @@ class ScheduleRollout:
         and keeps its cache where it skips (cache' = s · cache + (1 − s) · cache_t): with s ∈ {0, 1}
         in the forward pass, a skipped step is the sampler going on from the last model output
         (what the folded plan of an exported schedule computes, diffsparse/sampler.py), and the
-        straight-through gradient of s reaches the step costs. Needs a sampler without state."""
+        straight-through gradient of s reaches the step costs. When the spec's sampler forecasts
+        skipped steps (`ModelSpec.forecasts_skips`), the skipped update runs on the forecast
+        x̂0 = x0_k + r·(x0_k − x0_{k−1}) of the last two computed steps instead (the grid
+        distances r from the forward pass's hard choices), and x0_k, x0_{k−1} are mixed the same
+        way. Other samplers with state (DPM-Solver++) cannot skip here."""
         if weights.shape[0] != self.num_steps:
             raise ValueError(f"weights cover {weights.shape[0]} steps, the rollout has {self.num_steps}")
-        if step_weights is not None and self.spec.sampler.state:
+        forecast = self.spec.forecasts_skips
+        if step_weights is not None and self.spec.sampler.state and not forecast:
             raise ValueError(f"skipped steps in training need a sampler without state, not {self.spec.sampler.kind}")
         x, dev = latents, latents.device
         cache = self.spec.cache_layout(self.selector).zeros(dev)
         weights = weights.to(dev)
         last = None   # the last computed step's guided model output
+        x0_last = x0_prev = None   # forecasting: the last two computed steps' x0 and their grid indices
+        i_last, i_prev = 0, None
         for t in range(self.num_steps):
             call = StepCall(float(self.plan.timesteps[t]), self.plan.coefficients[t])
             feeds = self.spec.feeds(call, conditioning, guidance_scale)
@@ -76,11 +83,20 @@ class ScheduleRollout:
                 continue
             x_new, cache_new, eps = self.step.run(x, *args, *cache, weights=weights[t])
             s = step_weights[t, 0].to(dev)
-            if last is None:   # step 0 is always computed
-                x, cache, last = x_new, cache_new, eps
-                continue
             coef = torch.from_numpy(np.asarray(self.plan.coefficients[t], dtype=np.float32)).to(dev)
-            x_skip, _ = self.spec.sampler.update(x, last, coef, [])
+            x0 = self.spec.sampler.data_prediction(x, eps, coef) if forecast else None
+            if last is None:   # step 0 is always computed
+                x, cache, last, x0_last = x_new, cache_new, eps, x0
+                continue
+            if forecast:
+                r = (t - i_last) / (i_last - i_prev) if i_prev is not None else 0.0
+                x_skip = self.spec.sampler.forecast_update(x, x0_last + r * (x0_last - x0_prev) if r else x0_last, coef)
+                if float(s.detach()) < 0.5:   # computed in the forward pass: the history moves on
+                    i_prev, i_last = i_last, t
+                x0_prev = x0_last if x0_prev is None else s * x0_prev + (1 - s) * x0_last
+                x0_last = s * x0_last + (1 - s) * x0
+            else:
+                x_skip, _ = self.spec.sampler.update(x, last, coef, [])
             x = s * x_skip + (1 - s) * x_new
             last = s * last + (1 - s) * eps
             cache = [s * old + (1 - s) * new for old, new in zip(cache, cache_new)]

@@ -83,6 +83,10 @@ class TrainConfig:
     # "tokens": the paper's space (K per step and layer, two stages); "joint": steps may also be
     # skipped (train/joint.py), one stage of `stage2_epochs` at lr_unified / lr_step
     space: str = "tokens"
+    # joint space: skipped steps run on x0 forecast from the last two computed steps (the schedule's
+    # skip_forecast, diffsparse/sampler.py ForecastingSampler) instead of the last model output;
+    # every warm start is evaluated and learned that way
+    skip_forecast: bool = False
     # held-out validation (never trained on: draws of their own seeds): the run returns the
     # schedule with the best held-out loss seen, the warm start included, so it never loses to
     # its start; it stops once `patience` validations in a row did not improve on the best
@@ -143,6 +147,8 @@ class ScheduleTrainer:
             raise ValueError(f"init must be one of {INITS}, got {cfg.init!r}")
         if cfg.init == "fewer-steps" and cfg.space != "joint":
             raise ValueError("init 'fewer-steps' skips steps: it needs space='joint'")
+        if cfg.skip_forecast and cfg.space != "joint":
+            raise ValueError("skip_forecast forecasts skipped steps: it needs space='joint'")
         if cfg.init == "best" and not cfg.validate_every:
             raise ValueError("init 'best' picks the warm start by held-out loss: it needs validate_every > 0")
         if cfg.budget == "latency" and cfg.init == "dense":
@@ -150,7 +156,9 @@ class ScheduleTrainer:
                              "fewer-steps or best, not dense")
         self.costs_model = make_costs(spec, cfg.budget, cfg.latency_table, same_batch=False)   # trains at its own batch
         names = BEST_OF[cfg.space] if cfg.init == "best" else (cfg.init,)
-        starts = {name: INITS[name](spec, cfg.num_steps, cfg.ratio, selector, self.costs_model) for name in names}
+        starts = {name: self._skipping(INITS[name](spec, cfg.num_steps, cfg.ratio, selector, self.costs_model))
+                  for name in names}
+        spec = self.spec = spec.with_skip_forecast(cfg.skip_forecast)
         self.init_schedule = starts[names[0]]
         self.selector = self.init_schedule.selector
         self.candidates = self.init_schedule.candidates
@@ -192,6 +200,10 @@ class ScheduleTrainer:
             self.init_schedule = dataclasses.replace(self.schedule(), provenance=provenance(
                 start.provenance["method"], projected_to="the latency budget", scaled=start.provenance.get("latency")))
             self._record_costs(self.init_schedule)
+
+    def _skipping(self, schedule: Schedule) -> Schedule:
+        """`schedule` with its skipped steps run the way this run's are (`TrainConfig.skip_forecast`)."""
+        return dataclasses.replace(schedule, skip_forecast=self.cfg.skip_forecast and any(schedule.skip))
 
     def _units_of(self, schedule: Schedule) -> int:
         """The budget a run starting from `schedule` meets: exactly what that schedule costs
@@ -400,7 +412,7 @@ class ScheduleTrainer:
         alloc = self.allocation()
         sched = Schedule(family=self.spec.family, num_tokens=self.spec.num_tokens, layers=self.spec.layers,
                          keep=alloc.keep, candidates=self.candidates, selector=self.selector,
-                         skip=list(alloc.skip),
+                         skip=list(alloc.skip), skip_forecast=self.cfg.skip_forecast and any(alloc.skip),
                          provenance=provenance("diffsparse", init=self.cfg.init, space=self.cfg.space, stage=self.state.stage,
                                                iterations=len(self._training_records()), train_config=self.cfg.to_dict(),
                                                final_loss=(self._training_records() or [{"loss": None}])[-1]["loss"]))

@@ -8,8 +8,9 @@ default guidance scale. Nothing outside a spec branches on the model family.
 from __future__ import annotations
 
 import abc
+import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,7 +18,7 @@ from torch import nn
 
 from diffsparse.cache_layout import CacheLayout, Role
 from diffsparse.conditioning import ConditioningPlan, plan_conditioning
-from diffsparse.sampler import SamplerPlan, sampler_config
+from diffsparse.sampler import ForecastingSampler, SamplerPlan, sampler_config
 from diffsparse.schedule import LayerRef, Schedule, SelectorConfig
 from diffsparse.tensors import TensorSpec
 
@@ -79,6 +80,27 @@ class ModelSpec(abc.ABC):
         self.sampler = sampler if sampler is not None else self.make_sampler({})
         if self.sampler.kind != self.sampler_kind:
             raise SpecError(f"the {self.family} family samples with {self.sampler_kind!r}, not {self.sampler.kind!r}")
+
+    @property
+    def forecasts_skips(self) -> bool:
+        """Whether this spec's sampler runs skipped steps on a forecast x0 (`ForecastingSampler`)."""
+        return isinstance(self.sampler, ForecastingSampler) and self.sampler.skip_forecast
+
+    def for_schedule(self, schedule: Schedule) -> ModelSpec:
+        """This spec with the sampler the schedule's skipped steps need (its `skip_forecast`): the
+        one place that setting goes from a schedule to a sampler. The same model, shared."""
+        return self.with_skip_forecast(schedule.skip_forecast)
+
+    def with_skip_forecast(self, forecast: bool) -> ModelSpec:
+        """This spec, its sampler forecasting skipped steps or not (SpecError where the sampler cannot)."""
+        if forecast == self.forecasts_skips:
+            return self
+        if not isinstance(self.sampler, ForecastingSampler):
+            raise SpecError(f"forecasting skipped steps is not yet supported with the {self.sampler.kind!r} sampler "
+                            f"({self.family} family); use skip_forecast false")
+        spec = copy.copy(self)
+        spec.sampler = replace(self.sampler, skip_forecast=forecast)
+        return spec
 
     def resolve_guidance_scale(self, scale: float | None) -> float:
         """The guidance scale to sample with: `scale`, or when None the model's default (the one
@@ -278,7 +300,13 @@ class ModelSpec(abc.ABC):
         return self.sampler.plan(num_steps, image_seq_len=self.num_tokens, computed=computed)
 
     def schedule_plan(self, schedule: Schedule) -> SamplerPlan:
-        """The sampler plan a schedule runs: one row per computed step (skipped steps folded in)."""
+        """The sampler plan a schedule runs: one row per computed step (skipped steps folded in).
+        SpecError when the schedule's skipped steps run another way than this spec's sampler
+        (`for_schedule` gives the spec that runs them)."""
+        if schedule.skip_forecast != self.forecasts_skips:
+            raise SpecError(f"the schedule's skipped steps {'forecast' if schedule.skip_forecast else 'reuse'} the "
+                            f"model output but the sampler's {'forecast' if self.forecasts_skips else 'reuse'} it "
+                            "(skip_forecast differs): build the spec for the schedule (ModelSpec.for_schedule)")
         return self.sampler_plan(schedule.num_steps, schedule.computed)
 
     # ---- cost ------------------------------------------------------------------------------

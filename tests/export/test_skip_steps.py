@@ -2,6 +2,8 @@
 steps on the folded sampler plan, and the result is the sampler with the skipped steps reusing
 the last model output (DDIM, η = 0)."""
 
+from dataclasses import replace as dataclass_replace
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from diffsparse.runtime.report import write_report
 
 from diffsparse.builtin_schedules import fewer_steps_schedule, fora_schedule, toca_schedule
 from diffsparse.manifest import Manifest
+from diffsparse.models.base import SpecError
 from diffsparse.sampler import initial_noise
 from diffsparse.schedule import Schedule
 
@@ -109,3 +112,66 @@ def test_profile_of_a_bundle_with_skipped_steps_against_dense(skip_bundles, tiny
     assert "| steps (computed) / distinct graphs | 6 (4) /" in paths["md"].read_text()
     for png in ("step_latency.png", "step_parts.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def forecast_bundle(tmp_path_factory, tiny_spec):
+    sched = fewer_steps_schedule(tiny_spec, STEPS, 0.5).forecasting()
+    folder = tmp_path_factory.mktemp("forecast") / "fewer"
+    export_bundle(tiny_spec, sched, folder, source={"model": "dit-tiny", "seed": 0}, config=ExportConfig())
+    return folder, sched
+
+
+def test_forecasting_skips_run_the_same_on_every_backend(forecast_bundle):
+    folder, sched = forecast_bundle
+    m = Manifest.load(folder)
+    assert m.schedule.skip_forecast and m.sampler.config["skip_forecast"] and m.sampler.coefficients.shape == (3, 5)
+    assert [e.name for e in m.cache.tensors] == ["sampler.prev_x0"]
+    ort = Pipeline.from_bundle(folder).generate([0, 3], seed=5, guidance_scale=3.0)
+    torch_bundle = Pipeline.from_bundle(folder, backend="torch").generate([0, 3], seed=5, guidance_scale=3.0)
+    reference = Pipeline.from_model("dit-tiny", sched, batch_size=2).generate([0, 3], seed=5, guidance_scale=3.0)
+    reusing = Pipeline.from_model("dit-tiny", dataclass_replace(sched, skip_forecast=False), batch_size=2)
+    for other in (torch_bundle, reference):
+        assert np.abs(ort.samples - other.samples).max() < 1e-3
+    assert np.abs(ort.samples - reusing.generate([0, 3], seed=5, guidance_scale=3.0).samples).max() > 1e-2
+
+
+def test_forecasting_bundle_is_ddim_on_forecast_x0(forecast_bundle, tiny_spec):
+    """The definition of a forecasting skip on diffusers' own DDIM scheduler: a skipped step runs
+    DDIM's step on the ε that gives x0 extrapolated linearly from the last two computed steps."""
+    folder, sched = forecast_bundle
+    labels, guidance = np.array([4, 8]), 4.0
+    result = Pipeline.from_bundle(folder).generate(labels, seed=1, guidance_scale=guidance)
+    ddim = tiny_spec.sampler.scheduler()
+    ddim.set_timesteps(STEPS)
+    acp = ddim.alphas_cumprod
+    x = torch.from_numpy(initial_noise(1, 2, (4, 16, 16))).double()
+    history = []
+    for j, (t, skip) in enumerate(zip(ddim.timesteps, sched.skip)):
+        a = acp[t].double()
+        if not skip:
+            with torch.no_grad():
+                out = tiny_spec.model(torch.cat([x, x]).float(), timestep=t.expand(4),
+                                      class_labels=torch.tensor([4, 8, 10, 10])).sample.double()
+            cond, uncond = out.chunk(2)
+            history.append((j, (x - (1 - a).sqrt() * (uncond + guidance * (cond - uncond))) / a.sqrt()))
+        (i1, x1), x0 = history[-1], history[-1][1]
+        if skip and len(history) > 1:
+            i0, x_0 = history[-2]
+            x0 = x1 + (j - i1) / (i1 - i0) * (x1 - x_0)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        x = ddim.step(eps, t, x).prev_sample
+    scale = max(1.0, float(x.abs().max()))
+    assert np.abs(result.samples - x.numpy()).max() / scale < 1e-4
+
+
+def test_forecasting_is_refused_where_the_sampler_cannot(tmp_path):
+    from diffsparse.models.zoo import make_spec
+
+    spec = make_spec("pixart-tiny", batch_size=1)
+    sched = fewer_steps_schedule(spec, 4, 0.5).forecasting()
+    with pytest.raises(SpecError, match="not yet supported with the 'dpmpp_2m' sampler"):
+        export_bundle(spec, sched, tmp_path / "b", config=ExportConfig())
+    assert not (tmp_path / "b").exists()
+    assert export_main(["--model", "dit-tiny", "--schedule", "toca", "--steps", "6", "--skip-forecast",
+                        "--batch", "2", "--out", str(tmp_path / "c"), "--quiet"]) == 2

@@ -116,3 +116,34 @@ def test_joint_training_learns_at_the_budget_and_reaches_the_step_costs(tiny_spe
     assert sched.keep[0] == tiny_spec.dense_keep() and not sched.skip[0]
     with pytest.raises(ValueError, match="needs space='joint'"):
         ScheduleTrainer(tiny_spec, TrainConfig(ratio=0.5, num_steps=STEPS, batch_size=2, init="fewer-steps"))
+
+
+def test_forecasting_rollout_skips_are_the_folded_forecasting_plan(tiny_spec):
+    """With a forecasting sampler, skip weights of 1 run the forecast x0 of the last two computed
+    steps: the rollout of the computed steps alone on the exported schedule's folded plan."""
+    sched = fewer_steps_schedule(tiny_spec, STEPS, 0.5).forecasting()
+    spec = tiny_spec.for_schedule(sched)
+    counts = sched.allowed_keep()
+    full = ScheduleRollout(spec, spec.sampler_plan(STEPS), counts, sched.selector)
+    folded = ScheduleRollout(spec, spec.schedule_plan(sched), counts, sched.selector)
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = {"class_labels": np.array([1, 2])}
+    a = full.sample(noise, cond, 2.0, full.weights_for(sched.keep), full.step_weights_for(sched.skip))
+    b = folded.sample(noise, cond, 2.0, folded.weights_for(sched.computed_keep))
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    reusing = ScheduleRollout(tiny_spec, tiny_spec.sampler_plan(STEPS), counts, sched.selector)
+    c = reusing.sample(noise, cond, 2.0, full.weights_for(sched.keep), full.step_weights_for(sched.skip))
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_joint_training_with_forecasting_skips(tiny_spec):
+    cfg = TrainConfig(ratio=0.5, num_steps=STEPS, batch_size=2, samples=4, stage2_epochs=1, space="joint",
+                      init="fewer-steps", skip_forecast=True, loss=DistillLossConfig(features=0.0, l2=1.0),
+                      validate_every=0)
+    trainer = ScheduleTrainer(tiny_spec, cfg)
+    trainer.train_step()
+    assert trainer.step_kind.grad is not None and trainer.step_kind.grad[1:].abs().sum() > 0
+    sched = trainer.run()
+    assert sched.skip_forecast == any(sched.skip) and trainer.spec.forecasts_skips and not tiny_spec.forecasts_skips
+    with pytest.raises(ValueError, match="skip_forecast forecasts skipped steps: it needs space='joint'"):
+        ScheduleTrainer(tiny_spec, TrainConfig(ratio=0.5, num_steps=STEPS, batch_size=2, skip_forecast=True))
