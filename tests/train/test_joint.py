@@ -1,6 +1,7 @@
 """The joint space in training: the exact DP over (skip | compute with K per layer), the rollout's
 skipped steps, and the trainer learning in it."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -89,17 +90,22 @@ def test_warm_start_costs_reproduce_the_schedule(tiny_spec, make):
     assert alloc.skip == sched.skip and alloc.keep == sched.keep
 
 
-def test_rollout_skips_are_the_sampler_on_the_folded_plan(tiny_spec):
-    """Skip weights of 1 in the rollout (the last model output reused) = the rollout of the
-    computed steps alone on the folded plan the exported schedule runs."""
-    sched = fewer_steps_schedule(tiny_spec, STEPS, 0.5)
+def _skipping_and_folded_rollouts(spec, sched):
+    """(the T-step rollout with the schedule's skip weights, the rollout of its computed steps
+    alone on the folded plan), on one batch."""
     counts = sched.allowed_keep()
-    full = ScheduleRollout(tiny_spec, tiny_spec.sampler_plan(STEPS), counts, sched.selector)
-    folded = ScheduleRollout(tiny_spec, tiny_spec.schedule_plan(sched), counts, sched.selector)
+    full = ScheduleRollout(spec, spec.sampler_plan(STEPS), counts, sched.selector)
+    folded = ScheduleRollout(spec, spec.schedule_plan(sched), counts, sched.selector)
     noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = {"class_labels": np.array([1, 2])}
     a = full.sample(noise, cond, 2.0, full.weights_for(sched.keep), full.step_weights_for(sched.skip))
-    b = folded.sample(noise, cond, 2.0, folded.weights_for(sched.computed_keep))
+    return a, folded.sample(noise, cond, 2.0, folded.weights_for(sched.computed_keep))
+
+
+def test_rollout_skips_are_the_sampler_on_the_folded_plan(tiny_spec):
+    """Skip weights of 1 in the rollout (the last model output reused) = the rollout of the
+    computed steps alone on the folded plan the exported schedule runs."""
+    a, b = _skipping_and_folded_rollouts(tiny_spec, fewer_steps_schedule(tiny_spec, STEPS, 0.5))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -122,18 +128,10 @@ def test_forecasting_rollout_skips_are_the_folded_forecasting_plan(tiny_spec):
     """With a forecasting sampler, skip weights of 1 run the forecast x0 of the last two computed
     steps: the rollout of the computed steps alone on the exported schedule's folded plan."""
     sched = fewer_steps_schedule(tiny_spec, STEPS, 0.5).forecasting()
-    spec = tiny_spec.for_schedule(sched)
-    counts = sched.allowed_keep()
-    full = ScheduleRollout(spec, spec.sampler_plan(STEPS), counts, sched.selector)
-    folded = ScheduleRollout(spec, spec.schedule_plan(sched), counts, sched.selector)
-    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    cond = {"class_labels": np.array([1, 2])}
-    a = full.sample(noise, cond, 2.0, full.weights_for(sched.keep), full.step_weights_for(sched.skip))
-    b = folded.sample(noise, cond, 2.0, folded.weights_for(sched.computed_keep))
+    a, b = _skipping_and_folded_rollouts(tiny_spec.for_schedule(sched), sched)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    reusing = ScheduleRollout(tiny_spec, tiny_spec.sampler_plan(STEPS), counts, sched.selector)
-    c = reusing.sample(noise, cond, 2.0, full.weights_for(sched.keep), full.step_weights_for(sched.skip))
-    assert (a - c).abs().max() > 1e-3
+    reusing, _ = _skipping_and_folded_rollouts(tiny_spec, dataclasses.replace(sched, skip_forecast=False))
+    assert (a - reusing).abs().max() > 1e-3
 
 
 def test_joint_training_with_forecasting_skips(tiny_spec):
