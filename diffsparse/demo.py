@@ -1,8 +1,9 @@
 """`dsdemo`: the main job on built-in defaults.
 
-Exports the built-in MNIST DiT (trained weights shipped in the package) with its shipped learned
-schedule at about half the dense MACs (`mnist-dit-joint-50`: learned in the joint space, where
-steps may also be skipped) (the ToCa-style one for models without a learned schedule)
+Exports the built-in MNIST DiT (trained weights shipped in the package) with its best shipped
+learned schedule at about half the dense MACs (`mnist-dit-joint-forecast-50`: learned in the
+joint space, where steps may also be skipped and skipped steps forecast x0; then
+`mnist-dit-joint-50`, `mnist-dit-learned-50`) (the ToCa-style one for models without one)
 and with the dense schedule, generates the digits 0-9 from
 both on ONNX Runtime (CPU), and profiles sparse against dense in one run. Outputs go to --out
 (default out/demo):
@@ -82,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sparse_schedule(args, spec):
     name = args.schedule
-    if name == "auto":   # the best shipped schedule at the budget: joint space, then paper's space, then toca
+    if name == "auto":   # the best shipped schedule at the budget (README "Learning a schedule"), else toca
         pct = int(round(100 * args.ratio))
-        shipped = [n for n in (f"{args.model}-joint-{pct}", f"{args.model}-learned-{pct}") if n in shipped_schedules()]
+        best_first = (f"{args.model}-joint-forecast-{pct}", f"{args.model}-joint-{pct}", f"{args.model}-learned-{pct}")
+        shipped = [n for n in best_first if n in shipped_schedules()]
         name = shipped[0] if shipped else "toca"
     return resolve_schedule(name, spec, args.steps, args.ratio)
 

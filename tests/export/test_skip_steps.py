@@ -1,7 +1,10 @@
 """Skipped steps end to end: export writes no graph for them, every backend runs the computed
 steps on the folded sampler plan, and the result is the sampler with the skipped steps reusing
-the last model output (DDIM, η = 0)."""
+the last model output (DDIM, η = 0) or, with skip_forecast, running on x0 forecast from the last
+two computed steps."""
 
+import json
+import shutil
 from dataclasses import replace as dataclass_replace
 
 import numpy as np
@@ -10,12 +13,14 @@ import torch
 from diffsparse.export.bundle import ExportConfig, export_bundle
 from diffsparse.export.cli import main as export_main
 from diffsparse.runtime import Pipeline
+from diffsparse.runtime.bundle import Bundle, BundleError
 from diffsparse.runtime.profile import ProfileConfig, profile
 from diffsparse.runtime.report import write_report
 
 from diffsparse.builtin_schedules import fewer_steps_schedule, fora_schedule, toca_schedule
 from diffsparse.manifest import Manifest
 from diffsparse.models.base import SpecError
+from diffsparse.models.zoo import make_spec
 from diffsparse.sampler import initial_noise
 from diffsparse.schedule import Schedule
 
@@ -166,8 +171,6 @@ def test_forecasting_bundle_is_ddim_on_forecast_x0(forecast_bundle, tiny_spec):
 
 
 def test_forecasting_is_refused_where_the_sampler_cannot(tmp_path):
-    from diffsparse.models.zoo import make_spec
-
     spec = make_spec("pixart-tiny", batch_size=1)
     sched = fewer_steps_schedule(spec, 4, 0.5).forecasting()
     with pytest.raises(SpecError, match="not yet supported with the 'dpmpp_2m' sampler"):
@@ -175,3 +178,14 @@ def test_forecasting_is_refused_where_the_sampler_cannot(tmp_path):
     assert not (tmp_path / "b").exists()
     assert export_main(["--model", "dit-tiny", "--schedule", "toca", "--steps", "6", "--skip-forecast",
                         "--batch", "2", "--out", str(tmp_path / "c"), "--quiet"]) == 2
+
+
+def test_a_manifest_whose_schedule_and_sampler_disagree_on_forecasting_is_refused(forecast_bundle, tmp_path):
+    folder, _ = forecast_bundle
+    edited = tmp_path / "edited"
+    shutil.copytree(folder, edited)
+    data = json.loads((edited / "manifest.json").read_text())
+    data["schedule"]["skip_forecast"] = False
+    (edited / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="skip_forecast differs"):
+        Bundle(edited, verify=False).spec
