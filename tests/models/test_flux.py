@@ -13,7 +13,7 @@ from diffsparse.export.trt_compat import tensorrt_problems
 from diffsparse.runtime import Pipeline
 
 from diffsparse import tokencache as tc
-from diffsparse.builtin_schedules import dense_schedule, toca_schedule
+from diffsparse.builtin_schedules import dense_schedule, fewer_steps_schedule, toca_schedule
 from diffsparse.models.base import StepCall
 from diffsparse.models.flux import FluxSpec
 from diffsparse.models.zoo import BUILTINS, make_spec
@@ -236,3 +236,16 @@ def test_clear_errors(spec, bundles):
         pipe.generate(conditioning={**good, "prompt_embeds": np.zeros((2, 16, 32), np.float32)})
     with pytest.raises(ValueError, match="'pooled_prompt_embeds' is missing"):
         pipe.generate(conditioning={"prompt_embeds": good["prompt_embeds"]})
+
+
+def test_forecasting_skips_on_flow_matching(spec, conditioning, tmp_path):
+    """Flow-matching Euler with forecasting skips: the bundle (5-coefficient rows, x0 as sampler
+    state) runs the same on ONNX Runtime, the bundle's torch module and the model's own pipeline."""
+    sched = fewer_steps_schedule(spec, STEPS, 0.5).forecasting()
+    export_bundle(spec, sched, tmp_path / "b", config=ExportConfig())
+    ort = Pipeline.from_bundle(tmp_path / "b").generate(seed=3, conditioning=conditioning)
+    torch_bundle = Pipeline.from_bundle(tmp_path / "b", backend="torch").generate(seed=3, conditioning=conditioning)
+    reference = Pipeline.from_spec(spec, sched).generate(seed=3, conditioning=conditioning)
+    assert reference.samples.shape == ort.samples.shape
+    for other in (torch_bundle, reference):
+        assert np.abs(ort.samples - other.samples).max() < 1e-3
