@@ -31,10 +31,9 @@ import torch
 from diffsparse.builtin_schedules import fewer_steps_schedule
 from diffsparse.mnist.dataset import load_mnist_test
 from diffsparse.mnist.metrics import evaluate_images, require_classifier
+from diffsparse.mnist.recipe import NULL_CLASS
 from diffsparse.models.zoo import make_spec
 from diffsparse.sampler import Sampler, initial_noise, sampler_config
-
-NULL_CLASS = 10
 
 
 @torch.no_grad()

@@ -370,19 +370,25 @@ class DDIMSampler(ForecastingSampler):
 
         return DDIMScheduler(**self.scheduler_settings(), prediction_type="epsilon")
 
+    def grid_alphas(self, num_steps: int, dtype: torch.dtype):
+        """(the scheduler set to num_steps, ᾱ where each grid step starts, ᾱ where it ends): a step
+        ends one stride lower, the last at diffusers' final ᾱ. The one home of that rule."""
+        sched = self.scheduler()
+        sched.set_timesteps(num_steps)
+        acp = sched.alphas_cumprod.to(dtype)
+        final = sched.final_alpha_cumprod.to(dtype)
+        stride = self.num_train_timesteps // num_steps
+        steps = sched.timesteps.tolist()
+        end = torch.stack([acp[t - stride] if t - stride >= 0 else final for t in steps])
+        return sched, acp[steps], end
+
     def fine_grid(self, num_steps, image_seq_len=None):
         """c0 = √ᾱ_j, c1 = √(1 − ᾱ_j); with ᾱ'_j where step j ends, p = √(1 − ᾱ'_j) / √(1 − ᾱ_j),
         q = √ᾱ'_j − p·√ᾱ_j (the DDIM step on x0: x' = √ᾱ'·x0 + √(1 − ᾱ')·ε)."""
-        sched = self.scheduler()
-        sched.set_timesteps(num_steps)
-        acp = sched.alphas_cumprod.double().numpy()
-        final = float(sched.final_alpha_cumprod)
-        stride = self.num_train_timesteps // num_steps
-        steps = sched.timesteps.numpy()
-        a = acp[steps]
-        a_end = np.asarray([acp[t - stride] if t - stride >= 0 else final for t in steps])
+        sched, a, a_end = self.grid_alphas(num_steps, torch.float64)
+        a, a_end = a.numpy(), a_end.numpy()
         p = np.sqrt(1 - a_end) / np.sqrt(1 - a)
-        return steps, np.sqrt(a), np.sqrt(1 - a), p, np.sqrt(a_end) - p * np.sqrt(a)
+        return sched.timesteps.numpy(), np.sqrt(a), np.sqrt(1 - a), p, np.sqrt(a_end) - p * np.sqrt(a)
 
     def data_prediction(self, sample, model_output, coef):
         x0 = super().data_prediction(sample, model_output, coef)
@@ -394,18 +400,11 @@ class DDIMSampler(ForecastingSampler):
         (image_seq_len is not used). A computed step followed by skipped ones targets ᾱ of where
         the last of them ends: x0 is unchanged by a DDIM step on the same ε, so this is exact."""
         idx = computed_indices(num_steps, computed)
-        sched = self.scheduler()
-        sched.set_timesteps(num_steps)
-        acp = sched.alphas_cumprod.to(torch.float32)
-        final = sched.final_alpha_cumprod.to(torch.float32)
-        stride = self.num_train_timesteps // num_steps
-        steps = sched.timesteps.tolist()
+        sched, start, end = self.grid_alphas(num_steps, torch.float32)
         coefs = []
         for k, i in enumerate(idx):
-            last = (idx[k + 1] if k + 1 < len(idx) else len(steps)) - 1   # the step whose end this one reaches
-            a_t = acp[steps[i]]
-            prev = steps[last] - stride
-            a_prev = acp[prev] if prev >= 0 else final
+            last = (idx[k + 1] if k + 1 < len(idx) else num_steps) - 1   # the step whose end this one reaches
+            a_t, a_prev = start[i], end[last]
             coefs.append([a_t.sqrt(), (1 - a_t).sqrt(), a_prev.sqrt(), (1 - a_prev).sqrt()])
         coefficients = torch.tensor(coefs, dtype=torch.float32).numpy()
         return SamplerPlan(kind=self.kind, timesteps=sched.timesteps.numpy().astype(np.float32)[idx],

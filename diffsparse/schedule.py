@@ -203,7 +203,7 @@ class Schedule:
         if not any(self.skip):
             raise ScheduleError("the schedule skips no step, so there is nothing to forecast; use a schedule with "
                                 "skipped steps (e.g. fewer-steps)")
-        return replace(self, skip_forecast=True, provenance={**self.provenance, "skip_forecast": True})
+        return replace(self, skip_forecast=True)
 
     # ---- validation ------------------------------------------------------------------------
     def _check_layer_tokens(self) -> None:

@@ -412,11 +412,11 @@ class ScheduleTrainer:
         alloc = self.allocation()
         sched = Schedule(family=self.spec.family, num_tokens=self.spec.num_tokens, layers=self.spec.layers,
                          keep=alloc.keep, candidates=self.candidates, selector=self.selector,
-                         skip=list(alloc.skip), skip_forecast=self.cfg.skip_forecast and any(alloc.skip),
+                         skip=list(alloc.skip),
                          provenance=provenance("diffsparse", init=self.cfg.init, space=self.cfg.space, stage=self.state.stage,
                                                iterations=len(self._training_records()), train_config=self.cfg.to_dict(),
                                                final_loss=(self._training_records() or [{"loss": None}])[-1]["loss"]))
-        return self._record_costs(sched)
+        return self._record_costs(self._skipping(sched))
 
     def _record_costs(self, sched: Schedule) -> Schedule:
         return record_costs(sched, self.costs_model, self.cfg.ratio)
