@@ -54,6 +54,11 @@ def shipped_schedules() -> list[str]:
     return sorted(p.stem for p in SHIPPED_DIR.glob("*.json"))
 
 
+def shipped_schedule(name: str) -> Schedule:
+    """A schedule shipped in `SHIPPED_DIR`, by file stem (not yet checked against a model)."""
+    return Schedule.load(SHIPPED_DIR / f"{name}.json")
+
+
 def dense_schedule(spec: ModelSpec, num_steps: int, selector: SelectorConfig | None = None) -> Schedule:
     sched = Schedule(family=spec.family, num_tokens=spec.num_tokens, layers=spec.layers,
                      layer_tokens=spec.dense_keep(), keep=[spec.dense_keep() for _ in range(num_steps)],
@@ -185,10 +190,12 @@ def resolve_schedule(name_or_path: str | Path, spec: ModelSpec, num_steps: int |
         if name == "fewer-steps":
             return fewer_steps_schedule(spec, num_steps, target_ratio, costs=costs)
         return toca_schedule(spec, num_steps, target_ratio, full_every, costs=costs)
-    path = SHIPPED_DIR / f"{name}.json" if name in shipped_schedules() else Path(name)
-    if not path.exists():
+    if name in shipped_schedules():
+        sched = shipped_schedule(name)
+    elif Path(name).exists():
+        sched = Schedule.load(name)
+    else:
         known = ", ".join((*BUILTIN_NAMES, *shipped_schedules()))
         raise ScheduleError(f"schedule {name!r} is neither a built-in ({known}) nor a file")
-    sched = Schedule.load(path)
     spec.check_schedule(sched, num_steps)
     return sched

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffsparse.builtin_schedules import dense_schedule, resolve_schedule, shipped_schedules
+from diffsparse.builtin_schedules import dense_schedule, resolve_schedule, shipped_schedule, shipped_schedules
 from diffsparse.export.bundle import ExportConfig, export_bundle
 from diffsparse.models.zoo import make_spec
 from diffsparse.runtime.pipeline import Pipeline
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--schedule", default="auto",
-                   help="sparse schedule: a built-in or file; auto = the shipped learned schedule for the "
-                        "model at --ratio if there is one (joint space first), else toca")
+                   help="sparse schedule: a built-in or file; auto = the best shipped learned schedule for the "
+                        "model at --steps and --ratio if there is one (joint space first), else toca")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--runs", type=int, default=5,
                    help="timed generations per bundle, sparse and dense interleaved; medians are reported")
@@ -83,13 +83,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sparse_schedule(args, spec):
     name = args.schedule
-    if name == "auto":   # the best shipped schedule at the budget (README "Learning a schedule"), else toca
-        pct = int(round(100 * args.ratio))
-        best_first = (f"{args.model}-joint-forecast-{pct}", f"{args.model}-joint-{pct}", f"{args.model}-learned-{pct}")
-        shipped = [n for n in best_first if n in shipped_schedules()]
-        name = shipped[0] if shipped else "toca"
+    if name == "auto":
+        name = best_shipped(args.model, args.steps, args.ratio) or "toca"
     return resolve_schedule(name, spec, args.steps, args.ratio)
 
+
+def best_shipped(model: str, steps: int, ratio: float) -> str | None:
+    """The best shipped schedule for `model` at `steps` sampling steps and `ratio` of the dense MACs
+    (README "Learning a schedule"): joint space with forecasting skips, then joint, then the paper's
+    space. Names carry the step count (`-t20-`) except the demo's own 10-step ones."""
+    pct = int(round(100 * ratio))
+    for kind in ("joint-forecast", "joint", "learned"):
+        for name in (f"{model}-t{steps}-{kind}-{pct}", f"{model}-{kind}-{pct}"):
+            if name in shipped_schedules() and shipped_schedule(name).num_steps == steps:
+                return name
+    return None
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -114,6 +114,18 @@ def test_shipped_schedules_fit_their_model():
         assert abs(spec.macs_ratio(sched) - sched.macs_ratio["achieved"]) < 1e-9
 
 
+def test_demo_picks_the_best_shipped_schedule_for_its_steps():
+    """dsdemo's auto choice: joint space with forecasting first, and only a schedule for the
+    requested number of steps (the 10-step 50% schedule never runs a 50-step job)."""
+    from diffsparse.demo import best_shipped
+
+    assert best_shipped("mnist-dit", 10, 0.5) == "mnist-dit-joint-forecast-50"
+    assert best_shipped("mnist-dit", 20, 0.3) == "mnist-dit-t20-joint-forecast-30"
+    assert best_shipped("mnist-dit", 50, 0.1) == "mnist-dit-t50-joint-forecast-10"
+    assert best_shipped("mnist-dit", 50, 0.5) is None
+    assert best_shipped("dit-small", 10, 0.5) is None
+
+
 def test_per_layer_token_counts():
     layers = [LayerRef(0, "SA"), LayerRef(0, "MLP"), LayerRef(0, "TMLP")]
     dense = [64, 64, 8]
