@@ -40,6 +40,18 @@ def rows_index(idx: torch.Tensor, halves: int) -> torch.Tensor:
     return idx if halves == 1 else torch.cat([idx] * halves, dim=0)
 
 
+def _tiles(score: torch.Tensor, grid: tuple[int, int], window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """score (B, N) as (B, h/k, k, w/k, k) tiles, and each tile's threshold for the spatial bonus:
+    its maximum less `SPATIAL_TIE` (relative)."""
+    b, n = score.shape
+    h, w = grid
+    if h % window or w % window:
+        raise ValueError(f"token grid {h}x{w} is not divisible by the spatial-bonus window {window}")
+    tiles = score.reshape(b, h // window, window, w // window, window)
+    tile_max = tiles.amax(dim=(2, 4), keepdim=True)
+    return tiles, tile_max - SPATIAL_TIE * (1.0 + tile_max.abs())
+
+
 def spatial_bonus(score: torch.Tensor, grid: tuple[int, int], window: int, bonus: float) -> torch.Tensor:
     """Add `bonus` to each token that holds the maximum score of its window x window tile (up to
     float rounding: `SPATIAL_TIE`).
@@ -47,29 +59,48 @@ def spatial_bonus(score: torch.Tensor, grid: tuple[int, int], window: int, bonus
     Tiles are non-overlapping, which keeps the op a reshape + ReduceMax (static shape)."""
     if bonus == 0.0 or window <= 1:
         return score
-    b, n = score.shape
-    h, w = grid
-    if h % window or w % window:
-        raise ValueError(f"token grid {h}x{w} is not divisible by the spatial-bonus window {window}")
-    tiles = score.reshape(b, h // window, window, w // window, window)
-    tile_max = tiles.amax(dim=(2, 4), keepdim=True)
-    is_max = (tiles >= tile_max - SPATIAL_TIE * (1.0 + tile_max.abs())).to(score.dtype)
-    return score + bonus * is_max.reshape(b, n)
+    tiles, threshold = _tiles(score, grid, window)
+    return score + bonus * (tiles >= threshold).to(score.dtype).reshape(score.shape)
+
+
+def bonus_margin(score: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
+    """(B, N): how far each token's score lies above its tile's bonus threshold (>= 0: it gets the
+    bonus). Where the margin is within float rounding of 0, another runtime may decide the bonus
+    the other way: the score then moves by the whole bonus (export/verify.py counts that as a tie)."""
+    tiles, threshold = _tiles(score, grid, window)
+    return (tiles - threshold).reshape(score.shape)
+
+
+def weighted_score(main: torch.Tensor, reuse: torch.Tensor, selector: SelectorConfig,
+                   entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """λ1 s1 + λ2 s2 + λ3 s3 (paper eq. 10 before the spatial bonus); all terms (B, N)."""
+    l1, l2, l3, _ = selector.lambdas
+    score = l1 * main + l3 * reuse
+    if entropy is not None and l2 != 0.0:
+        score = score + l2 * entropy
+    return score
+
+
+def bonus_applies(selector: SelectorConfig, grid: tuple[int, int] | None) -> bool:
+    """Whether the spatial bonus λ4 enters a layer's score (tokens with a grid, a window, λ4 ≠ 0)."""
+    return grid is not None and selector.window > 1 and selector.lambdas[3] != 0.0
+
+
+def finish_score(weighted: torch.Tensor, selector: SelectorConfig, grid: tuple[int, int] | None) -> torch.Tensor:
+    """S = B(weighted) less the tie-break ramp: the score TopK ranks (paper eq. 10)."""
+    score = weighted
+    if bonus_applies(selector, grid):
+        score = spatial_bonus(score, grid, selector.window, selector.lambdas[3])
+    n = score.shape[1]
+    ramp = torch.arange(n, dtype=score.dtype, device=score.device) * (TIE_BREAK / n)
+    return score - ramp
 
 
 def composite_score(main: torch.Tensor, reuse: torch.Tensor, selector: SelectorConfig,
                     grid: tuple[int, int] | None, entropy: torch.Tensor | None = None) -> torch.Tensor:
     """S = B(λ1 s1 + λ2 s2 + λ3 s3) (paper eq. 10); all terms (B, N). grid None: tokens without a
     spatial layout (text), no spatial bonus."""
-    l1, l2, l3, l4 = selector.lambdas
-    score = l1 * main + l3 * reuse
-    if entropy is not None and l2 != 0.0:
-        score = score + l2 * entropy
-    if grid is not None:
-        score = spatial_bonus(score, grid, selector.window, l4)
-    n = score.shape[1]
-    ramp = torch.arange(n, dtype=score.dtype, device=score.device) * (TIE_BREAK / n)
-    return score - ramp
+    return finish_score(weighted_score(main, reuse, selector, entropy), selector, grid)
 
 
 # TensorRT's TopK takes K <= 3840 (ITopKLayer). Larger selections are split (top_tokens).

@@ -9,6 +9,9 @@ pick different ones, and everything downstream differs. So when the outputs diff
 the graph made (read off its reuse-count outputs: 0 exactly where a token was recomputed) is
 imposed on the PyTorch step and the outputs are compared again — and every token the two picked
 differently must be a near tie of the PyTorch scores (within `TIE_TOLERANCE`), or the graph fails.
+The spatial bonus is a threshold (a token within `SPATIAL_TIE` of its tile's maximum gets it), so a
+token at that threshold up to rounding may get the bonus in one runtime and not in the other: its
+score then differs by the whole bonus, and that too is a tie (`check_ties`).
 
 Quantized graphs (int8) are compared with the same fp32 PyTorch step, but their token scores are
 computed from int8 matmul outputs, so they may rank tokens differently beyond a tie: there the
@@ -102,9 +105,14 @@ def graph_selection(spec: ModelSpec, keep: list[int], outputs: dict[str, np.ndar
 
 
 def check_ties(spec: ModelSpec, keep: list[int], scores: dict[int, torch.Tensor],
-               imposed: dict[int, np.ndarray], tolerance: float = TIE_TOLERANCE) -> int:
+               imposed: dict[int, np.ndarray], tolerance: float = TIE_TOLERANCE,
+               bonus_margins: dict[int, torch.Tensor] | None = None, bonus: float = 0.0) -> int:
     """Tokens picked differently from the PyTorch step's own TopK; raises unless each is a near tie
-    (within `tolerance` relative to the scores; inf: only count them)."""
+    (within `tolerance` relative to the scores; inf: only count them).
+
+    A tie is also one in the spatial-bonus decision: a token whose bonus margin
+    (`bonus_margins`, tokencache.bonus_margin) is within the tolerance of 0 may have its score
+    moved by the whole `bonus` in another runtime (up if PyTorch gave it none, down if it did)."""
     flips = 0
     for i, idx in imposed.items():
         s = scores[i].double().numpy()
@@ -114,8 +122,14 @@ def check_ties(spec: ModelSpec, keep: list[int], scores: dict[int, torch.Tensor]
             if mine == theirs:
                 continue
             only_mine, only_theirs = sorted(mine - theirs), sorted(theirs - mine)
-            gap = abs(s[b, only_mine].min() - s[b, only_theirs].max())
             scale = max(1.0, float(np.abs(s[b]).max()))
+            low, high = s[b].copy(), s[b].copy()
+            if bonus_margins is not None and i in bonus_margins:
+                margin = bonus_margins[i][b].double().numpy()
+                at_tie = np.abs(margin) <= tolerance * scale
+                low[at_tie & (margin >= 0)] -= bonus
+                high[at_tie & (margin < 0)] += bonus
+            gap = low[only_mine].min() - high[only_theirs].max()
             if gap > tolerance * scale:
                 raise SelectionMismatch(
                     f"layer {spec.layers[i].name}: the graph selected tokens {only_theirs[:5]} instead of "
@@ -155,10 +169,11 @@ def verify_graphs(folder: str | Path, spec: ModelSpec, quantized: bool = False) 
         if err > 1e-4:
             imposed = graph_selection(spec, g.keep, got, manifest.cache)
             module.forced_selection = {i: torch.from_numpy(v) for i, v in imposed.items()}
-            module.record_scores = {}
+            module.record_scores, module.record_bonus_margins = {}, {}
             ref = reference()
             flips = check_ties(spec, g.keep, module.record_scores, imposed,
-                               tolerance=float("inf") if quantized else TIE_TOLERANCE)
+                               tolerance=float("inf") if quantized else TIE_TOLERANCE,
+                               bonus_margins=module.record_bonus_margins, bonus=selector.lambdas[3])
             err = compare(got, ref)
             log.info("graph %s: %d token(s) selected differently at score ties; parity with the graph's "
                      "selection %.3g", g.file, flips, err)

@@ -54,3 +54,17 @@ def test_attention_entropy():
     assert torch.allclose(tc.attention_entropy(peaked, 1), torch.zeros(2, 4), atol=1e-6)
     both = torch.cat([uniform[:1], peaked[:1]])
     np.testing.assert_allclose(tc.attention_entropy(both, 2).numpy(), 0.5, atol=1e-6)
+
+
+def test_bonus_margin_is_the_spatial_bonus_decision():
+    """bonus_margin >= 0 exactly where spatial_bonus adds the bonus (one threshold rule)."""
+    g = torch.Generator().manual_seed(0)
+    score = torch.rand(3, 64, generator=g, dtype=torch.float64)
+    # tokens 0, 1, 8, 9 form the first tile; token 1 within the tie of token 0: both get the bonus
+    score[0, 0] = 1.5
+    score[0, 1] = 1.5 - 0.5 * tc.SPATIAL_TIE * 2.5
+    got = tc.spatial_bonus(score, (8, 8), 2, 0.6) - score
+    margin = tc.bonus_margin(score, (8, 8), 2)
+    assert torch.equal(got > 0.3, margin >= 0)
+    assert 0 <= float(margin[0, 1]) < tc.SPATIAL_TIE * 2.5 and float(margin[0, 0]) > 0
+    assert int((margin >= 0).sum()) >= 3 * 16   # at least one per tile

@@ -59,6 +59,9 @@ class CachedStep(nn.Module):
     #: scores are recorded in it by layer index / the selection given for a layer index is used
     #: instead of this step's own TopK
     record_scores: dict[int, torch.Tensor] | None = None
+    #: with record_scores: each layer's spatial-bonus margins (tokencache.bonus_margin), for layers
+    #: whose score has the bonus
+    record_bonus_margins: dict[int, torch.Tensor] | None = None
     forced_selection: dict[int, torch.Tensor] | None = None
     #: universal step (export/universal.py): every layer's K is the length of a carrier input
     #: (`k.<layer>`) instead of a constant, and K = 0 and K = N take the general path
@@ -177,9 +180,13 @@ class CachedStep(nn.Module):
         return self.part_score(self._select_tokens, index, layer, sa, h, state, new)
 
     def _select_tokens(self, index, layer, sa, h, state, new) -> torch.Tensor:
-        score = self._score(layer, sa, h, state, new)
+        weighted = self._weighted_score(layer, sa, h, state, new)
+        grid = self.spec.score_grid(layer)
+        score = tc.finish_score(weighted, self.selector, grid)
         if self.record_scores is not None:
             self.record_scores[index] = score
+            if self.record_bonus_margins is not None and tc.bonus_applies(self.selector, grid):
+                self.record_bonus_margins[index] = tc.bonus_margin(weighted, grid, self.selector.window)
         if self.forced_selection is not None and index in self.forced_selection:
             return self.forced_selection[index]
         return tc.top_tokens(score, self._k(index))
@@ -210,6 +217,12 @@ class CachedStep(nn.Module):
                state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
         """The selector's score (B, N) of every token for this layer (higher = recompute first).
         `sa` is the self-attention layer whose signals (attention received, values) score it."""
+        weighted = self._weighted_score(layer, sa, h, state, new)
+        return tc.finish_score(weighted, self.selector, self.spec.score_grid(layer))
+
+    def _weighted_score(self, layer: LayerRef, sa: LayerRef, h: torch.Tensor,
+                        state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
+        """λ1 s1 + λ2 s2 + λ3 s3 of every token for this layer: the score before the spatial bonus."""
         sel, cache = self.selector, self.cache
         reuse = state[cache.name(Role.REUSE, layer)]
         if sel.lambdas[0] == 0.0:
@@ -226,7 +239,7 @@ class CachedStep(nn.Module):
         ent_layer = self._entropy_layer(layer)
         if sel.lambdas[1] != 0.0 and cache.has(Role.ENT, ent_layer):
             entropy = self._latest(cache.name(Role.ENT, ent_layer), state, new)
-        return tc.composite_score(main, reuse, sel, self.spec.score_grid(layer), entropy=entropy)
+        return tc.weighted_score(main, reuse, sel, entropy=entropy)
 
     def _entropy_layer(self, layer: LayerRef) -> LayerRef:
         """The layer whose cross-attention entropy s2 scores this layer's tokens: by default the

@@ -64,3 +64,25 @@ def test_reuse_counts_must_show_k_recomputed_tokens(tiny_spec):
     reuse[0, 11] = 0
     with pytest.raises(SelectionMismatch, match="recomputed \\[3\\] tokens, not K=2"):
         graph_selection(tiny_spec, keep, {name: reuse}, layout)
+
+
+def test_a_spatial_bonus_decided_at_rounding_level_is_a_tie(tiny_spec):
+    """A token at its tile's bonus threshold up to rounding may get the bonus in one runtime and not
+    in the other; its score then moves by the whole bonus: a tie, not a wrong graph."""
+    layer = 0
+    keep = [1] + [tiny_spec.num_tokens] * (len(tiny_spec.layers) - 1)
+    scores = torch.zeros(1, tiny_spec.num_tokens, dtype=torch.float64)
+    scores[0, :2] = torch.tensor([1.60, 1.58])   # token 0: 1.0 + bonus 0.6; token 1: 0.98 + bonus
+    margins = torch.ones_like(scores)
+    graph_picked = {layer: np.array([[1]], np.int32)}
+    with pytest.raises(SelectionMismatch):
+        check_ties(tiny_spec, keep, {layer: scores}, graph_picked, bonus_margins={layer: margins}, bonus=0.6)
+    margins[0, 0] = 1e-7   # token 0 only just holds the bonus: ONNX Runtime may have denied it
+    assert check_ties(tiny_spec, keep, {layer: scores}, graph_picked, bonus_margins={layer: margins}, bonus=0.6) == 1
+    # token 1 (1.05, no bonus) only just misses its tile's bonus: ONNX Runtime may have given it
+    margins[0, 0], margins[0, 1] = 1.0, -1e-7
+    scores[0, 1] = 1.05
+    assert check_ties(tiny_spec, keep, {layer: scores}, graph_picked, bonus_margins={layer: margins}, bonus=0.6) == 1
+    margins[0, 1] = -1e-2   # far from the threshold: a real mismatch
+    with pytest.raises(SelectionMismatch):
+        check_ties(tiny_spec, keep, {layer: scores}, graph_picked, bonus_margins={layer: margins}, bonus=0.6)
