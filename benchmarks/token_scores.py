@@ -58,8 +58,8 @@ def schedules(spec, steps: int, learned_dir: Path | None) -> dict[str, Schedule]
 
 
 def export(spec, sched, folder: Path, notes: dict, name: str) -> None:
-    """Export with the parity check; where it fails (the cosine score on mnist-dit trips on
-    spatial-bonus ties, a known issue), export unchecked and say so in the results."""
+    """Export with the parity check; where it fails, export unchecked and say so in the results
+    (the cosine score on mnist-dit failed it on spatial-bonus ties until those counted as ties)."""
     try:
         export_bundle(spec, sched, folder, config=ExportConfig(overwrite=True))
     except ExportError as e:

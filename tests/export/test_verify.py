@@ -86,3 +86,19 @@ def test_a_spatial_bonus_decided_at_rounding_level_is_a_tie(tiny_spec):
     margins[0, 1] = -1e-2   # far from the threshold: a real mismatch
     with pytest.raises(SelectionMismatch):
         check_ties(tiny_spec, keep, {layer: scores}, graph_picked, bonus_margins={layer: margins}, bonus=0.6)
+
+
+def test_cosine_score_bundle_passes_parity_across_bonus_ties(tmp_path):
+    """The cosine score on the trained mnist-dit puts tokens of a uniform background at the spatial
+    bonus threshold up to rounding; before bonus ties counted as ties its export failed parity."""
+    import dataclasses
+
+    from diffsparse.builtin_schedules import toca_schedule
+    from diffsparse.export.bundle import ExportConfig, export_bundle
+    from diffsparse.models.zoo import make_spec
+
+    spec = make_spec("mnist-dit", batch_size=1)
+    selector = dataclasses.replace(spec.default_selector(), score="cosine")
+    m = export_bundle(spec, toca_schedule(spec, 10, 0.5, full_every=3, selector=selector), tmp_path / "b",
+                      source={"model": "mnist-dit", "seed": 0}, config=ExportConfig())
+    assert max(g.parity_max_abs_err for g in m.graphs) < 1e-4
