@@ -3,7 +3,8 @@
 Exports the built-in MNIST DiT (trained weights shipped in the package) with its best shipped
 learned schedule at about half the dense MACs (`mnist-dit-joint-forecast-50`: learned in the
 joint space, where steps may also be skipped and skipped steps forecast x0; then
-`mnist-dit-joint-50`, `mnist-dit-learned-50`) (the ToCa-style one for models without one)
+`mnist-dit-joint-50`, `mnist-dit-learned-50`; other --steps/--ratio pick the shipped schedule made
+for them, e.g. `mnist-dit-t20-joint-forecast-30`) (the ToCa-style one where none is shipped)
 and with the dense schedule, generates the digits 0-9 from
 both on ONNX Runtime (CPU), and profiles sparse against dense in one run. Outputs go to --out
 (default out/demo):
