@@ -1,7 +1,7 @@
 """Token scores side by side on the built-in MNIST DiT: quality and latency of each score (issue 17).
 
 For each token score s1 (attention received, ℓ2 norm, value norm, cosine change; the other selector
-weights as the DiT default), two schedules at 50% of the dense MACs: the ToCa-style hand schedule
+weights as DiT's default selector), two schedules at 50% of the dense MACs: the ToCa-style hand schedule
 (full step every 3) and the shipped learned K table (`mnist-dit-learned-50`) with that score.
 
     python benchmarks/token_scores.py --out out/token-scores

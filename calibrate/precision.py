@@ -13,7 +13,10 @@ stored weight is rounded to the precision, and every activation a transformer no
 rounded (Cast to fp16/bf16 and back) before the next node reads it. That is the storage
 precision of an fp16/bf16 engine with fp32 accumulation inside each matmul (what GPU tensor cores
 do), and a value beyond the format's range becomes Inf exactly as it would there. The step's
-mechanics (token scores, TopK, gather/scatter, sampler update) and the token cache stay fp32.
+mechanics (token scores, TopK, gather/scatter, sampler update) and the token cache stay fp32, and
+the lowered step recomputes the tokens the fp32 step selected (`pinned`): where lowering moves
+scores past each other at a near tie, the step would otherwise compute other tokens and differ
+by far more than the rounding measured. Those tokens are counted per step (`selection_flips`).
 
 Per layer group (export/quantize.py `layer_groups`: "sa3", "mlp3", "block3" = adaLN and timestep
 embedding of block 3, "fixed" = embeddings and head) the report gives the fp32 range of its
@@ -130,6 +133,51 @@ def lowered(model: onnx.ModelProto, dtype: str, lower: set[str], groups: dict[st
     return out
 
 
+def selection_indices(model: onnx.ModelProto) -> list[str]:
+    """The token selections of a step graph: the indices output of each TopK."""
+    return [n.output[1] for n in model.graph.node if n.op_type == "TopK"]
+
+
+def pinned(model: onnx.ModelProto, indices: list[str]) -> onnx.ModelProto:
+    """A copy of `model` whose TopK selections `indices` are graph inputs (fed the fp32 run's), each
+    TopK's own result still computed and output as `<name>.own`.
+
+    Lowering may move two tokens' scores past each other at a near tie: the lowered step then
+    recomputes another token, and every output it touches differs by far more than the rounding
+    being measured (a reuse count by 1). Pinned, the lowered step computes the same tokens as the
+    fp32 step, so its error is the numerics of the lowered layers; the flips are counted apart."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    wanted = set(indices)
+    for node in out.graph.node:
+        if node.op_type == "TopK" and node.output[1] in wanted:
+            node.output[1] = f"{node.output[1]}.own"
+    for name in indices:
+        out.graph.input.append(onnx.helper.make_tensor_value_info(name, TensorProto.INT64, None))
+        out.graph.output.append(onnx.helper.make_tensor_value_info(f"{name}.own", TensorProto.INT64, None))
+    return out
+
+
+def _with_selection(model: onnx.ModelProto, indices: list[str]) -> onnx.ModelProto:
+    """`model` that also outputs its TopK selections `indices` (int64)."""
+    have = {o.name for o in model.graph.output}
+    for name in indices:
+        if name not in have:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, TensorProto.INT64, None))
+    return model
+
+
+def selection_flips(own: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> int:
+    """Tokens a step would select differently from the reference selections (per TopK and row,
+    the size of the set difference)."""
+    flips = 0
+    for name, ref in reference.items():
+        mine = own[f"{name}.own"].reshape(-1, ref.shape[-1])
+        for a, b in zip(mine, ref.reshape(-1, ref.shape[-1])):
+            flips += len(set(b.tolist()) - set(a.tolist()))
+    return flips
+
+
 def lowered_weights(model: onnx.ModelProto, bundle: Bundle, dtype: str, lower: set[str],
                     groups: dict[str, str]) -> dict[str, np.ndarray]:
     """The stored float weights read by nodes of the lowered groups, rounded to `dtype`."""
@@ -203,21 +251,26 @@ def analyse(folder: str | Path, config: PrecisionConfig | None = None) -> dict[s
                        and n.output[0] in floats]
             owner = {n.output[0]: groups[n.name] for n in model.graph.node if n.output and n.name in groups}
             outputs = [o.name for o in model.graph.output]
-            ref_sess = runner.session(with_outputs(model, watched))
-            low_sess = runner.session(with_outputs(lowered(model, config.dtype, lower, groups, floats), watched),
+            picks = selection_indices(model)
+            ref_sess = runner.session(_with_selection(with_outputs(model, watched), picks))
+            low_sess = runner.session(with_outputs(pinned(lowered(model, config.dtype, lower, groups, floats), picks), watched),
                                       lowered_weights(model, bundle, config.dtype, lower, groups))
-            per_graph[g] = (model, groups, floats, sorted(lower), watched, owner, outputs, ref_sess, low_sess)
-        step_refs: list[list[dict[str, np.ndarray]]] = []
+            per_graph[g] = (model, groups, floats, sorted(lower), watched, owner, outputs, ref_sess, low_sess, picks)
+        step_refs: list[list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]] = []  # (outputs, selection)
         for s in steps:
-            model, groups, floats, lower, watched, owner, outputs, ref_sess, low_sess = per_graph[s.graph]
+            model, groups, floats, lower, watched, owner, outputs, ref_sess, low_sess, picks = per_graph[s.graph]
             declared = {i.name for i in ref_sess.get_inputs()}
-            errs, refs = [], []
+            own = [f"{p}.own" for p in picks]
+            errs, refs, flips = [], [], 0
             for feeds in s.feeds:
                 f = {k: v for k, v in feeds.items() if k in declared}
-                ref = dict(zip(outputs + watched, ref_sess.run(outputs + watched, f)))
-                low = dict(zip(outputs + watched, low_sess.run(outputs + watched, f)))
-                refs.append({k: ref[k] for k in outputs})
-                stats = _polygraphy_compare(ref, low, config.dtype)
+                ref = dict(zip(outputs + watched + picks, ref_sess.run(outputs + watched + picks, f)))
+                selection = {p: ref[p] for p in picks}
+                low = dict(zip(outputs + watched + own, low_sess.run(outputs + watched + own, {**f, **selection})))
+                flips += selection_flips(low, selection)
+                refs.append(({k: ref[k] for k in outputs}, selection))
+                stats = _polygraphy_compare({k: ref[k] for k in outputs + watched}, {k: low[k] for k in outputs + watched},
+                                            config.dtype)
                 errs.append((compare({k: low[k] for k in outputs}, {k: ref[k] for k in outputs}), stats[latent_out]))
                 for name in watched:
                     grp = groups_all.setdefault(owner[name], _Group())
@@ -228,7 +281,7 @@ def analyse(folder: str | Path, config: PrecisionConfig | None = None) -> dict[s
                     grp.nonfinite += int((~np.isfinite(low[name])).sum())
             step_refs.append(refs)
             step_rows.append({"step": s.index, "graph": m.graphs[s.graph].file, "timestep": s.timestep,
-                              "step_err": max(e[0] for e in errs),
+                              "step_err": max(e[0] for e in errs), "selection_flips": flips,
                               "latent_max_abs": _finite(max(e[1]["max_abs"] for e in errs)),
                               "latent_mean_abs": _finite(float(np.mean([e[1]["mean_abs"] for e in errs]))),
                               "nonfinite_outputs": sum(int((~np.isfinite(v)).sum()) for v in low.values())})
@@ -256,18 +309,21 @@ def _order(name: str) -> tuple:
 
 
 def _isolate(bundle, runner, steps, per_graph, step_refs, config, groups_all) -> None:
-    """Per group: the worst step-output error when only that group is lowered (first batch)."""
+    """Per group: the worst step-output error when only that group is lowered (first batch; the
+    fp32 run's token selection pinned)."""
     for g, (model, groups, floats, lower, *_rest) in per_graph.items():
-        outputs = per_graph[g][6]
+        outputs, picks = per_graph[g][6], per_graph[g][9]
         for grp in lower:
-            sess = runner.session(lowered(model, config.dtype, {grp}, groups, floats),
+            sess = runner.session(pinned(lowered(model, config.dtype, {grp}, groups, floats), picks),
                                   lowered_weights(model, bundle, config.dtype, {grp}, groups))
             declared = {i.name for i in sess.get_inputs()}
             for s, refs in zip(steps, step_refs):
                 if s.graph != g:
                     continue
-                low = dict(zip(outputs, sess.run(outputs, {k: v for k, v in s.feeds[0].items() if k in declared})))
-                err = compare(low, refs[0])
+                ref, selection = refs[0]
+                feeds = {**{k: v for k, v in s.feeds[0].items() if k in declared}, **selection}
+                low = dict(zip(outputs, sess.run(outputs, feeds)))
+                err = compare(low, ref)
                 target = groups_all.setdefault(grp, _Group())
                 target.isolated = max(target.isolated, err if np.isfinite(err) else float("inf"))
 
@@ -278,15 +334,16 @@ def _residual(bundle, runner, steps, per_graph, step_refs, config, keep: set[str
     out = []
     for s, refs in zip(steps, step_refs):
         model, groups, floats, lower, *_rest = per_graph[s.graph]
-        outputs = per_graph[s.graph][6]
+        outputs, picks = per_graph[s.graph][6], per_graph[s.graph][9]
         if s.graph not in sessions:
             chosen = set(lower) - keep
-            sessions[s.graph] = runner.session(lowered(model, config.dtype, chosen, groups, floats),
+            sessions[s.graph] = runner.session(pinned(lowered(model, config.dtype, chosen, groups, floats), picks),
                                                lowered_weights(model, bundle, config.dtype, chosen, groups))
         sess = sessions[s.graph]
         declared = {i.name for i in sess.get_inputs()}
-        low = dict(zip(outputs, sess.run(outputs, {k: v for k, v in s.feeds[0].items() if k in declared})))
-        out.append(compare(low, refs[0]))
+        ref, selection = refs[0]
+        low = dict(zip(outputs, sess.run(outputs, {**{k: v for k, v in s.feeds[0].items() if k in declared}, **selection})))
+        out.append(compare(low, ref))
     return out
 
 
@@ -300,10 +357,11 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['max_step_err_with_fp32_layers']:.3g} with these kept fp32; tolerance "
              f"{report['config']['tolerance']:g}).", "",
              "## Per step", "", "| step | graph | timestep | step output err | latent max abs | latent mean abs | Inf/NaN |"
-             " err with fp32 layers |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             " tokens selected differently | err with fp32 layers |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["steps"]:
         lines.append(f"| {r['step']} | {r['graph']} | {r['timestep']:.0f} | {r['step_err']:.3g} | {r['latent_max_abs']} | "
-                     f"{r['latent_mean_abs']} | {r['nonfinite_outputs']} | {r['step_err_with_fp32_layers']:.3g} |")
+                     f"{r['latent_mean_abs']} | {r['nonfinite_outputs']} | {r['selection_flips']} | "
+                     f"{r['step_err_with_fp32_layers']:.3g} |")
     lines += ["", "## Per layer", "", f"| layer | fp32 min | fp32 max | headroom to {d} max | max abs err | mean abs err |"
               " Inf/NaN | step err, this layer alone lowered | stays fp32 |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in report["layers"].items():

@@ -88,11 +88,12 @@ class LayerRef:
 class SelectorConfig:
     """Token selector settings (paper eq. 10, A.5.1).
 
-    score: the main per-token signal s1: "attention" (attention received, the DiT default),
-        "l2norm" (norm of the layer input), "cosine" (1 - cosine similarity of the layer input
-        to its value when the token was last computed; Table 5 of the paper) or "value_norm"
-        (tokens with *smaller* self-attention value norms score higher, the DuCa choice the paper
-        uses for Wan2.1: it needs no attention map, so fused attention stays usable).
+    score: the main per-token signal s1: "attention" (attention received, the paper's for DiT,
+        and what a selector without a score reads as), "l2norm" (norm of the layer input),
+        "cosine" (1 - cosine similarity of the layer input to its value when the token was last
+        computed; Table 5 of the paper) or "value_norm" (tokens with *smaller* self-attention
+        value norms score higher, the DuCa choice the paper uses for Wan2.1 and DiT's family
+        default here: it needs no attention map, so fused attention stays usable).
     lambdas: (λ1 main score, λ2 cross-attention entropy, λ3 reuse count, λ4 spatial bonus).
         DiT defaults (1, 0, 0.25/3, 0.6) from the paper; PixArt-α and FLUX (0, 1, 0.25/3, 0.4).
     window: k of the k×k neighbourhood whose maximum gets the spatial bonus λ4.

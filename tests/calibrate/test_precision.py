@@ -87,3 +87,22 @@ def test_cli_writes_json_and_markdown(tiny_bundles, tmp_path):
     assert data["dtype"] == "bf16" and data["steps"]
     assert "must stay fp32" in (out / "precision.md").read_text()
     assert main(["precision", str(tmp_path / "missing"), "--out", str(tmp_path / "r2")]) == 2
+
+
+def test_lowered_steps_recompute_the_fp32_selection(tmp_path, tiny_spec):
+    """On the tiny DiT, fp16 lowering moves value-norm scores past each other at near ties; the
+    lowered step is pinned to the fp32 step's tokens, so the error is the rounding's (not a
+    recomputed other token's: 1.0 in a reuse count), and the flips are counted apart."""
+    import dataclasses
+
+    from diffsparse.builtin_schedules import toca_schedule
+    from diffsparse.export.bundle import ExportConfig, export_bundle
+
+    selector = dataclasses.replace(tiny_spec.default_selector(), score="value_norm")
+    folder = tmp_path / "value-norm"
+    export_bundle(tiny_spec, toca_schedule(tiny_spec, 6, 0.5, full_every=3, selector=selector), folder,
+                  source={"model": "dit-tiny", "seed": 0}, config=ExportConfig())
+    report = analyse(folder, PrecisionConfig(dtype="fp16", calibration=CalibrationConfig(batches=1)))
+    assert sum(r["selection_flips"] for r in report["steps"]) > 0
+    assert all(0 <= r["step_err"] < 1e-2 for r in report["steps"])
+    assert report["keep_fp32"] == []
