@@ -51,9 +51,9 @@ def main() -> None:
                          "(it writes the dense set), or pass --dense-images")
     dense = np.load(dense_path)
     spec = make_spec("mnist-dit", batch_size=50)
+    selector = dataclasses.replace(spec.default_selector(), score=args.score)
     rows = []
     for period in args.periods:
-        selector = dataclasses.replace(spec.default_selector(), score=args.score)
         sched = toca_schedule(spec, args.steps, args.ratio, full_every=period, selector=selector)
         folder = Path(args.out) / f"{args.steps}-{args.ratio}-every-{period}"
         export_bundle(spec, sched, folder, source={"model": "mnist-dit", "seed": 0}, config=ExportConfig(overwrite=True))

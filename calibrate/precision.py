@@ -146,25 +146,25 @@ def pinned(model: onnx.ModelProto, indices: list[str]) -> onnx.ModelProto:
     recomputes another token, and every output it touches differs by far more than the rounding
     being measured (a reuse count by 1). Pinned, the lowered step computes the same tokens as the
     fp32 step, so its error is the numerics of the lowered layers; the flips are counted apart."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = with_outputs(model, [_own(name) for name in indices], TensorProto.INT64)
     wanted = set(indices)
     for node in out.graph.node:
         if node.op_type == "TopK" and node.output[1] in wanted:
-            node.output[1] = f"{node.output[1]}.own"
+            node.output[1] = _own(node.output[1])
     for name in indices:
         out.graph.input.append(onnx.helper.make_tensor_value_info(name, TensorProto.INT64, None))
-        out.graph.output.append(onnx.helper.make_tensor_value_info(f"{name}.own", TensorProto.INT64, None))
     return out
 
 
-def _with_selection(model: onnx.ModelProto, indices: list[str]) -> onnx.ModelProto:
-    """`model` that also outputs its TopK selections `indices` (int64)."""
-    have = {o.name for o in model.graph.output}
-    for name in indices:
-        if name not in have:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, TensorProto.INT64, None))
-    return model
+def _own(name: str) -> str:
+    """The name a pinned graph gives its TopK's own selection `name`."""
+    return f"{name}.own"
+
+
+def _pinned_feeds(session, feeds: dict[str, np.ndarray], selection: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The step inputs `session` (a pinned graph) declares, and the fp32 run's `selection`."""
+    declared = {i.name for i in session.get_inputs()}
+    return {**{k: v for k, v in feeds.items() if k in declared}, **selection}
 
 
 def selection_flips(own: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> int:
@@ -172,7 +172,7 @@ def selection_flips(own: dict[str, np.ndarray], reference: dict[str, np.ndarray]
     the size of the set difference)."""
     flips = 0
     for name, ref in reference.items():
-        mine = own[f"{name}.own"].reshape(-1, ref.shape[-1])
+        mine = own[_own(name)].reshape(-1, ref.shape[-1])
         for a, b in zip(mine, ref.reshape(-1, ref.shape[-1])):
             flips += len(set(b.tolist()) - set(a.tolist()))
     return flips
@@ -205,6 +205,29 @@ def _polygraphy_compare(reference: dict[str, np.ndarray], other: dict[str, np.nd
     iterations = first[1] if isinstance(first, tuple) else next(iter(first.values()))
     return {name: {"max_abs": float(r.max_absdiff), "mean_abs": float(r.mean_absdiff), "max_rel": float(r.max_reldiff),
                    "mean_rel": float(r.mean_reldiff)} for name, r in iterations[0].items()}
+
+
+@dataclass
+class _GraphRuns:
+    """One step graph's analysis: the graph, its layer groups, what is watched and compared, its
+    TopK selections (`selection_indices`), and the fp32 / all-lowered sessions."""
+
+    model: onnx.ModelProto
+    groups: dict[str, str]
+    floats: set[str]
+    lower: list[str]
+    watched: list[str]
+    owner: dict[str, str]
+    outputs: list[str]
+    picks: list[str]
+    #: sessions of the fp32 graph (also outputting `watched` and the selections) and of the graph
+    #: with every group in `lower` lowered (pinned)
+    ref_session: Any = None
+    low_session: Any = None
+
+    def lowered_session_model(self, dtype: str, lower: set[str]) -> onnx.ModelProto:
+        """The graph with the groups `lower` lowered to `dtype`, its selection pinned (`pinned`)."""
+        return pinned(lowered(self.model, dtype, lower, self.groups, self.floats), self.picks)
 
 
 class _Group:
@@ -240,7 +263,7 @@ def analyse(folder: str | Path, config: PrecisionConfig | None = None) -> dict[s
     groups_all: dict[str, _Group] = {}
     step_rows = []
     with GraphRunner(bundle, threads=config.threads) as runner:
-        per_graph = {}
+        per_graph: dict[int, _GraphRuns] = {}
         for g in range(len(m.graphs)):
             model = bundle.graph_model(g)
             groups = layer_groups(model, m)
@@ -252,21 +275,24 @@ def analyse(folder: str | Path, config: PrecisionConfig | None = None) -> dict[s
             owner = {n.output[0]: groups[n.name] for n in model.graph.node if n.output and n.name in groups}
             outputs = [o.name for o in model.graph.output]
             picks = selection_indices(model)
-            ref_sess = runner.session(_with_selection(with_outputs(model, watched), picks))
-            low_sess = runner.session(with_outputs(pinned(lowered(model, config.dtype, lower, groups, floats), picks), watched),
-                                      lowered_weights(model, bundle, config.dtype, lower, groups))
-            per_graph[g] = (model, groups, floats, sorted(lower), watched, owner, outputs, ref_sess, low_sess, picks)
+            runs = per_graph[g] = _GraphRuns(model, groups, floats, sorted(lower), watched, owner, outputs, picks)
+            runs.ref_session = runner.session(with_outputs(with_outputs(model, watched), picks, TensorProto.INT64))
+            runs.low_session = runner.session(with_outputs(runs.lowered_session_model(config.dtype, lower), watched),
+                                              lowered_weights(model, bundle, config.dtype, lower, groups))
         step_refs: list[list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]] = []  # (outputs, selection)
         for s in steps:
-            model, groups, floats, lower, watched, owner, outputs, ref_sess, low_sess, picks = per_graph[s.graph]
+            runs = per_graph[s.graph]
+            outputs, picks, watched, owner = runs.outputs, runs.picks, runs.watched, runs.owner
+            ref_sess, low_sess = runs.ref_session, runs.low_session
             declared = {i.name for i in ref_sess.get_inputs()}
-            own = [f"{p}.own" for p in picks]
+            own = [_own(p) for p in picks]
             errs, refs, flips = [], [], 0
             for feeds in s.feeds:
                 f = {k: v for k, v in feeds.items() if k in declared}
                 ref = dict(zip(outputs + watched + picks, ref_sess.run(outputs + watched + picks, f)))
                 selection = {p: ref[p] for p in picks}
-                low = dict(zip(outputs + watched + own, low_sess.run(outputs + watched + own, {**f, **selection})))
+                low_names = outputs + watched + own
+                low = dict(zip(low_names, low_sess.run(low_names, _pinned_feeds(low_sess, f, selection))))
                 flips += selection_flips(low, selection)
                 refs.append(({k: ref[k] for k in outputs}, selection))
                 stats = _polygraphy_compare({k: ref[k] for k in outputs + watched}, {k: low[k] for k in outputs + watched},
@@ -311,18 +337,15 @@ def _order(name: str) -> tuple:
 def _isolate(bundle, runner, steps, per_graph, step_refs, config, groups_all) -> None:
     """Per group: the worst step-output error when only that group is lowered (first batch; the
     fp32 run's token selection pinned)."""
-    for g, (model, groups, floats, lower, *_rest) in per_graph.items():
-        outputs, picks = per_graph[g][6], per_graph[g][9]
-        for grp in lower:
-            sess = runner.session(pinned(lowered(model, config.dtype, {grp}, groups, floats), picks),
-                                  lowered_weights(model, bundle, config.dtype, {grp}, groups))
-            declared = {i.name for i in sess.get_inputs()}
+    for g, runs in per_graph.items():
+        for grp in runs.lower:
+            sess = runner.session(runs.lowered_session_model(config.dtype, {grp}),
+                                  lowered_weights(runs.model, bundle, config.dtype, {grp}, runs.groups))
             for s, refs in zip(steps, step_refs):
                 if s.graph != g:
                     continue
                 ref, selection = refs[0]
-                feeds = {**{k: v for k, v in s.feeds[0].items() if k in declared}, **selection}
-                low = dict(zip(outputs, sess.run(outputs, feeds)))
+                low = dict(zip(runs.outputs, sess.run(runs.outputs, _pinned_feeds(sess, s.feeds[0], selection))))
                 err = compare(low, ref)
                 target = groups_all.setdefault(grp, _Group())
                 target.isolated = max(target.isolated, err if np.isfinite(err) else float("inf"))
@@ -333,16 +356,14 @@ def _residual(bundle, runner, steps, per_graph, step_refs, config, keep: set[str
     sessions = {}
     out = []
     for s, refs in zip(steps, step_refs):
-        model, groups, floats, lower, *_rest = per_graph[s.graph]
-        outputs, picks = per_graph[s.graph][6], per_graph[s.graph][9]
+        runs = per_graph[s.graph]
         if s.graph not in sessions:
-            chosen = set(lower) - keep
-            sessions[s.graph] = runner.session(pinned(lowered(model, config.dtype, chosen, groups, floats), picks),
-                                               lowered_weights(model, bundle, config.dtype, chosen, groups))
+            chosen = set(runs.lower) - keep
+            sessions[s.graph] = runner.session(runs.lowered_session_model(config.dtype, chosen),
+                                               lowered_weights(runs.model, bundle, config.dtype, chosen, runs.groups))
         sess = sessions[s.graph]
-        declared = {i.name for i in sess.get_inputs()}
         ref, selection = refs[0]
-        low = dict(zip(outputs, sess.run(outputs, {**{k: v for k, v in s.feeds[0].items() if k in declared}, **selection})))
+        low = dict(zip(runs.outputs, sess.run(runs.outputs, _pinned_feeds(sess, s.feeds[0], selection))))
         out.append(compare(low, ref))
     return out
 

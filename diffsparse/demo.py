@@ -94,9 +94,10 @@ def best_shipped(model: str, steps: int, ratio: float) -> str | None:
     (README "Learning a schedule"): joint space with forecasting skips, then joint, then the paper's
     space. Names carry the step count (`-t20-`) except the demo's own 10-step ones."""
     pct = int(round(100 * ratio))
+    shipped = set(shipped_schedules())
     for kind in ("joint-forecast", "joint", "learned"):
         for name in (f"{model}-t{steps}-{kind}-{pct}", f"{model}-{kind}-{pct}"):
-            if name in shipped_schedules() and shipped_schedule(name).num_steps == steps:
+            if name in shipped and shipped_schedule(name).num_steps == steps:
                 return name
     return None
 

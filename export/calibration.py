@@ -189,14 +189,14 @@ class GraphRunner:
         return sess
 
 
-def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `model` that also outputs the (float32) intermediate tensors `names`."""
+def with_outputs(model: onnx.ModelProto, names: list[str], elem_type: int = onnx.TensorProto.FLOAT) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the intermediate tensors `names` (of `elem_type`)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     have = {o.name for o in copy.graph.output}
     for name in names:
         if name not in have:
-            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
             have.add(name)
     return copy
 
