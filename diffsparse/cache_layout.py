@@ -13,6 +13,9 @@ Roles, for a layer l over N tokens of width D, with R rows (both guidance halves
     key    (R, N, D)  self-attention keys   ┐ of when each token was last computed: fresh queries
     value  (R, N, D)  self-attention values ┘ attend over all N
     recv   (B, N)     attention each token received (s1 with score "attention")
+    vnorm  (B, N)     the norm of each token's cached value ‖v_i‖, mean over the guidance halves
+                      (s1 with score "value_norm"): kept beside the values so that a partial step
+                      computes the norms of its K fresh values only, not of all N at every score
     ent    (B, N)     cross-attention entropy (s2, when λ2 weighs it)
     inp    (R, N, D)  the layer input when the token was last computed (score "cosine")
     cond   (G, R, M)  not a layer's: the conditioning rows a refresh step computed for the steps it
@@ -47,6 +50,7 @@ class Role(str, enum.Enum):
     KEY = "key"
     VALUE = "value"
     RECV = "recv"
+    VALUE_NORM = "vnorm"
     ENT = "ent"
     INP = "inp"
     COND = "cond"
@@ -65,7 +69,7 @@ HOISTED_ROLES = frozenset({Role.COND, *TEXT_ROLES})
 STEP_ROLES = frozenset({Role.COND, Role.SAMPLER})
 #: roles a layer whose K is 0 carries over unchanged (reuse counts and the cosine input are
 #: bookkeeping, updated by the step's own rule)
-CARRIED_ROLES = (Role.OUT, Role.KEY, Role.VALUE, Role.RECV, Role.ENT)
+CARRIED_ROLES = (Role.OUT, Role.KEY, Role.VALUE, Role.RECV, Role.VALUE_NORM, Role.ENT)
 OUTPUT_PREFIX = "next."
 CARRIER_PREFIX = "k."
 

@@ -75,7 +75,8 @@ def weighted_score(main: torch.Tensor, reuse: torch.Tensor, selector: SelectorCo
                    entropy: torch.Tensor | None = None) -> torch.Tensor:
     """λ1 s1 + λ2 s2 + λ3 s3 (paper eq. 10 before the spatial bonus); all terms (B, N)."""
     l1, l2, l3, _ = selector.lambdas
-    score = l1 * main + l3 * reuse
+    # x * 1.0 is x: no graph op for the usual λ1 = 1
+    score = (main if l1 == 1.0 else l1 * main) + l3 * reuse
     if entropy is not None and l2 != 0.0:
         score = score + l2 * entropy
     return score
@@ -186,10 +187,16 @@ def token_norm_score(x: torch.Tensor, halves: int) -> torch.Tensor:
     return norms / norms.mean(dim=1, keepdim=True)
 
 
-def value_norm_score(values: torch.Tensor, halves: int) -> torch.Tensor:
-    """DuCa's value-norm score for Wan2.1 (A.5.1): tokens whose self-attention values have
-    *smaller* norms score higher. 2 - |v| / mean|v|, so the mean is 1 like the other scores."""
-    norms = merge_halves(torch.linalg.vector_norm(values, dim=-1), halves)
+def value_norms(values: torch.Tensor, halves: int) -> torch.Tensor:
+    """values (R, K, D) -> (B, K): ‖v_i‖ of each token, mean over the guidance halves (what the
+    `vnorm` cache entry holds for every token, diffsparse/cache_layout.py)."""
+    return merge_halves(torch.linalg.vector_norm(values, dim=-1), halves)
+
+
+def value_norm_score(norms: torch.Tensor) -> torch.Tensor:
+    """DuCa's value-norm score for Wan2.1 (A.5.1) from the value norms (B, N) (`value_norms`):
+    tokens whose self-attention values have *smaller* norms score higher. 2 - |v| / mean|v|, so
+    the mean is 1 like the other scores."""
     return 2.0 - norms / norms.mean(dim=1, keepdim=True)
 
 

@@ -10,7 +10,9 @@ write, and the nodes that compute nothing else are removed.
 Which entries a step must write is a backward liveness pass over the schedule
 (`diffsparse.bundle_format.step_cache_writes`, which the runtime's bundle check shares): an entry
 is live after step t if some later step reads it before a step changes it again; step t writes
-the entries it changes that are live after it. Steps that share a
+the entries it changes that are live after it; an entry it updates by a scatter the runtime may
+write in place (`diffsparse.bundle_format.in_place_writes`) stays an output even when dead, which
+costs nothing there and spares ONNX Runtime a copy of the whole entry. Steps that share a
 sparsity pattern but must write different entries get their own copy of the graph (the last,
 full step of a schedule writes nothing and runs as the plain dense step): pruning copies a traced
 graph, it does not trace again.

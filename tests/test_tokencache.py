@@ -40,7 +40,7 @@ def test_value_norm_prefers_small_values():
     values = torch.ones(4, 5, 8)
     values[:, 2] *= 0.1   # token 2 has the smallest value vectors
     values[:, 4] *= 3.0
-    s = tc.value_norm_score(values, halves=2)
+    s = tc.value_norm_score(tc.value_norms(values, halves=2))
     assert s.shape == (2, 5)
     assert int(s.argmax(1)[0]) == 2 and int(s.argmin(1)[0]) == 4
     assert torch.allclose(s.mean(1), torch.ones(2))

@@ -182,7 +182,7 @@ class ModelSpec(abc.ABC):
     def cache_roles(self, layer: LayerRef, selector: SelectorConfig) -> list[Role]:
         """Which cache entries a cacheable layer keeps (diffsparse/cache_layout.py has their shapes):
         every layer its ungated output and reuse counts; a self-attention layer its keys and values,
-        plus the attention each token received when the score reads it; a cross-attention layer
+        plus the attention each token received or its values' norms when the score reads them; a cross-attention layer
         the attention entropy when λ2 weighs it; every layer its input for the cosine score."""
         l1, l2 = selector.lambdas[:2]
         roles = [Role.OUT, Role.REUSE]
@@ -190,6 +190,8 @@ class ModelSpec(abc.ABC):
             roles += [Role.KEY, Role.VALUE]
             if selector.score == "attention" and l1 != 0.0:
                 roles.append(Role.RECV)
+            if selector.score == "value_norm" and l1 != 0.0:
+                roles.append(Role.VALUE_NORM)
         if layer.kind == "CA" and l2 != 0.0:
             roles.append(Role.ENT)
         if selector.score == "cosine":

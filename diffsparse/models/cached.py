@@ -230,7 +230,7 @@ class CachedStep(nn.Module):
         elif sel.score == "attention":
             main = self._latest(cache.name(Role.RECV, sa), state, new)
         elif sel.score == "value_norm":
-            main = tc.value_norm_score(self._latest(cache.name(Role.VALUE, sa), state, new), self.halves)
+            main = tc.value_norm_score(self._latest(cache.name(Role.VALUE_NORM, sa), state, new))
         elif sel.score == "l2norm":
             main = tc.token_norm_score(h, self.halves)
         else:
@@ -323,13 +323,28 @@ class CachedStep(nn.Module):
         (q, keys, values, idx, ridx); idx/ridx None when all tokens were computed."""
         if self._is(index, h.shape[1]):
             q, keys, values = self._qkv(attn, attn_in(h), None)
+            self._store_value_norms(layer, values, None, state, new)
             return q, keys, values, None, None
         idx = self._select(index, layer, layer, h, state, new)
         ridx, x = self._gather(h, idx)
         q, fresh_k, fresh_v = self._qkv(attn, attn_in(x), ridx)
         keys = self._scatter(state[self.cache.name(Role.KEY, layer)], ridx, fresh_k)
         values = self._scatter(state[self.cache.name(Role.VALUE, layer)], ridx, fresh_v)
+        self._store_value_norms(layer, fresh_v, idx, state, new)
         return q, keys, values, idx, ridx
+
+    def _store_value_norms(self, layer: LayerRef, values: torch.Tensor, idx: torch.Tensor | None,
+                           state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+        """The layer's `vnorm` entry, where the cache keeps one (score "value_norm"): the norms of
+        all N values (idx None), or of the K fresh ones (R, K, D) written at idx (B, K) over the
+        cached norms, so no step takes the norms of all N values again (score part)."""
+        if self.cache.has(Role.VALUE_NORM, layer):
+            key = self.cache.name(Role.VALUE_NORM, layer)
+            new[key] = self.part_score(self._value_norm_entry, values, idx, state[key])
+
+    def _value_norm_entry(self, values, idx, previous) -> torch.Tensor:
+        norms = tc.value_norms(values, self.halves).to(previous.dtype)  # autocast: the cache stays float32
+        return norms if idx is None else previous.scatter(1, idx, norms)
 
     def _attend(self, attn, q, keys, values, need_probs: bool = True, bias: torch.Tensor | None = None):
         """Multi-head attention of q (R, Q, D) over keys/values (R, M, D) -> (output projected,

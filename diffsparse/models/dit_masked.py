@@ -88,6 +88,8 @@ class DiTMaskedStep(DiTCachedStep):
         fresh, probs = self._attend(attn, attn.to_q(x), keys, values, need_probs=need_recv)
         out = mr * fresh + (1.0 - mr) * state[key_out]
         new[key_k], new[key_v], new[key_out] = keys, values, out
+        if cache.has(Role.VALUE_NORM, layer):
+            new[cache.name(Role.VALUE_NORM, layer)] = tc.value_norms(values.detach(), self.halves)
         if need_recv:
             key_recv = cache.name(Role.RECV, layer)
             new[key_recv] = self._received(probs.detach(), hard, state[key_recv])
