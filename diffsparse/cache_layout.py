@@ -20,8 +20,9 @@ Roles, for a layer l over N tokens of width D, with R rows (both guidance halves
     inp    (R, N, D)  the layer input when the token was last computed (score "cosine")
     cond   (G, R, M)  not a layer's: the conditioning rows a refresh step computed for the steps it
                       serves (`cond.modulation`, diffsparse/conditioning.py)
-    textkey   (R, M, D)  a cross-attention layer's keys ┐ of its fixed text, computed by refresh
-    textvalue (R, M, D)  and values                     ┘ steps (diffsparse/conditioning.py)
+    textkey   (R, H, M, D/H)  a cross-attention layer's keys ┐ of its fixed text, split into its H
+    textvalue (R, H, M, D/H)  and values                     ┘ heads, computed by refresh steps
+                                                               (diffsparse/conditioning.py)
     sampler           a multistep sampler's state, shaped like the latent (B, ...)
 
 Everything that reads or writes the cache — the cached and masked steps, the exporter, the

@@ -133,7 +133,8 @@ def test_pixart_hoists_its_text_keys_and_values_only():
     layout = spec.cache_layout(schedule.selector, True, plan)
     assert layout.conditioning_name is None
     ca = next(layer for layer in spec.layers if layer.kind == "CA")
-    assert layout.entry(layout.name(Role.TEXT_KEY, ca)).shape == (spec.rows, spec.text_len, spec.dim)
+    heads = spec.model.config.num_attention_heads   # split into heads once, by the refresh step
+    assert layout.entry(layout.name(Role.TEXT_KEY, ca)).shape == (spec.rows, heads, spec.text_len, spec.dim // heads)
     assert not any(layout.has(Role.TEXT_KEY, layer) for layer in spec.layers if layer.kind != "CA")
     # a refresh computes them as it always did; a partial step saves them and the text projection
     assert plan.step_macs_delta(0) == 0 and plan.step_macs_delta(1) == -spec.context_macs() * spec.rows

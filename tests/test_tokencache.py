@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -46,14 +48,24 @@ def test_value_norm_prefers_small_values():
     assert torch.allclose(s.mean(1), torch.ones(2))
 
 
+def _attention_map(logits: torch.Tensor) -> tc.AttentionMap:
+    return tc.AttentionMap(torch.softmax(logits, -1), logits)
+
+
 def test_attention_entropy():
-    uniform = torch.full((2, 3, 4, 16), 1 / 16)
-    peaked = torch.zeros(2, 3, 4, 16)
-    peaked[..., 0] = 1.0
+    uniform = _attention_map(torch.full((2, 3, 4, 16), 0.7))
+    peaked = torch.full((2, 3, 4, 16), -10000.0)   # PixArt's bias on a padded text token
+    peaked[..., 0] = 3.0
+    peaked = _attention_map(peaked)
     assert torch.allclose(tc.attention_entropy(uniform, 1), torch.ones(2, 4), atol=1e-6)
     assert torch.allclose(tc.attention_entropy(peaked, 1), torch.zeros(2, 4), atol=1e-6)
-    both = torch.cat([uniform[:1], peaked[:1]])
+    both = tc.AttentionMap(*(torch.cat([u[:1], p[:1]]) for u, p in zip(uniform, peaked)))
     np.testing.assert_allclose(tc.attention_entropy(both, 2).numpy(), 0.5, atol=1e-6)
+    # the same as -sum p log p on any map
+    logits = torch.randn(2, 3, 4, 16, dtype=torch.float64) * 4
+    p = torch.softmax(logits, -1)
+    direct = -(p * torch.log(p)).sum(-1).mean(1) / math.log(16)
+    torch.testing.assert_close(tc.attention_entropy(tc.AttentionMap(p, logits), 1), direct)
 
 
 def test_bonus_margin_is_the_spatial_bonus_decision():

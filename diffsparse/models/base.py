@@ -217,10 +217,10 @@ class ModelSpec(abc.ABC):
         """MACs per row of that conditioning (part of `fixed_macs`)."""
         return 0
 
-    def context_kv_shape(self, layer: LayerRef) -> tuple[int, int] | None:
-        """(M, D) of a cross-attention layer's keys (and values) over step-invariant text, when
-        refresh steps may compute them for the partial steps (`_cross_attention` reads them from
-        the cache); None: every step computes its own."""
+    def context_kv_shape(self, layer: LayerRef) -> tuple[int, int, int] | None:
+        """(heads, M, D/heads) of a cross-attention layer's keys (and values) over step-invariant
+        text, per row and split into heads, when refresh steps may compute them for the partial
+        steps (`_cross_attention` reads them from the cache); None: every step computes its own."""
         return None
 
     def context_macs(self) -> int:

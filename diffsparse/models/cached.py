@@ -299,12 +299,12 @@ class CachedStep(nn.Module):
         # the attention map is materialised only when the selector reads it (attention received);
         # otherwise the attention runs fused
         need_recv = cache.has(Role.RECV, layer)
-        fresh, probs = self._attend(attn, q, keys, values, need_probs=need_recv)
+        fresh, attention = self._attend(attn, q, keys, values, need_probs=need_recv)
         self._store(new, Role.KEY, layer, keys)
         self._store(new, Role.VALUE, layer, values)
         if need_recv:
             recv_key = cache.name(Role.RECV, layer)
-            new[recv_key] = self.part_score(self._attention_received, index, probs, state[recv_key])
+            new[recv_key] = self.part_score(self._attention_received, index, attention.probs, state[recv_key])
         out = fresh if idx is None else self._scatter(state[cache.name(Role.OUT, layer)], ridx, fresh)
         self._store(new, Role.OUT, layer, out)
         self._bookkeep(layer, h, idx, idx is None, state, new)
@@ -346,27 +346,35 @@ class CachedStep(nn.Module):
         norms = tc.value_norms(values, self.halves).to(previous.dtype)  # autocast: the cache stays float32
         return norms if idx is None else previous.scatter(1, idx, norms)
 
+    @staticmethod
+    def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+        """(R, M, D) -> (R, heads, M, D/heads), the layout attention multiplies in."""
+        # unflatten, not reshape(..., -1, ...): valid for zero tokens (K = 0 in a universal step)
+        return x.unflatten(-1, (heads, x.shape[-1] // heads)).transpose(1, 2)
+
     def _attend(self, attn, q, keys, values, need_probs: bool = True, bias: torch.Tensor | None = None):
-        """Multi-head attention of q (R, Q, D) over keys/values (R, M, D) -> (output projected,
-        probs (R, heads, Q, M) or None). Explicit softmax when the map feeds a score; otherwise
+        """Multi-head attention of q (R, Q, D) over keys/values (R, M, D), or already split into
+        heads (R, heads, M, D/heads) -> (output projected, the map (`tc.AttentionMap`, (R, heads,
+        Q, M)) or None). Explicit softmax when the map feeds a score; otherwise
         scaled_dot_product_attention (fusable). bias: additive mask broadcast to (R, heads, Q, M)."""
-        r, kq, d = q.shape
         heads = attn.heads
-        hd = d // heads
-        # unflatten, not reshape(..., -1, ...): valid for zero queries (K = 0 in a universal step)
-        q = q.unflatten(-1, (heads, hd)).transpose(1, 2)
-        keys = keys.unflatten(-1, (heads, hd)).transpose(1, 2)
-        values = values.unflatten(-1, (heads, hd)).transpose(1, 2)
+        hd = q.shape[-1] // heads
+        q = self.split_heads(q, heads)
+        if keys.dim() == 3:
+            keys, values = self.split_heads(keys, heads), self.split_heads(values, heads)
         if need_probs:
             logits = (q @ keys.transpose(-1, -2)) * (hd ** -0.5)
-            probs = torch.softmax(logits if bias is None else logits + bias, dim=-1)
+            if bias is not None:
+                logits = logits + bias
+            probs = torch.softmax(logits, dim=-1)
+            attention = tc.AttentionMap(probs, logits)
             o = probs @ values
         else:
-            probs = None
+            attention = None
             o = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
         o = o.transpose(1, 2)
         o = o.reshape(o.shape[0], o.shape[1], o.shape[2] * o.shape[3])  # no -1: valid for zero queries
-        return attn.to_out[0](o), probs
+        return attn.to_out[0](o), attention
 
     def _token_layer(self, index, layer, sa, fn: Callable, fn_in: Callable, h, state, new) -> torch.Tensor:
         """A layer computed per token: out = fn(fn_in(h)) at the selected tokens, cache elsewhere."""
@@ -393,13 +401,14 @@ class CachedStep(nn.Module):
         return self.refreshes_conditioning or not self.conditioning.context
 
     def _text_kv(self, layer, attn, context, state, new) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's keys and values of the text (R, M, D): computed here, or (under a plan that
-        hoists them, diffsparse/conditioning.py) by refresh steps and read from the cache."""
+        """The layer's keys and values of the text: computed here (R, M, D), or (under a plan that
+        hoists them, diffsparse/conditioning.py) by refresh steps and read from the cache, split
+        into heads (R, heads, M, D/heads) once, so that partial steps do not transpose them again."""
         if not self.cache.has(Role.TEXT_KEY, layer):
             return attn.to_k(context), attn.to_v(context)
         k_name, v_name = self.cache.name(Role.TEXT_KEY, layer), self.cache.name(Role.TEXT_VALUE, layer)
         if self.computes_text:
-            keys, values = attn.to_k(context), attn.to_v(context)
+            keys, values = (self.split_heads(x, attn.heads) for x in (attn.to_k(context), attn.to_v(context)))
         else:
             keys, values = state[k_name], state[v_name]
         new[k_name], new[v_name] = keys, values
@@ -418,9 +427,9 @@ class CachedStep(nn.Module):
 
         def fn(x, idx):
             q = attn.to_q(x)
-            out, probs = self._attend(attn, q, keys, values, need_probs, context_bias)
+            out, attention = self._attend(attn, q, keys, values, need_probs, context_bias)
             if need_probs:
-                ent = self.part_score(tc.attention_entropy, probs, self.halves)
+                ent = self.part_score(tc.attention_entropy, attention, self.halves)
                 entropy.append(ent if idx is None else self._scatter(
                     state[ent_key].unsqueeze(-1), idx, ent.unsqueeze(-1)).squeeze(-1))
             return out

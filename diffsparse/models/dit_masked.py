@@ -85,14 +85,14 @@ class DiTMaskedStep(DiTCachedStep):
         values = mr * attn.to_v(x) + (1.0 - mr) * state[key_v]
         # the same attention kernel as the exported step: explicit only when the score reads the map
         need_recv = cache.has(Role.RECV, layer)
-        fresh, probs = self._attend(attn, attn.to_q(x), keys, values, need_probs=need_recv)
+        fresh, attention = self._attend(attn, attn.to_q(x), keys, values, need_probs=need_recv)
         out = mr * fresh + (1.0 - mr) * state[key_out]
         new[key_k], new[key_v], new[key_out] = keys, values, out
         if cache.has(Role.VALUE_NORM, layer):
             new[cache.name(Role.VALUE_NORM, layer)] = tc.value_norms(values.detach(), self.halves)
         if need_recv:
             key_recv = cache.name(Role.RECV, layer)
-            new[key_recv] = self._received(probs.detach(), hard, state[key_recv])
+            new[key_recv] = self._received(attention.probs.detach(), hard, state[key_recv])
         self._bookkeep_mask(layer, h, hard, state, new)
         return out
 

@@ -204,12 +204,14 @@ def _rows_at(tables: tuple[torch.Tensor, ...], flat: torch.Tensor) -> tuple[torc
     return tuple(torch.index_select(x, 0, flat) for x in tables)
 
 
-def _text_entropy(probs: torch.Tensor, t: int, halves: int) -> torch.Tensor:
+def _text_entropy(attention: tc.AttentionMap, t: int, halves: int) -> torch.Tensor:
     """Entropy of each image query's attention over the t text keys (B, N): the score signal.
     Over every query, then the image rows: with K = 0 at run time (universal step) ONNX Runtime's
-    reductions of an empty tensor keep the reduced axis."""
-    to_text = probs[..., :t]
-    return tc.attention_entropy(to_text / to_text.sum(-1, keepdim=True), halves)[:, t:]
+    reductions of an empty tensor keep the reduced axis. The map restricted to the text keys is
+    the softmax of their logits alone."""
+    to_text = attention.probs[..., :t]
+    text_map = tc.AttentionMap(to_text / to_text.sum(-1, keepdim=True), attention.logits[..., :t])
+    return tc.attention_entropy(text_map, halves)[:, t:]
 
 
 class FluxCachedStep(CachedStep):
@@ -282,7 +284,7 @@ class FluxCachedStep(CachedStep):
             q = torch.cat([tq, iq], dim=1)
         has_ent, has_recv = cache.has(Role.ENT, layer), cache.has(Role.RECV, layer)
         need_probs = (not reuse_all and has_ent) or has_recv
-        o, probs = self._attend(self.heads, q, torch.cat([tk, keys], 1), torch.cat([tv, values], 1), need_probs)
+        o, attention = self._attend(self.heads, q, torch.cat([tk, keys], 1), torch.cat([tv, values], 1), need_probs)
         txt_out = attn.to_add_out(o[:, :t])
         if not reuse_all:
             fresh = attn.to_out[0](o[:, t:])
@@ -290,14 +292,14 @@ class FluxCachedStep(CachedStep):
             self._store(new, Role.OUT, layer, img_out)
             if has_ent:
                 ent_key = cache.name(Role.ENT, layer)
-                ent = self.part_score(_text_entropy, probs, t, self.halves)
+                ent = self.part_score(_text_entropy, attention, t, self.halves)
                 new[ent_key] = ent if idx is None else self._scatter(
                     state[ent_key].unsqueeze(-1), idx, ent.unsqueeze(-1)).squeeze(-1)
             self._bookkeep(layer, h, idx, idx is None, state, new)
         if has_recv:
             # the query count as a tensor in a universal step (text queries + K read off the carrier)
             count = (self._k_count(index) + t) if self.dynamic_k else None
-            received = self.part_score(tc.attention_received, probs, self.halves, count)
+            received = self.part_score(tc.attention_received, attention.probs, self.halves, count)
             text_mlp = LayerRef(layer.block, "TMLP")
             new[cache.name(Role.RECV, layer)], new[cache.name(Role.RECV, text_mlp)] = received[:, t:], received[:, :t]
         return img_out, txt_out

@@ -163,9 +163,10 @@ class PixArtSpec(ModelSpec):
         head = n * d * p * p * self.out_channels
         return patch_embed + timestep + self.context_macs() + head
 
-    def context_kv_shape(self, layer: LayerRef) -> tuple[int, int] | None:
+    def context_kv_shape(self, layer: LayerRef) -> tuple[int, int, int] | None:
         """Every cross-attention layer's text keys and values are step-invariant (the text is)."""
-        return (self.text_len, self.dim) if layer.kind == "CA" else None
+        cfg = self.model.config
+        return (cfg.num_attention_heads, self.text_len, cfg.attention_head_dim) if layer.kind == "CA" else None
 
     def context_macs(self) -> int:
         d, m, blocks = self.dim, self.text_len, len(self.model.transformer_blocks)
