@@ -72,14 +72,22 @@ def bonus_margin(score: torch.Tensor, grid: tuple[int, int], window: int) -> tor
     return (tiles - threshold).reshape(score.shape)
 
 
-def weighted_score(main: torch.Tensor, reuse: torch.Tensor, selector: SelectorConfig,
+def _weighted(weight: float, term: torch.Tensor) -> torch.Tensor:
+    # x * 1.0 is x: no graph op for a weight of 1
+    return term if weight == 1.0 else weight * term
+
+
+def weighted_score(main: torch.Tensor | None, reuse: torch.Tensor, selector: SelectorConfig,
                    entropy: torch.Tensor | None = None) -> torch.Tensor:
-    """λ1 s1 + λ2 s2 + λ3 s3 (paper eq. 10 before the spatial bonus); all terms (B, N)."""
+    """λ1 s1 + λ2 s2 + λ3 s3 (paper eq. 10 before the spatial bonus); all terms (B, N). A term
+    whose λ is 0 (or that is None) is left out of the graph, not multiplied by 0: the same
+    number (0 + x is x), fewer small ops per layer and step."""
     l1, l2, l3, _ = selector.lambdas
-    # x * 1.0 is x: no graph op for the usual λ1 = 1
-    score = (main if l1 == 1.0 else l1 * main) + l3 * reuse
+    score = _weighted(l3, reuse)
+    if main is not None and l1 != 0.0:
+        score = _weighted(l1, main) + score
     if entropy is not None and l2 != 0.0:
-        score = score + l2 * entropy
+        score = score + _weighted(l2, entropy)
     return score
 
 
@@ -98,7 +106,7 @@ def finish_score(weighted: torch.Tensor, selector: SelectorConfig, grid: tuple[i
     return score - ramp
 
 
-def composite_score(main: torch.Tensor, reuse: torch.Tensor, selector: SelectorConfig,
+def composite_score(main: torch.Tensor | None, reuse: torch.Tensor, selector: SelectorConfig,
                     grid: tuple[int, int] | None, entropy: torch.Tensor | None = None) -> torch.Tensor:
     """S = B(λ1 s1 + λ2 s2 + λ3 s3) (paper eq. 10); all terms (B, N). grid None: tokens without a
     spatial layout (text), no spatial bonus."""

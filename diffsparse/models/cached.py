@@ -226,7 +226,7 @@ class CachedStep(nn.Module):
         sel, cache = self.selector, self.cache
         reuse = state[cache.name(Role.REUSE, layer)]
         if sel.lambdas[0] == 0.0:
-            main = torch.zeros_like(reuse)
+            main = None
         elif sel.score == "attention":
             main = self._latest(cache.name(Role.RECV, sa), state, new)
         elif sel.score == "value_norm":
