@@ -484,7 +484,9 @@ def _prune_cache_writes(folder: Path, manifest: Manifest) -> None:
     traced = [onnx.load(str(folder / g.file), load_external_data=False) for g in manifest.graphs]
     io = [graph_cache_io(model, manifest.cache) for model in traced]
     live = step_cache_writes(manifest.step_graphs, [r for r, _ in io], [c for _, c in io])
-    writes = [w | in_place_writes(traced[g].graph, io[g][1] - w) for g, w in zip(manifest.step_graphs, live)]
+    # in_place_writes decides each entry on its own, so once per graph over all it changes
+    free = [in_place_writes(model.graph, changes) for model, (_, changes) in zip(traced, io)]
+    writes = [w | free[g] for g, w in zip(manifest.step_graphs, live)]
     variants: dict[tuple[int, frozenset[str]], int] = {}
     for g, w in zip(manifest.step_graphs, writes):
         variants.setdefault((g, w), len(variants))
