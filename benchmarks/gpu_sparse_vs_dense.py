@@ -9,8 +9,11 @@ schedule run on the torch backend in three modes, interleaved run by run:
   static   preallocated ping-pong buffers, no host sync between the first and the last step;
   graphed  static + one CUDA graph per (step graph, parity) replayed.
 
-Timing synchronises once per generation (Pipeline.generate(time_steps=False)). The JSON records the
-GPU, driver and library versions; --markdown writes the README table from it.
+Timing synchronises once per generation (Pipeline.generate(time_steps=False)). Then --step-runs
+more interleaved generations per mode time every step (the backend synchronises after each) for
+issue 17's refresh-step rule: the median over the sparse schedule's refresh steps of sparse step /
+dense step at the same index, target ≤ 1.10. The JSON records the GPU, driver and library versions;
+--markdown writes the README table from it.
 
     python benchmarks/gpu_sparse_vs_dense.py --out out/bench-gpu                 # on a CUDA machine
     python benchmarks/gpu_sparse_vs_dense.py --markdown out/bench-gpu/results.json
@@ -96,6 +99,12 @@ def bench_model(name: str, cfg: dict, args) -> dict:
             if run >= args.warmup:
                 times[key].append(seconds)
             outputs[key] = result.samples
+    step_ms = {key: [] for key in pipes}
+    for _ in range(args.step_runs):
+        for key, pipe in pipes.items():
+            result = pipe.generate(conditioning=conditioning, seed=0, time_steps=True,
+                                   guidance_scale=cfg.get("guidance_scale", spec.default_guidance_scale))
+            step_ms[key].append([1000 * s for s in result.step_seconds])
     macs = {which: spec.schedule_macs(s) for which, s in schedules.items()}
     out = {"model": name, "batch_size": cfg["batch"], "guidance": True, "steps": steps, "dtype": args.dtype,
            "macs": macs, "macs_speedup": macs["dense"] / macs["sparse"], "modes": {}}
@@ -104,6 +113,8 @@ def bench_model(name: str, cfg: dict, args) -> dict:
         out["modes"][mode] = {"sparse_ms": 1000 * sparse, "dense_ms": 1000 * dense, "speedup": dense / sparse,
                               "efficiency": dense / sparse / out["macs_speedup"],
                               "runs_ms": {w: [1000 * t for t in times[(mode, w)]] for w in ("sparse", "dense")}}
+        if args.step_runs:
+            out["modes"][mode].update(refresh_rule(schedules, step_ms[(mode, "sparse")], step_ms[(mode, "dense")]))
     # the modes compute the same thing: their outputs must agree (fp32 rounding aside)
     for which in ("sparse", "dense"):
         ref = outputs[(modes[0], which)]
@@ -113,19 +124,40 @@ def bench_model(name: str, cfg: dict, args) -> dict:
     return out
 
 
+def refresh_rule(schedules: dict, sparse_runs: list[list[float]], dense_runs: list[list[float]]) -> dict:
+    """Per computed step the median step time of each schedule, and the refresh-step rule: the
+    median over the sparse schedule's refresh steps t of sparse(t) / dense(t) (the dense schedule
+    computes every step, so its step t is its t-th computed step)."""
+    sparse, dense = schedules["sparse"], schedules["dense"]
+    sparse_ms = np.median(np.asarray(sparse_runs), axis=0)
+    dense_ms = np.median(np.asarray(dense_runs), axis=0)
+    if dense.computed_steps != list(range(dense.num_steps)):
+        raise ValueError("the dense schedule skips steps: no dense step to compare a refresh step with")
+    refresh = [(k, t) for k, t in enumerate(sparse.computed_steps) if sparse.full_steps[t]]
+    ratios = [float(sparse_ms[k] / dense_ms[t]) for k, t in refresh]
+    return {"step_ms": {"sparse": sparse_ms.tolist(), "dense": dense_ms.tolist()},
+            "refresh_steps": [t for _, t in refresh], "refresh_vs_dense_per_step": ratios,
+            "refresh_vs_dense": statistics.median(ratios) if ratios else None}
+
+
 def markdown(results: dict) -> str:
     h = results["host"]
     where = h.get("gpu", "CPU") + (f", driver {h['driver']}" if "driver" in h else "")
     lines = [f"Measured on {where}; torch {h['torch']} (CUDA {h['cuda']}), {results['dtype']}, "
              f"median of {results['runs']} interleaved runs, ToCa-style schedule at {results['ratio']:.2f} of the "
              f"dense MACs. Command: `{results['command']}`.", "",
-             "| model | steps | MACs speed-up | mode | sparse (ms) | dense (ms) | speed-up | speed-up / MACs speed-up |",
-             "|---|---:|---:|---|---:|---:|---:|---:|"]
+             "| model | steps | MACs speed-up | mode | sparse (ms) | dense (ms) | speed-up | speed-up / MACs speed-up "
+             "| refresh step / dense step |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in results["models"]:
         for mode, v in r["modes"].items():
             lines.append(f"| {r['model']} | {r['steps']} | {r['macs_speedup']:.2f}× | {mode} | {v['sparse_ms']:.1f} | "
-                         f"{v['dense_ms']:.1f} | {v['speedup']:.2f}× | {v['efficiency']:.2f} |")
+                         f"{v['dense_ms']:.1f} | {v['speedup']:.2f}× | {v['efficiency']:.2f} | "
+                         f"{_ratio(v.get('refresh_vs_dense'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="override every model's batch size")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--step-runs", type=int, default=5,
+                   help="per mode, generations timed step by step for the refresh-step rule (0: none)")
     p.add_argument("--out", default="out/bench-gpu")
     p.add_argument("--markdown", default=None, metavar="RESULTS_JSON", help="print the table of a results file")
     args = p.parse_args(argv)
@@ -154,15 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     results = {"host": host_info(args.device), "dtype": args.dtype, "ratio": args.ratio, "runs": args.runs,
                "command": "python benchmarks/gpu_sparse_vs_dense.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "models": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         cfg = dict(MODELS.get(name, dict(batch=1, steps=20, guidance_scale=4.0)))
         if args.batch:
             cfg["batch"] = args.batch
         results["models"].append(bench_model(name, cfg, args))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results))
+        # after every model: a run cut short keeps what it measured
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "results.md").write_text(markdown(results))
     print(markdown(results))
     return 0
 

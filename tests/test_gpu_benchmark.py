@@ -1,15 +1,19 @@
-"""The GPU benchmark script, run on the CPU with a tiny model: every mode computes the same samples,
+"""The GPU benchmark scripts, run on the CPU with a tiny model: every mode computes the same samples,
 the JSON has what the README table needs, and the table renders from it."""
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_sparse_vs_dense.py"
+from diffsparse.builtin_schedules import dense_schedule
+from diffsparse.models.zoo import make_spec
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_sparse_vs_dense", SCRIPT)
+def _load(name: str = "gpu_sparse_vs_dense"):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -18,7 +22,7 @@ def _load():
 def test_benchmark_runs_every_mode_and_writes_the_table(tmp_path, capsys):
     bench = _load()
     assert bench.main(["--device", "cpu", "--dtype", "float32", "--models", "dit-tiny", "--steps", "3",
-                       "--runs", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+                       "--runs", "1", "--warmup", "0", "--step-runs", "1", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     (model,) = results["models"]
     assert set(model["modes"]) == {"eager", "static"}, "no graphed mode without CUDA"
@@ -26,8 +30,38 @@ def test_benchmark_runs_every_mode_and_writes_the_table(tmp_path, capsys):
     assert model["macs_speedup"] > 1.5
     for v in model["modes"].values():
         assert v["sparse_ms"] > 0 and v["dense_ms"] > 0
+        assert v["refresh_steps"][0] == 0, "ToCa-style schedules refresh at step 0 (the cache is empty)"
+        assert len(v["step_ms"]["sparse"]) == len(v["step_ms"]["dense"]) == 3
+        assert v["refresh_vs_dense"] > 0 and len(v["refresh_vs_dense_per_step"]) == len(v["refresh_steps"])
     assert results["host"]["device"] == "cpu" and "--models dit-tiny" in results["command"]
     capsys.readouterr()
     assert bench.main(["--markdown", str(tmp_path / "results.json")]) == 0
     table = capsys.readouterr().out
     assert "| dit-tiny | 3 |" in table and "eager" in table and "static" in table
+
+
+def test_refresh_rule_compares_each_refresh_step_with_the_dense_step_at_its_index():
+    bench = _load()
+    spec = make_spec("dit-tiny", batch_size=1)
+    dense = dense_schedule(spec, 4)
+    full, none = dense.keep[0], [0] * len(dense.keep[0])
+    # steps 0, 2, 3 computed: 0 and 2 refreshes, 3 partial (half the tokens of each layer)
+    sparse = replace(dense, keep=[full, none, full, [n // 2 for n in full]], skip=[False, True, False, False], full_steps=None)
+    assert sparse.full_steps == [True, False, True, False]
+    # two runs each: medians sparse (computed steps 0, 2, 3) = 3, 4, 1; dense = 1, 9, 2, 9
+    rule = bench.refresh_rule({"sparse": sparse, "dense": dense}, [[3, 4, 1], [3, 4, 1]], [[1, 9, 2, 9], [1, 9, 2, 9]])
+    assert rule["refresh_steps"] == [0, 2]
+    assert rule["refresh_vs_dense_per_step"] == [3.0, 2.0] and rule["refresh_vs_dense"] == 2.5
+
+
+def test_mode_agreement_script_compares_every_step_with_eager(tmp_path):
+    """benchmarks/gpu_mode_agreement.py on the CPU: under bfloat16 autocast static and eager agree
+    at every step (both keep the latent and cache in float32)."""
+    agreement = _load("gpu_mode_agreement")
+    assert agreement.main(["--model", "dit-tiny", "--device", "cpu", "--steps", "4", "--dtypes", "bfloat16",
+                           "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    for which in ("sparse", "dense"):
+        static = results["agreement"][f"{which}/bfloat16"]["static"]
+        assert len(static["max_abs_diff_per_step"]) == 4
+        assert static["first_step_over_tolerance"] is None and max(static["max_abs_diff_per_step"]) == 0.0

@@ -180,7 +180,9 @@ class TorchContext(BackendContext):
         if not b.static:
             inputs = {n: torch.as_tensor(np.asarray(v), dtype=self._inputs[n].dtype).to(b._device)
                       for n, v in feeds.items()}
-            self._eager_state = b._step(graph, inputs, self._eager_state)
+            # stored as the static buffers store them (float32 latent and cache under autocast):
+            # otherwise low-precision outputs would feed the next step and eager would drift from static
+            self._eager_state = [o.to(buf.dtype) for o, buf in zip(b._step(graph, inputs, self._eager_state), self._sets[0])]
             return
         for name, value in feeds.items():
             # the batch's conditioning is the same array at every step: uploaded once
