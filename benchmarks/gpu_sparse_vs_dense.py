@@ -7,7 +7,9 @@ schedule run on the torch backend in three modes, interleaved run by run:
   eager    the step modules called one after another, outputs becoming inputs — how token-cache
            research code runs;
   static   preallocated ping-pong buffers, no host sync between the first and the last step;
-  graphed  static + one CUDA graph per (step graph, parity) replayed.
+  graphed  static + one CUDA graph per (step graph, parity) replayed;
+  compiled graphed (static on the CPU) over step modules run through torch.compile, which fuses
+           a step's many small ops (compilation, on the first warm-up run, is not timed).
 
 Timing synchronises once per generation (Pipeline.generate(time_steps=False)). Then --step-runs
 more interleaved generations per mode time every step (the backend synchronises after each) for
@@ -45,7 +47,9 @@ log = logging.getLogger("gpu_bench")
 MODELS = {"mnist-dit": dict(batch=10, steps=10), "dit-xl-2": dict(batch=1, steps=50),
           "pixart-alpha-256": dict(batch=1, steps=20)}
 MODES = {"eager": dict(static=False), "static": dict(static=True, cuda_graphs=False),
-         "graphed": dict(static=True, cuda_graphs=True)}
+         "graphed": dict(static=True, cuda_graphs=True),
+         # CUDA graphs on a GPU, static buffers on the CPU (cuda_graphs None)
+         "compiled": dict(static=True, compile=True)}
 
 
 def host_info(device: str) -> dict:

@@ -27,6 +27,8 @@ PREPACK_HELP = ("onnxruntime on the CPU, matmul weights packed once at load inst
                 "none; auto (default): shared where the C library loads and one copy fits in "
                 f"{round(100 * PREPACK_MEMORY_SHARE)}%% of physical memory, else as many per-session copies as fit, "
                 "the sessions running the most steps first")
+COMPILE_HELP = ("torch backend: run each step through torch.compile (fused kernels; compiled on first use, which takes "
+                "minutes for a full-size model)")
 USER_ERRORS = (BundleError, BackendError, ScheduleError, NonFiniteOutputError, ValueError, FileNotFoundError)
 
 
@@ -81,6 +83,7 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="torch backend precision")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--prepack", default="auto", choices=PREPACK_MODES, help=PREPACK_HELP)
     p.add_argument("--out", default="samples.png", help="PNG grid to write")
     p.add_argument("--scale", type=int, default=4, help="pixel upscaling of the grid")
@@ -92,7 +95,7 @@ def run_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, dtype=args.dtype,
-                                    prepack=args.prepack)
+                                    prepack=args.prepack, compile=args.compile)
         conditioning = None
         if args.conditioning:
             conditioning = _load_conditioning(args.conditioning)
@@ -122,6 +125,7 @@ def profile_main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="torch backend precision")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--prepack", default=ProfileConfig.prepack, choices=PREPACK_MODES, help=PREPACK_HELP)
     p.add_argument("--no-memory", action="store_true",
@@ -135,7 +139,8 @@ def profile_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg = ProfileConfig(runs=args.runs, warmup=args.warmup, backend=args.backend, device=args.device,
-                        threads=args.threads, dtype=args.dtype, prepack=args.prepack, memory=not args.no_memory, ops=args.ops,
+                        threads=args.threads, dtype=args.dtype, compile=args.compile, prepack=args.prepack,
+                        memory=not args.no_memory, ops=args.ops,
                         ops_runs=args.ops_runs, latency_table=args.latency_table)
     try:
         report = profile(args.bundle, args.baseline, cfg)

@@ -138,9 +138,9 @@ class Pipeline:
             raise ValueError(f"concurrency must be a whole number of at least 1, got {concurrency!r}")
         limit = backend.max_contexts
         if limit is not None and concurrency > limit:
-            graphs = " with CUDA graphs" if getattr(backend, "cuda_graphs", False) else ""
+            why = f" {backend.context_limit_reason}" if backend.context_limit_reason else ""
             raise BackendError(f"concurrency {concurrency} is not yet supported on the {backend.name} backend on "
-                               f"{backend.device}{graphs} (at most {limit}): use concurrency=1, which serialises calls "
+                               f"{backend.device}{why} (at most {limit}): use concurrency=1, which serialises calls "
                                "from several threads, or the onnxruntime backend on the CPU")
         self.concurrency = concurrency
         self._pool = ContextPool(backend, concurrency)
@@ -148,10 +148,11 @@ class Pipeline:
     @classmethod
     def from_bundle(cls, folder: str | Path, backend: str = "auto", device: str = "cpu",
                     threads: int | None = None, verify: bool = True, dtype: str = "float32",
-                    prepack: str = "auto", concurrency: int = 1) -> Pipeline:
+                    prepack: str = "auto", concurrency: int = 1, compile: bool = False) -> Pipeline:
         """backend: "auto" (the fastest available on the device), "onnxruntime", "torch" or
         "tensorrt"; device: "cpu", "cuda" or "auto" (CUDA when torch sees a GPU). dtype (torch
-        backend): "float32", "bfloat16" or "float16". prepack (ONNX Runtime): "auto", "on" or
+        backend): "float32", "bfloat16" or "float16". compile (torch backend): run each step module
+        through torch.compile (`TorchBackend`). prepack (ONNX Runtime): "auto", "on" or
         "off": whether each step session keeps pre-packed weights, faster at a copy of the weights
         per session (runtime/backends/ort.py `prepack_weights`). concurrency: generations that may
         run at once from several threads (see the class; each one more set of cache buffers).
@@ -159,6 +160,9 @@ class Pipeline:
         from its manifest with the weights of its weights.bin."""
         asked = backend
         backend, device = resolve(backend, device)
+        if compile and backend != "torch":
+            raise BackendError(f"compile=True is for the torch backend (torch.compile), not {backend!r}: "
+                               "pass backend='torch' (on the command line: --backend torch)")
         bundle = Bundle(folder, verify=verify)
         m = bundle.manifest
         if asked == "auto" and device == "cuda" and m.engines and tensorrt_installed():
@@ -172,7 +176,8 @@ class Pipeline:
         if backend == "torch":
             spec = bundle.model_spec()
             # the spec's cache layout was checked against the bundle's when it was built (Bundle._meta_spec)
-            torch_backend = TorchBackend(spec, m.schedule, device=device, dtype=dtype, layer_cache=m.layer_cache)
+            torch_backend = TorchBackend(spec, m.schedule, device=device, dtype=dtype, layer_cache=m.layer_cache,
+                                         compile=compile)
             return cls(torch_backend, spec, m.sampler, step_graph_indices(m.schedule), concurrency=concurrency)
         return cls(OrtBackend(bundle, device=device, threads=threads, prepack=prepack), bundle.spec, m.sampler,
                    m.step_graphs, concurrency=concurrency)
@@ -181,23 +186,28 @@ class Pipeline:
     def from_model(cls, model, schedule, batch_size: int = 1, guidance: bool = True, seed: int = 0,
                    device: str = "cpu", sampler: dict | None = None, options: dict | None = None,
                    dtype: str = "float32", static: bool = True, guidance_scale: float | None = None,
-                   concurrency: int = 1) -> Pipeline:
+                   concurrency: int = 1, compile: bool = False) -> Pipeline:
         """The PyTorch pipeline of a model (built-in name or diffusers folder): same schedule,
         same sampler, the token-cached step modules over static ping-pong buffers (CUDA graphs
-        on a GPU); static=False runs them eagerly. concurrency: as for `from_spec`."""
+        on a GPU); static=False runs them eagerly. concurrency, compile: as for `from_spec`."""
         spec = make_spec(model, batch_size=batch_size, guidance=guidance, seed=seed, sampler_overrides=sampler,
                          options=options, guidance_scale=guidance_scale)
-        return cls.from_spec(spec, schedule, device=device, dtype=dtype, static=static, concurrency=concurrency)
+        return cls.from_spec(spec, schedule, device=device, dtype=dtype, static=static, concurrency=concurrency,
+                             compile=compile)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, schedule, device: str = "cpu", dtype: str = "float32",
-                  static: bool = True, cuda_graphs: bool | None = None, concurrency: int = 1) -> Pipeline:
+                  static: bool = True, cuda_graphs: bool | None = None, concurrency: int = 1,
+                  compile: bool = False) -> Pipeline:
         """The PyTorch pipeline over an already built spec (several pipelines can share its
-        model); cuda_graphs None = on whenever static buffers run on CUDA. concurrency: generations
-        that may run at once from several threads, each on its own buffers over the shared step
-        modules; more than 1 is refused with CUDA graphs (not yet supported: use cuda_graphs=False)."""
+        model); cuda_graphs None = on whenever static buffers run on CUDA. compile: each step
+        module through torch.compile (fewer, fused kernels; minutes of compilation on first use).
+        concurrency: generations that may run at once from several threads, each on its own buffers
+        over the shared step modules; more than 1 is refused with CUDA graphs or compile (not yet
+        supported: use cuda_graphs=False, compile=False)."""
         spec = spec.for_schedule(schedule)
-        backend = TorchBackend(spec, schedule, device=device, dtype=dtype, static=static, cuda_graphs=cuda_graphs)
+        backend = TorchBackend(spec, schedule, device=device, dtype=dtype, static=static, cuda_graphs=cuda_graphs,
+                               compile=compile)
         return cls(backend, spec, spec.schedule_plan(schedule), step_graph_indices(schedule),
                    concurrency=concurrency)
 

@@ -57,6 +57,7 @@ class ProfileConfig:
     device: str = "cpu"
     threads: int | None = None
     dtype: str = "float32"
+    compile: bool = False  # torch backend: torch.compile each step (compiled in the warm-up runs)
     prepack: str = "auto"
     seed: int = 0
     guidance_scale: float | None = None  # None: the model's default (recorded in the bundle)
@@ -100,7 +101,8 @@ def memory_footprint(folder: str | Path, cfg: ProfileConfig | None = None, gener
     before = memory_status()
     t0 = time.perf_counter()
     pipe = Pipeline.from_bundle(folder, backend=cfg.backend, device=cfg.device, threads=cfg.threads,
-                                dtype=cfg.dtype, prepack=cfg.prepack, verify=False)
+                                dtype=cfg.dtype, prepack=cfg.prepack, verify=False,
+                                compile=cfg.compile)
     pipe.backend.prepare()
     loaded = memory_status()
     cuda = pipe.backend.device.startswith("cuda")
@@ -299,7 +301,8 @@ class _Subject:
         # then skips the verification it would otherwise repeat
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.pipe = Pipeline.from_bundle(self.bundle.folder, backend=cfg.backend, device=cfg.device,
-                                         threads=cfg.threads, dtype=cfg.dtype, prepack=cfg.prepack, verify=False)
+                                         threads=cfg.threads, dtype=cfg.dtype, prepack=cfg.prepack, verify=False,
+                                compile=cfg.compile)
         self.pipe.backend.prepare()
         self.load_seconds = time.perf_counter() - t0
         self.conditioning = self.pipe.spec.example_conditioning(np.random.default_rng(cfg.seed))

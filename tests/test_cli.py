@@ -103,3 +103,11 @@ def test_dsrun_checks_the_output_path_before_generating(tiny_bundles, tmp_path, 
     np.save(np_file, np.zeros(3))
     assert dsrun([bundle, "--conditioning", str(np_file), "--out", str(tmp_path / "y.png")]) == 2
     assert "one unnamed array" in capsys.readouterr().err
+
+
+def test_dsrun_compile_needs_the_torch_backend(tiny_bundles, tmp_path, capsys):
+    """--compile on another backend is refused in one line (exit 2) before anything runs."""
+    assert dsrun([str(tiny_bundles["toca"]), "--compile", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "compile=True is for the torch backend" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()

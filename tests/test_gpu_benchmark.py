@@ -22,6 +22,7 @@ def _load(name: str = "gpu_sparse_vs_dense"):
 def test_benchmark_runs_every_mode_and_writes_the_table(tmp_path, capsys):
     bench = _load()
     assert bench.main(["--device", "cpu", "--dtype", "float32", "--models", "dit-tiny", "--steps", "3",
+                       "--modes", "eager", "static", "graphed",
                        "--runs", "1", "--warmup", "0", "--step-runs", "1", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     (model,) = results["models"]

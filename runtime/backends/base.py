@@ -62,6 +62,8 @@ class Backend(abc.ABC):
     #: would share mutable device state (captured CUDA graphs, TensorRT's activation pool) says 1,
     #: and a pipeline over it serialises its generations.
     max_contexts: int | None = None
+    #: what sets `max_contexts`, for the error that refuses more ("with CUDA graphs"); "" if nothing
+    context_limit_reason: str = ""
 
     def __init__(self) -> None:
         self.loaded = False

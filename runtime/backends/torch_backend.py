@@ -19,10 +19,18 @@ runs at a time (`max_contexts`).
 
 `dtype` "bfloat16"/"float16" runs the transformer under autocast (matmuls in low precision); the
 latent, the sampler update and the stored cache stay float32; "float32" is the reference.
+
+`compile=True` runs each step module through `torch.compile` (whole graph, static shapes: one
+compilation per distinct step graph, on its first call). A token-cached step is many small ops
+per layer (selection, gather, scatter, scores, cache writes); on a GPU at small batch each is a
+kernel launch of a few µs whatever K is, so a partial step launched more kernels than a dense one
+and cost more (H200, DiT-XL/2 at 256²: README "Measured", On a GPU). Compilation fuses them. It
+is checked against the uncompiled modules on the CPU (tests); its speed on a GPU is not yet measured.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -41,9 +49,11 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, spec: ModelSpec, schedule: Schedule, device: str = "cpu", dtype: str = "float32",
-                 static: bool = True, cuda_graphs: bool | None = None, layer_cache: bool | None = None) -> None:
+                 static: bool = True, cuda_graphs: bool | None = None, layer_cache: bool | None = None,
+                 compile: bool = False) -> None:
         """layer_cache: whether the steps carry the layer cache; None = the bundle rule for this
-        schedule (`bundle_format.needs_layer_cache`); a bundle's backend passes its manifest's."""
+        schedule (`bundle_format.needs_layer_cache`); a bundle's backend passes its manifest's.
+        compile: torch.compile each step module (see the module's docstring)."""
         super().__init__()
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError("the torch backend was asked for CUDA but torch.cuda.is_available() is False: "
@@ -61,6 +71,7 @@ class TorchBackend(Backend):
         self.cuda_graphs = (self._device.type == "cuda" and static) if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not static:
             raise BackendError("CUDA graphs need static buffers (static=True)")
+        self.compile = compile
         self.input_specs = spec.step_inputs()
         self.latent_spec = self.input_specs[0]
         self.layer_cache = needs_layer_cache(schedule) if layer_cache is None else layer_cache
@@ -77,8 +88,14 @@ class TorchBackend(Backend):
     def max_contexts(self) -> int | None:
         """Contexts that may run at once: any number over eager or uncaptured static buffers (the
         step modules only read their weights), one with CUDA graphs (not yet supported: capture
-        in one thread while another launches work on the device is invalid)."""
-        return 1 if self.cuda_graphs else None
+        in one thread while another launches work on the device is invalid) or compiled modules
+        (not yet supported: two threads' first calls would compile the same module at once)."""
+        return 1 if self.cuda_graphs or self.compile else None
+
+    @property
+    def context_limit_reason(self) -> str:
+        return " and ".join(why for why, on in (("with CUDA graphs", self.cuda_graphs),
+                                                ("with torch.compile", self.compile)) if on)
 
     # ---- load -> allocate ----------------------------------------------------------------------
     def load(self) -> None:
@@ -87,6 +104,17 @@ class TorchBackend(Backend):
         self.modules = [self.spec.build_step(list(sig), self.schedule.selector, self.layer_cache, self.conditioning)
                         .to(self._device)
                         for sig in self.schedule.distinct_signatures()]
+        # what a static step runs: the module and the writes of its outputs into the other buffer set
+        self._runners = [functools.partial(self._step_into, graph) for graph in range(len(self.modules))]
+        if self.compile:
+            # static: the writes are compiled with the step, so they fuse into the kernels producing
+            # the outputs instead of one copy kernel per cache entry. fullgraph: a graph break would
+            # leave Python between the pieces and most small ops unfused; dynamic=False: a step's
+            # shapes are fixed (both buffer sets have the same, so one compilation serves both)
+            if self.static:
+                self._runners = [torch.compile(r, fullgraph=True, dynamic=False) for r in self._runners]
+            else:
+                self.modules = [torch.compile(m, fullgraph=True, dynamic=False) for m in self.modules]
 
     def new_context(self) -> TorchContext:
         return TorchContext(self)
@@ -100,7 +128,11 @@ class TorchBackend(Backend):
 
     def _run(self, graph: int, inputs: dict[str, torch.Tensor], src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
         """One step reading the latent and cache in `src` (and the step inputs in `inputs`) and
-        writing them into `dst`."""
+        writing them into `dst` (compiled as one with compile=True)."""
+        self._runners[graph](inputs, src, dst)
+
+    def _step_into(self, graph: int, inputs: dict[str, torch.Tensor], src: list[torch.Tensor],
+                   dst: list[torch.Tensor]) -> None:
         for d, o in zip(dst, self._step(graph, inputs, src)):
             d.copy_(o)  # casts low-precision outputs back to the float32 buffers
 

@@ -64,6 +64,23 @@ def test_static_buffers_equal_eager_steps(tiny_bundles, dtype):
     np.testing.assert_array_equal(again.samples, static.samples)
 
 
+def test_compiled_steps_reproduce_the_uncompiled_ones(tiny_bundles):
+    """compile=True: each step module through torch.compile (the CPU's C++ backend here, Triton
+    on a GPU) gives the uncompiled samples up to float rounding, and is refused where it means nothing."""
+    ref = Pipeline.from_bundle(tiny_bundles["toca"], backend="torch").generate(LABELS, seed=1, guidance_scale=3.0)
+    pipe = Pipeline.from_bundle(tiny_bundles["toca"], backend="torch", compile=True)
+    assert pipe.backend.compile and pipe.backend.max_contexts == 1
+    compiled = pipe.generate(LABELS, seed=1, guidance_scale=3.0)
+    np.testing.assert_allclose(compiled.samples, ref.samples, atol=1e-4)
+    # eager: the modules alone compiled (static compiles each step with its buffer writes)
+    eager = _torch_pipe(tiny_bundles["toca"], static=False, compile=True).generate(LABELS, seed=1, guidance_scale=3.0)
+    np.testing.assert_allclose(eager.samples, ref.samples, atol=1e-4)
+    with pytest.raises(BackendError, match="with torch.compile"):
+        Pipeline.from_bundle(tiny_bundles["toca"], backend="torch", compile=True, concurrency=2)
+    with pytest.raises(BackendError, match="compile=True is for the torch backend"):
+        Pipeline.from_bundle(tiny_bundles["toca"], backend="onnxruntime", compile=True)
+
+
 def test_bfloat16_runs_in_low_precision_close_to_float32(tiny_bundles):
     ref = Pipeline.from_bundle(tiny_bundles["toca"], backend="torch").generate(LABELS, seed=1, guidance_scale=3.0)
     low = Pipeline.from_bundle(tiny_bundles["toca"], backend="torch", dtype="bfloat16").generate(
