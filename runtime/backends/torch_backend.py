@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 
 import numpy as np
 import torch
@@ -43,6 +44,17 @@ from diffsparse.schedule import Schedule
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+#: the compilers torch.compile's code generation calls: C++ for the CPU's kernels, C for Triton's launchers
+COMPILERS = {"cpu": ("a C++ compiler (g++ or clang++)", ("c++", "g++", "clang++")),
+             "cuda": ("a C compiler (gcc or clang)", ("cc", "gcc", "clang"))}
+
+
+def compiler_missing(device_type: str) -> str:
+    """'' when a compiler torch.compile needs on this device type is on PATH, else what to install."""
+    what, names = COMPILERS.get(device_type, COMPILERS["cpu"])
+    return "" if any(shutil.which(n) for n in names) else what
 
 
 class TorchBackend(Backend):
@@ -71,6 +83,9 @@ class TorchBackend(Backend):
         self.cuda_graphs = (self._device.type == "cuda" and static) if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not static:
             raise BackendError("CUDA graphs need static buffers (static=True)")
+        if compile and compiler_missing(self._device.type):
+            raise BackendError(f"compile=True needs {compiler_missing(self._device.type)} (torch.compile builds its "
+                               f"kernels with it on {self._device.type}): install one, or run without compile")
         self.compile = compile
         self.input_specs = spec.step_inputs()
         self.latent_spec = self.input_specs[0]

@@ -10,6 +10,7 @@ from diffsparse.runtime.backends import ort_capi
 from diffsparse.runtime.backends.ort import (PREPACK_MEMORY_SHARE, physical_memory, prepack_summary, prepack_weights,
                                              shares_prepacked_weights, uniform_prepack)
 from diffsparse.runtime.backends.select import resolve
+from diffsparse.runtime.backends.torch_backend import compiler_missing
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffsparse.builtin_schedules import toca_schedule
@@ -64,6 +65,7 @@ def test_static_buffers_equal_eager_steps(tiny_bundles, dtype):
     np.testing.assert_array_equal(again.samples, static.samples)
 
 
+@pytest.mark.skipif(bool(compiler_missing("cpu")), reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_steps_reproduce_the_uncompiled_ones(tiny_bundles):
     """compile=True: each step module through torch.compile (the CPU's C++ backend here, Triton
     on a GPU) gives the uncompiled samples up to float rounding, and is refused where it means nothing."""
@@ -281,3 +283,9 @@ def test_ort_in_place_scatters_equal_two_buffers(tiny_bundles):
     backend.in_place = [frozenset()] * len(backend.in_place)
     plain = pipe.generate(LABELS, seed=4, guidance_scale=3.0)
     np.testing.assert_array_equal(fast.samples, plain.samples)
+
+
+def test_compile_without_a_compiler_is_refused_before_loading(tiny_bundles, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(BackendError, match=r"compile=True needs a C\+\+ compiler \(g\+\+ or clang\+\+\)"):
+        Pipeline.from_bundle(tiny_bundles["toca"], backend="torch", compile=True)
