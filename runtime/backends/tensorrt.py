@@ -81,7 +81,8 @@ class TensorRTBackend(TorchBackend):
                 ctx.set_input_shape(carrier_name(layer), (k,))
         log.info("loaded TensorRT engine %s: %d profiles", self.engine_entry["file"], len(self.contexts))
 
-    def _run(self, graph: int, inputs: dict[str, torch.Tensor], src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+    def run_step_into(self, graph: int, inputs: dict[str, torch.Tensor], src: list[torch.Tensor],
+                      dst: list[torch.Tensor]) -> None:
         ctx = self.contexts[graph]
         names = [self.latent_spec.name] + [s.name for s in self.cache_specs]
         addresses = {**{n: t.data_ptr() for n, t in inputs.items()},

@@ -141,9 +141,12 @@ class TorchBackend(Backend):
         with torch.no_grad(), torch.autocast(self._device.type, dtype=autocast, enabled=autocast is not None):
             return list(self.modules[graph](src[0], *args, *src[1:]))
 
-    def _run(self, graph: int, inputs: dict[str, torch.Tensor], src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+    def run_step_into(self, graph: int, inputs: dict[str, torch.Tensor], src: list[torch.Tensor],
+                      dst: list[torch.Tensor]) -> None:
         """One step reading the latent and cache in `src` (and the step inputs in `inputs`) and
-        writing them into `dst` (compiled as one with compile=True)."""
+        writing them into `dst` (compiled as one with compile=True). The extension point of
+        backends that run the step some other way over the same buffers (TensorRT: an engine);
+        contexts and CUDA-graph capture call it."""
         self._runners[graph](inputs, src, dst)
 
     def _step_into(self, graph: int, inputs: dict[str, torch.Tensor], src: list[torch.Tensor],
@@ -158,11 +161,11 @@ class TorchBackend(Backend):
         stream = torch.cuda.Stream(self._device)
         stream.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(stream):
-            self._run(graph, inputs, src, dst)
+            self.run_step_into(graph, inputs, src, dst)
         torch.cuda.current_stream(self._device).wait_stream(stream)
         cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cuda_graph):
-            self._run(graph, inputs, src, dst)
+            self.run_step_into(graph, inputs, src, dst)
         log.info("captured step graph %d as a CUDA graph", graph)
         return cuda_graph
 
@@ -245,7 +248,7 @@ class TorchContext(BackendContext):
                 self._graphs[key] = b._capture(graph, self._inputs, src, dst)
             self._graphs[key].replay()
         else:
-            b._run(graph, self._inputs, src, dst)
+            b.run_step_into(graph, self._inputs, src, dst)
         self._src = 1 - self._src
 
     def _current(self) -> list[torch.Tensor]:
