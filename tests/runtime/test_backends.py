@@ -285,6 +285,19 @@ def test_ort_in_place_scatters_equal_two_buffers(tiny_bundles):
     np.testing.assert_array_equal(fast.samples, plain.samples)
 
 
+@pytest.mark.skipif(bool(compiler_missing("cpu")), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("model", ["pixart-tiny", "flux-tiny", "wan-tiny"])
+def test_every_family_compiles_as_one_graph(model):
+    """The other families' steps (cross-attention, joint text tokens, video latents) compile
+    without a graph break (fullgraph) and give the uncompiled samples up to float rounding."""
+    spec = make_spec(model, batch_size=1, guidance=model.startswith("pixart"))
+    sched = toca_schedule(spec, 3, 0.5, full_every=3)
+    cond = {k: v[:1] for k, v in spec.example_conditioning(np.random.default_rng(0)).items()}
+    ref = Pipeline.from_spec(spec, sched).generate(conditioning=cond, seed=0).samples
+    out = Pipeline.from_spec(spec, sched, compile=True).generate(conditioning=cond, seed=0).samples
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
+
+
 def test_compile_without_a_compiler_is_refused_before_loading(tiny_bundles, monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(BackendError, match=r"compile=True needs a C\+\+ compiler \(g\+\+ or clang\+\+\)"):
