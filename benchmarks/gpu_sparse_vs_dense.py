@@ -2,7 +2,7 @@
 
 For each model (default: the built-in MNIST DiT, DiT-XL/2 at 256² with CFG, PixArt-α at 256² with
 CFG; random weights except MNIST) a ToCa-style schedule at --ratio of the dense MACs and the dense
-schedule run on the torch backend in three modes, interleaved run by run:
+schedule run on the torch backend in each mode of --modes (default all four), interleaved run by run:
 
   eager    the step modules called one after another, outputs becoming inputs — how token-cache
            research code runs;
