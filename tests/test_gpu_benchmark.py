@@ -31,6 +31,7 @@ def test_benchmark_runs_every_mode_and_writes_the_table(tmp_path, capsys):
     assert model["macs_speedup"] > 1.5
     for v in model["modes"].values():
         assert v["sparse_ms"] > 0 and v["dense_ms"] > 0
+        assert v["first_run_ms"]["sparse"] > 0 and v["first_run_ms"]["dense"] > 0
         assert v["refresh_steps"][0] == 0, "ToCa-style schedules refresh at step 0 (the cache is empty)"
         assert len(v["step_ms"]["sparse"]) == len(v["step_ms"]["dense"]) == 3
         assert v["refresh_vs_dense"] > 0 and len(v["refresh_vs_dense_per_step"]) == len(v["refresh_steps"])
