@@ -31,6 +31,7 @@ is checked against the uncompiled modules on the CPU (tests); its speed on a GPU
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import shutil
 
@@ -55,6 +56,26 @@ def compiler_missing(device_type: str) -> str:
     """'' when a compiler torch.compile needs on this device type is on PATH, else what to install."""
     what, names = COMPILERS.get(device_type, COMPILERS["cpu"])
     return "" if any(shutil.which(n) for n in names) else what
+
+
+#: the shared per-code-object compile cache on a torch without isolate_recompiles (see compile_step)
+OLD_TORCH_RECOMPILE_LIMIT = 256
+
+
+def compile_step(step):
+    """torch.compile for one step graph: whole graph (fullgraph: a graph break would leave Python
+    between the pieces and most small ops unfused), static shapes (a step's are fixed).
+
+    Every step graph runs the same code object (`TorchBackend._step_into`, the step module's
+    forward), and by default torch.compile keeps one cache per code object, 8 entries at most: a
+    process whose pipelines have more than 8 distinct step graphs in all would fail (fullgraph).
+    So each call keeps its own (`isolate_recompiles`, torch 2.13); an older torch instead gets a
+    larger shared limit."""
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        return torch.compile(step, fullgraph=True, dynamic=False, isolate_recompiles=True)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, OLD_TORCH_RECOMPILE_LIMIT)
+    return torch.compile(step, fullgraph=True, dynamic=False)
+
 
 
 class TorchBackend(Backend):
@@ -123,13 +144,12 @@ class TorchBackend(Backend):
         self._runners = [functools.partial(self._step_into, graph) for graph in range(len(self.modules))]
         if self.compile:
             # static: the writes are compiled with the step, so they fuse into the kernels producing
-            # the outputs instead of one copy kernel per cache entry. fullgraph: a graph break would
-            # leave Python between the pieces and most small ops unfused; dynamic=False: a step's
-            # shapes are fixed (both buffer sets have the same, so one compilation serves both)
+            # the outputs instead of one copy kernel per cache entry (both buffer sets have the same
+            # shapes, so one compilation serves both)
             if self.static:
-                self._runners = [torch.compile(r, fullgraph=True, dynamic=False) for r in self._runners]
+                self._runners = [compile_step(r) for r in self._runners]
             else:
-                self.modules = [torch.compile(m, fullgraph=True, dynamic=False) for m in self.modules]
+                self.modules = [compile_step(m) for m in self.modules]
 
     def new_context(self) -> TorchContext:
         return TorchContext(self)

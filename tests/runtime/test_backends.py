@@ -10,7 +10,7 @@ from diffsparse.runtime.backends import ort_capi
 from diffsparse.runtime.backends.ort import (PREPACK_MEMORY_SHARE, physical_memory, prepack_summary, prepack_weights,
                                              shares_prepacked_weights, uniform_prepack)
 from diffsparse.runtime.backends.select import resolve
-from diffsparse.runtime.backends.torch_backend import compiler_missing
+from diffsparse.runtime.backends.torch_backend import compile_step, compiler_missing
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffsparse.builtin_schedules import toca_schedule
@@ -310,6 +310,26 @@ def test_every_family_compiles_as_one_graph(model):
     ref = Pipeline.from_spec(spec, sched).generate(conditioning=cond, seed=0).samples
     out = Pipeline.from_spec(spec, sched, compile=True).generate(conditioning=cond, seed=0).samples
     np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor + 1.0
+
+
+@pytest.mark.skipif(bool(compiler_missing("cpu")), reason="torch.compile on the CPU needs a C++ compiler")
+def test_more_step_graphs_than_the_default_compile_cache_holds():
+    """Step graphs share one code object (a step module class's forward), whose compile cache
+    holds 8 entries by default: the 9th whole-graph compile failed (found in CI, where the tests'
+    pipelines add up to more). compile_step gives each step graph its own."""
+    steps = [compile_step(_Scale(float(i))) for i in range(10)]
+    x = torch.ones(3)
+    for i, step in enumerate(steps):
+        torch.testing.assert_close(step(x), x * i + 1.0)
 
 
 def test_compile_without_a_compiler_is_refused_before_loading(tiny_bundles, monkeypatch):
