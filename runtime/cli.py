@@ -27,8 +27,8 @@ PREPACK_HELP = ("onnxruntime on the CPU, matmul weights packed once at load inst
                 "none; auto (default): shared where the C library loads and one copy fits in "
                 f"{round(100 * PREPACK_MEMORY_SHARE)}%% of physical memory, else as many per-session copies as fit, "
                 "the sessions running the most steps first")
-COMPILE_HELP = ("torch backend: run each step through torch.compile (fused kernels; compiled on first use, which takes "
-                "minutes for a full-size model)")
+COMPILE_HELP = ("run the torch backend (what --backend auto then picks) with each step through torch.compile: fused "
+                "kernels, compiled on first use, which takes minutes for a full-size model")
 USER_ERRORS = (BundleError, BackendError, ScheduleError, NonFiniteOutputError, ValueError, FileNotFoundError)
 
 

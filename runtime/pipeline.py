@@ -151,8 +151,9 @@ class Pipeline:
                     prepack: str = "auto", concurrency: int = 1, compile: bool = False) -> Pipeline:
         """backend: "auto" (the fastest available on the device), "onnxruntime", "torch" or
         "tensorrt"; device: "cpu", "cuda" or "auto" (CUDA when torch sees a GPU). dtype (torch
-        backend): "float32", "bfloat16" or "float16". compile (torch backend): run each step module
-        through torch.compile (`TorchBackend`). prepack (ONNX Runtime): "auto", "on" or
+        backend): "float32", "bfloat16" or "float16". compile: the torch backend with each step
+        run through torch.compile (`TorchBackend`; backend "auto" then means torch, any other
+        backend is refused). prepack (ONNX Runtime): "auto", "on" or
         "off": whether each step session keeps pre-packed weights, faster at a copy of the weights
         per session (runtime/backends/ort.py `prepack_weights`). concurrency: generations that may
         run at once from several threads (see the class; each one more set of cache buffers).
@@ -160,12 +161,14 @@ class Pipeline:
         from its manifest with the weights of its weights.bin."""
         asked = backend
         backend, device = resolve(backend, device)
+        if compile and asked == "auto":
+            backend = "torch"  # compile=True asks for the torch backend's compiled steps
         if compile and backend != "torch":
             raise BackendError(f"compile=True is for the torch backend (torch.compile), not {backend!r}: "
                                "pass backend='torch' (on the command line: --backend torch)")
         bundle = Bundle(folder, verify=verify)
         m = bundle.manifest
-        if asked == "auto" and device == "cuda" and m.engines and tensorrt_installed():
+        if asked == "auto" and device == "cuda" and m.engines and tensorrt_installed() and not compile:
             if m.engine(current_engine_key()) is not None:
                 backend = "tensorrt"
         # ONNX Runtime runs the bundle's graph files (several may share a sparsity pattern, writing

@@ -107,7 +107,8 @@ def test_dsrun_checks_the_output_path_before_generating(tiny_bundles, tmp_path, 
 
 def test_dsrun_compile_needs_the_torch_backend(tiny_bundles, tmp_path, capsys):
     """--compile on another backend is refused in one line (exit 2) before anything runs."""
-    assert dsrun([str(tiny_bundles["toca"]), "--compile", "--out", str(tmp_path / "x.png")]) == 2
+    args = [str(tiny_bundles["toca"]), "--compile", "--backend", "onnxruntime", "--out", str(tmp_path / "x.png")]
+    assert dsrun(args) == 2
     err = capsys.readouterr().err
     assert "compile=True is for the torch backend" in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()

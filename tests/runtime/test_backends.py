@@ -70,8 +70,8 @@ def test_compiled_steps_reproduce_the_uncompiled_ones(tiny_bundles):
     """compile=True: each step module through torch.compile (the CPU's C++ backend here, Triton
     on a GPU) gives the uncompiled samples up to float rounding, and is refused where it means nothing."""
     ref = Pipeline.from_bundle(tiny_bundles["toca"], backend="torch").generate(LABELS, seed=1, guidance_scale=3.0)
-    pipe = Pipeline.from_bundle(tiny_bundles["toca"], backend="torch", compile=True)
-    assert pipe.backend.compile and pipe.backend.max_contexts == 1
+    pipe = Pipeline.from_bundle(tiny_bundles["toca"], compile=True)  # backend "auto": torch, compiled
+    assert pipe.backend.name == "torch" and pipe.backend.compile and pipe.backend.max_contexts == 1
     compiled = pipe.generate(LABELS, seed=1, guidance_scale=3.0)
     np.testing.assert_allclose(compiled.samples, ref.samples, atol=1e-4)
     # eager: the modules alone compiled (static compiles each step with its buffer writes)
