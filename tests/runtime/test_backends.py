@@ -332,6 +332,22 @@ def test_more_step_graphs_than_the_default_compile_cache_holds():
         torch.testing.assert_close(step(x), x * i + 1.0)
 
 
+def test_compile_step_on_a_torch_without_isolated_recompiles(monkeypatch):
+    """An older torch.compile (no isolate_recompiles, e.g. torch 2.11 on our GPU image) gets a
+    shared compile cache large enough for many step graphs instead."""
+    calls = []
+
+    def old_compile(model, fullgraph=False, dynamic=None):
+        calls.append(dict(fullgraph=fullgraph, dynamic=dynamic))
+        return model
+
+    monkeypatch.setattr(torch, "compile", old_compile)
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 8)
+    step = _Scale(2.0)
+    assert compile_step(step) is step and calls == [dict(fullgraph=True, dynamic=False)]
+    assert torch._dynamo.config.cache_size_limit >= 64
+
+
 def test_compile_without_a_compiler_is_refused_before_loading(tiny_bundles, monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(BackendError, match=r"compile=True needs a C\+\+ compiler \(g\+\+ or clang\+\+\)"):
