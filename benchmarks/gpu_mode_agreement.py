@@ -29,12 +29,13 @@ from torch.profiler import profile as torch_profile
 from diffsparse.builtin_schedules import dense_schedule, toca_schedule
 from diffsparse.models.base import StepCall
 from diffsparse.models.zoo import make_spec
+from diffsparse.runtime.backends.torch_backend import MODES
 from diffsparse.runtime.pipeline import Pipeline
 from diffsparse.sampler import initial_noise
 
 log = logging.getLogger("gpu_mode_agreement")
-MODES = {"eager": dict(static=False), "static": dict(static=True, cuda_graphs=False),
-         "graphed": dict(static=True, cuda_graphs=True)}
+#: the modes compared (torch_backend.MODES): compilation rounds differently, so it is left out
+COMPARED = ("eager", "static", "graphed")
 
 
 def step_feeds(pipe: Pipeline, conditioning: dict, guidance: float) -> list[dict]:
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for dtype in args.dtypes:
         for which, sched in schedules.items():
-            pipes = {mode: Pipeline.from_spec(spec, sched, args.device, dtype, **kw) for mode, kw in MODES.items()
+            pipes = {mode: Pipeline.from_spec(spec, sched, args.device, dtype, **MODES[mode]) for mode in COMPARED
                      if args.device == "cuda" or mode != "graphed"}
             results["agreement"][f"{which}/{dtype}"] = agreement(pipes, conditioning, guidance, args.tolerance)
             log.info("%s %s: %s", which, dtype, {m: v["first_step_over_tolerance"]

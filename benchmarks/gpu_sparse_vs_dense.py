@@ -40,16 +40,13 @@ import torch
 
 from diffsparse.builtin_schedules import dense_schedule, toca_schedule
 from diffsparse.models.zoo import BUILTINS, make_spec
+from diffsparse.runtime.backends.torch_backend import MODES
 from diffsparse.runtime.pipeline import Pipeline
 
 log = logging.getLogger("gpu_bench")
 # guidance: each listed model's own default (spec.default_guidance_scale); 4.0 for any other
 MODELS = {"mnist-dit": dict(batch=10, steps=10), "dit-xl-2": dict(batch=1, steps=50),
           "pixart-alpha-256": dict(batch=1, steps=20)}
-MODES = {"eager": dict(static=False), "static": dict(static=True, cuda_graphs=False),
-         "graphed": dict(static=True, cuda_graphs=True),
-         # CUDA graphs on a GPU, static buffers on the CPU (cuda_graphs None)
-         "compiled": dict(static=True, compile=True)}
 
 
 def host_info(device: str) -> dict:

@@ -47,6 +47,13 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+#: the backend's ways to run steps, by name, as keyword arguments of TorchBackend / Pipeline.from_spec:
+#: eager (outputs become the next inputs, as research code runs), static (ping-pong buffers, no host
+#: sync between steps), graphed (static + CUDA graphs), compiled (graphed, or static on the CPU, over
+#: steps run through torch.compile). The benchmarks compare them by these names.
+MODES = {"eager": dict(static=False), "static": dict(static=True, cuda_graphs=False),
+         "graphed": dict(static=True, cuda_graphs=True), "compiled": dict(static=True, compile=True)}
+
 #: the compilers torch.compile's code generation calls: C++ for the CPU's kernels, C for Triton's launchers
 COMPILERS = {"cpu": ("a C++ compiler (g++ or clang++)", ("c++", "g++", "clang++")),
              "cuda": ("a C compiler (gcc or clang)", ("cc", "gcc", "clang"))}
