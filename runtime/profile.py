@@ -302,7 +302,7 @@ class _Subject:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.pipe = Pipeline.from_bundle(self.bundle.folder, backend=cfg.backend, device=cfg.device,
                                          threads=cfg.threads, dtype=cfg.dtype, prepack=cfg.prepack, verify=False,
-                                compile=cfg.compile)
+                                         compile=cfg.compile)
         self.pipe.backend.prepare()
         self.load_seconds = time.perf_counter() - t0
         self.conditioning = self.pipe.spec.example_conditioning(np.random.default_rng(cfg.seed))

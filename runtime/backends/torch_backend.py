@@ -84,7 +84,6 @@ def compile_step(step):
     return torch.compile(step, fullgraph=True, dynamic=False)
 
 
-
 class TorchBackend(Backend):
     name = "torch"
 
@@ -111,9 +110,10 @@ class TorchBackend(Backend):
         self.cuda_graphs = (self._device.type == "cuda" and static) if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not static:
             raise BackendError("CUDA graphs need static buffers (static=True)")
-        if compile and compiler_missing(self._device.type):
-            raise BackendError(f"compile=True needs {compiler_missing(self._device.type)} (torch.compile builds its "
-                               f"kernels with it on {self._device.type}): install one, or run without compile")
+        missing = compiler_missing(self._device.type) if compile else ""
+        if missing:
+            raise BackendError(f"compile=True needs {missing} (torch.compile builds its kernels with it on "
+                               f"{self._device.type}): install one, or run without compile")
         self.compile = compile
         self.input_specs = spec.step_inputs()
         self.latent_spec = self.input_specs[0]
