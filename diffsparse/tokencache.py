@@ -61,7 +61,8 @@ def spatial_bonus(score: torch.Tensor, grid: tuple[int, int], window: int, bonus
     if bonus == 0.0 or window <= 1:
         return score
     tiles, threshold = _tiles(score, grid, window)
-    return score + bonus * (tiles >= threshold).to(score.dtype).reshape(score.shape)
+    # a select, not score + bonus * mask: one op fewer per layer and step, the same numbers
+    return torch.where(tiles >= threshold, tiles + bonus, tiles).reshape(score.shape)
 
 
 def bonus_margin(score: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
@@ -154,9 +155,14 @@ def _flat_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (R, N, D), idx (R, K) int32 -> (R, K, D). A row Gather on the flattened tensor: whole
-    D-vectors are copied, much faster than an element-wise GatherElements."""
+    """x (R, N, D), idx (R, K) int32, or (1, K): the same tokens of every row -> (R, K, D).
+
+    Whole D-vectors are copied (much faster than an element-wise GatherElements): one Gather
+    along the token axis when every row takes the same tokens (batch 1, both guidance halves),
+    else a row Gather on the rows-flattened tensor, whose indices take a few ops more to build."""
     r, n, d = x.shape
+    if idx.shape[0] == 1:
+        return torch.index_select(x, 1, idx.reshape(idx.shape[1]))
     return torch.index_select(x.reshape(r * n, d), 0, _flat_rows(idx, n)).reshape(r, idx.shape[1], d)
 
 
@@ -174,8 +180,8 @@ def next_reuse(reuse: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     """Reuse counts n_i: reset to 0 where recomputed, +1 elsewhere. idx None means none recomputed."""
     if idx is None:
         return reuse + 1.0
-    computed = torch.zeros_like(reuse).scatter(1, idx, torch.ones(idx.shape, dtype=reuse.dtype, device=reuse.device))
-    return (reuse + 1.0) * (1.0 - computed)
+    # n_i + 1 with the recomputed tokens overwritten by 0: two ops (a mask and a product took five)
+    return (reuse + 1.0).scatter(1, idx, torch.zeros(idx.shape, dtype=reuse.dtype, device=reuse.device))
 
 
 def attention_received(probs: torch.Tensor, halves: int, count: torch.Tensor | None = None) -> torch.Tensor:

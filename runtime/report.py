@@ -34,6 +34,15 @@ def write_report(report: ProfileReport, out: str | Path) -> dict[str, Path]:
     return paths
 
 
+def _speed(host: dict) -> str:
+    """The host's speed readings (`host_speed`), where the report has them (older ones do not)."""
+    speed = host.get("speed")
+    if not speed:
+        return ""
+    return (f" Host at profile time: fp32 matrix product {speed['gemm_gflops']:.0f} GFLOP/s, memory copy "
+            f"{speed['copy_gib_per_s']:.1f} GiB/s (the sparse/dense ratio moves with their balance).")
+
+
 def markdown_summary(report: ProfileReport) -> str:
     s, b, h = report.sparse, report.baseline, report.host
     sm, bm = s.manifest, b.manifest
@@ -41,7 +50,7 @@ def markdown_summary(report: ProfileReport) -> str:
     lines = [
         "# diffsparse latency profile", "",
         f"Backend **{s.backend}** on **{s.device}** ({h['cpu']}, {h['cores']} cores); "
-        f"onnxruntime {h['onnxruntime']}, torch {h['torch']}. Median of {report.config.runs} interleaved runs.", "",
+        f"onnxruntime {h['onnxruntime']}, torch {h['torch']}. Median of {report.config.runs} interleaved runs.{_speed(h)}", "",
         "| | sparse | baseline |", "|---|---:|---:|",
         f"| schedule | {s.schedule_method} | {b.schedule_method} |",
         f"| steps (computed) / distinct graphs | {_steps(sm)} / {len(sm.graphs)} | {_steps(bm)} / {len(bm.graphs)} |",

@@ -80,3 +80,38 @@ def test_bonus_margin_is_the_spatial_bonus_decision():
     assert torch.equal(got > 0.3, margin >= 0)
     assert 0 <= float(margin[0, 1]) < tc.SPATIAL_TIE * 2.5 and float(margin[0, 0]) > 0
     assert int((margin >= 0).sum()) >= 3 * 16   # at least one per tile
+
+
+def test_one_index_row_gathers_the_same_tokens_from_every_row(tmp_path):
+    """Batch 1: a (1, K) index gathers along the token axis what the per-row (R, K) index gathers
+    from the rows-flattened tensor; both export to ONNX and agree with PyTorch."""
+    x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
+    idx = torch.tensor([[3, 0, 15, 7]], dtype=torch.int32)
+    rows = tc.rows_index(idx, 2)
+    one_row = tc.gather_tokens(x, idx)
+    assert torch.equal(one_row, tc.gather_tokens(x, rows))
+    assert torch.equal(one_row, x[:, idx[0].long()])
+
+    class Gather(torch.nn.Module):
+        def forward(self, x, i):
+            return tc.gather_tokens(x, i)
+
+    for k, index in enumerate((idx, rows)):
+        path = str(tmp_path / f"gather{k}.onnx")
+        torch.onnx.export(Gather(), (x, index), path, input_names=["x", "i"], output_names=["y"], opset_version=18,
+                          dynamo=False)
+        (got,) = ort.InferenceSession(path, session_options()).run(None, {"x": x.numpy(), "i": index.numpy()})
+        np.testing.assert_array_equal(got, one_row.numpy())
+
+
+def test_reuse_counts_reset_where_recomputed_and_count_up_elsewhere():
+    reuse = torch.tensor([[0.0, 2.0, 5.0, 1.0]])
+    assert tc.next_reuse(reuse, torch.tensor([[2, 0]], dtype=torch.int32)).tolist() == [[0.0, 3.0, 0.0, 2.0]]
+    assert tc.next_reuse(reuse, None).tolist() == [[1.0, 3.0, 6.0, 2.0]]
+
+
+def test_spatial_bonus_goes_to_each_tile_maximum():
+    score = torch.tensor([[1.0, 2.0, 0.5, 0.5,
+                           0.0, 1.5, 0.5, 0.5]])  # a 2x4 grid: two 2x2 tiles, the second all tied
+    got = tc.spatial_bonus(score, (2, 4), 2, 0.6)
+    assert torch.allclose(got - score, torch.tensor([[0.0, 0.6, 0.6, 0.6, 0.0, 0.0, 0.6, 0.6]]))

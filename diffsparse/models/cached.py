@@ -252,7 +252,8 @@ class CachedStep(nn.Module):
 
     def _gather_rows(self, h, idx):
         ridx = tc.rows_index(idx, self.halves)
-        return ridx, tc.gather_tokens(h, ridx)
+        # batch 1: every row (both guidance halves) takes the same tokens, so one index row gathers
+        return ridx, tc.gather_tokens(h, idx if idx.shape[0] == 1 else ridx)
 
     def _scatter(self, cache: torch.Tensor, ridx: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
         """`tc.scatter_tokens` in the scatter part."""
@@ -275,8 +276,8 @@ class CachedStep(nn.Module):
             elif idx is None:
                 new[key] = state[key]
             else:
-                ridx = tc.rows_index(idx, self.halves)
-                new[key] = tc.scatter_tokens(state[key], ridx, tc.gather_tokens(h, ridx))
+                ridx, x = self._gather_rows(h, idx)
+                new[key] = tc.scatter_tokens(state[key], ridx, x)
 
     def _reuse_all(self, layer: LayerRef, h, state, new, roles=CARRIED_ROLES) -> torch.Tensor:
         """K = 0: the layer's cached entries of `roles` carry over unchanged."""

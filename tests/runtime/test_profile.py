@@ -15,7 +15,7 @@ from diffsparse.runtime.ops_profile import (PARTS, OpsProfile, measure_ops, ort_
                                             steps_of_runs)
 from diffsparse.runtime.pipeline import Pipeline
 from diffsparse.runtime.profile import (BundleProfile, ProfileConfig, ProfileReport, fit_latency, fresh_process,
-                                        memory_footprint, profile)
+                                        host_speed, memory_footprint, profile)
 from diffsparse.runtime.report import markdown_summary, write_report
 
 SIDE_KEYS = ["bundle", "backend", "device", "batch_size", "guidance", "steps", "graphs", "schedule_method",
@@ -141,6 +141,15 @@ def test_rendering_a_hand_built_report(tiny_bundles, tmp_path):
     for key in ("heatmap", "latency"):
         assert paths[key].read_bytes()[:8] == PNG
     assert "memory after load" not in markdown_summary(_hand_built(tiny_bundles, memory=False))
+
+
+def test_host_speed_is_measured_and_rendered(tiny_bundles):
+    speed = host_speed(repeats=1)
+    assert speed["gemm_gflops"] > 0 and speed["copy_gib_per_s"] > 0
+    report = _hand_built(tiny_bundles)
+    report.host["speed"] = {"gemm_gflops": 193.9, "copy_gib_per_s": 10.36}
+    assert ("Host at profile time: fp32 matrix product 194 GFLOP/s, memory copy 10.4 GiB/s"
+            in markdown_summary(report).splitlines()[2])
 
 
 def test_rendering_measures_and_opens_nothing(tiny_bundles, tmp_path, monkeypatch):
