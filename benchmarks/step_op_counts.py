@@ -1,0 +1,113 @@
+"""Benchmark: how many operators each denoising step runs — the fixed cost of a partial step is
+mostly many small ops (token scores, index plumbing, scatters), so their count is what a change to
+the step's mechanics moves. Not a test; counts, not timings, so one run is exact.
+
+  * ONNX Runtime: the nodes of each step graph after the graph optimisations the ORT backend
+    applies (`CPU_DISABLED_OPTIMIZERS` off), i.e. the kernels one run of the step launches;
+  * torch backend (static buffers, CPU): the aten ops each step calls directly (torch.profiler,
+    views and other metadata-only ops left out), the calls a GPU launches kernels for.
+
+A ToCa-style schedule at --ratio of the dense MACs (one full step, then partial steps), batch 1
+with guidance; random weights:
+
+    python benchmarks/step_op_counts.py --model dit-tiny --json out/op_counts.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from diffsparse.builtin_schedules import toca_schedule
+from diffsparse.bundle_format import step_graph_indices
+from diffsparse.export.bundle import ExportConfig, export_bundle
+from diffsparse.models.zoo import make_spec
+from diffsparse.runtime.backends.ort import CPU_DISABLED_OPTIMIZERS, import_ort
+from diffsparse.runtime.bundle import Bundle
+from diffsparse.runtime.pipeline import Pipeline
+
+#: aten ops that only make a new view or read metadata (no kernel on a GPU)
+VIEW_OPS = frozenset(f"aten::{name}" for name in (
+    "view", "reshape", "_reshape_alias", "_unsafe_view", "expand", "unsqueeze", "squeeze", "slice", "select",
+    "transpose", "t", "permute", "alias", "as_strided", "unflatten", "chunk", "split", "detach", "lift_fresh",
+    "empty", "empty_strided", "result_type", "to", "contiguous", "numpy_T"))
+
+
+def ort_nodes(bundle: Bundle) -> list[int]:
+    """Nodes of each step graph as ONNX Runtime runs it (optimised as the ORT backend loads it)."""
+    ort = import_ort()
+    weights = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in bundle.weights.items()}
+    counts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index in range(len(bundle.manifest.graphs)):
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.log_severity_level = 3  # no warning that the optimised file is for this machine only
+            opts.optimized_model_filepath = str(Path(tmp) / f"opt{index}.onnx")
+            for init in bundle.graph_model(index).graph.initializer:
+                if init.name in weights:
+                    opts.add_initializer(init.name, weights[init.name])
+            ort.InferenceSession(str(bundle.graph_path(index)), opts, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS))
+            counts.append(len(onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node))
+    return counts
+
+
+def torch_ops(spec, schedule, conditioning: dict) -> list[dict[str, int]]:
+    """Per step of one generation on the torch backend: its aten ops by name (top-level, no views)."""
+    pipe = Pipeline.from_spec(spec, schedule, static=True)
+    backend = pipe.backend
+    run = backend.run_step_into
+    steps: list[dict[str, int]] = []
+
+    def counted(graph, *args):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run(graph, *args)
+        top = [e.name for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS
+               and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+        steps.append(dict(collections.Counter(top)))
+
+    backend.run_step_into = counted
+    pipe.generate(conditioning=conditioning, seed=0)
+    return steps
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="dit-tiny")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--json", help="write the result here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    spec = make_spec(args.model, batch_size=1, guidance=True)
+    schedule = toca_schedule(spec, args.steps, args.ratio, full_every=args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_bundle(spec, schedule, Path(tmp) / "bundle", config=ExportConfig(verify=False))
+        bundle = Bundle(Path(tmp) / "bundle")
+        nodes = ort_nodes(bundle)
+    ops = torch_ops(spec, schedule, spec.example_conditioning(np.random.default_rng(0)))
+    partial = [sum(1 for k in keep if 0 < k < spec.num_tokens) for keep in schedule.keep]
+    result = {"model": args.model, "steps": args.steps, "ratio": args.ratio, "full_steps": schedule.full_steps,
+              "partial_layers_per_step": partial, "onnxruntime_nodes_per_graph": nodes,
+              "graph_of_step": step_graph_indices(schedule),
+              "torch_aten_ops_per_step": [sum(s.values()) for s in ops], "torch_aten_ops_by_name": ops}
+    print(f"{args.model}: partial layers per step {partial}")
+    print(f"  onnxruntime nodes per step graph: {nodes}")
+    print(f"  torch aten ops per step:          {result['torch_aten_ops_per_step']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
