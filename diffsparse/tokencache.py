@@ -180,8 +180,9 @@ def next_reuse(reuse: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     """Reuse counts n_i: reset to 0 where recomputed, +1 elsewhere. idx None means none recomputed."""
     if idx is None:
         return reuse + 1.0
-    # n_i + 1 with the recomputed tokens overwritten by 0: two ops (a mask and a product took five)
-    return (reuse + 1.0).scatter(1, idx, torch.zeros(idx.shape, dtype=reuse.dtype, device=reuse.device))
+    # n_i + 1 with the recomputed tokens overwritten by 0: two ops (a mask and a product took five;
+    # a scalar 0, not a zeros tensor, which would be one more kernel per layer on a GPU)
+    return (reuse + 1.0).scatter(1, idx, 0.0)
 
 
 def attention_received(probs: torch.Tensor, halves: int, count: torch.Tensor | None = None) -> torch.Tensor:
