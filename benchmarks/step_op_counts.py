@@ -82,9 +82,9 @@ def torch_ops(spec, schedule, conditioning: dict) -> list[dict[str, int]]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="dit-tiny")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--model", default="dit-tiny", help="a built-in model (random weights); default %(default)s")
+    p.add_argument("--steps", type=int, default=5, help="denoising steps, the first one full")
+    p.add_argument("--ratio", type=float, default=0.5, help="the schedule's target share of the dense MACs")
     p.add_argument("--json", help="write the result here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
