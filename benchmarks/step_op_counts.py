@@ -30,7 +30,7 @@ from diffsparse.builtin_schedules import toca_schedule
 from diffsparse.bundle_format import step_graph_indices
 from diffsparse.export.bundle import ExportConfig, export_bundle
 from diffsparse.models.zoo import make_spec
-from diffsparse.runtime.backends.ort import CPU_DISABLED_OPTIMIZERS, import_ort
+from diffsparse.runtime.backends.ort import CPU_DISABLED_OPTIMIZERS, import_ort, session_options
 from diffsparse.runtime.bundle import Bundle
 from diffsparse.runtime.pipeline import Pipeline
 
@@ -48,7 +48,7 @@ def ort_nodes(bundle: Bundle) -> list[int]:
     counts = []
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(len(bundle.manifest.graphs)):
-            opts = ort.SessionOptions()
+            opts = session_options()  # on the process's shared thread pool once one exists
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             opts.log_severity_level = 3  # no warning that the optimised file is for this machine only
             opts.optimized_model_filepath = str(Path(tmp) / f"opt{index}.onnx")
