@@ -34,7 +34,8 @@ from diffsparse.runtime.backends.ort import CPU_DISABLED_OPTIMIZERS, import_ort,
 from diffsparse.runtime.bundle import Bundle
 from diffsparse.runtime.pipeline import Pipeline
 
-#: aten ops that only make a new view or read metadata (no kernel on a GPU)
+#: aten ops that may only make a new view or read metadata: counted only where they call an op that
+#: does work (`.to` a new dtype, `.reshape` of a non-contiguous tensor copy; the same op can be free)
 VIEW_OPS = frozenset(f"aten::{name}" for name in (
     "view", "reshape", "_reshape_alias", "_unsafe_view", "expand", "unsqueeze", "squeeze", "slice", "select",
     "transpose", "t", "permute", "alias", "as_strided", "unflatten", "chunk", "split", "detach", "lift_fresh",
@@ -61,8 +62,17 @@ def ort_nodes(bundle: Bundle) -> list[int]:
     return counts
 
 
+def works(event) -> bool:
+    """Whether a profiled aten op does work (launches a kernel on a GPU): any op outside `VIEW_OPS`,
+    or one of them that called such an op."""
+    if event.name not in VIEW_OPS:
+        return True
+    return any(works(child) for child in event.cpu_children if child.name.startswith("aten::"))
+
+
 def torch_ops(spec, schedule, conditioning: dict) -> list[dict[str, int]]:
-    """Per step of one generation on the torch backend: its aten ops by name (top-level, no views)."""
+    """Per step of one generation on the torch backend: the aten ops it calls directly that do work
+    (`works`), by name."""
     pipe = Pipeline.from_spec(spec, schedule, static=True)
     backend = pipe.backend
     run = backend.run_step_into
@@ -71,9 +81,9 @@ def torch_ops(spec, schedule, conditioning: dict) -> list[dict[str, int]]:
     def counted(graph, *args):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             run(graph, *args)
-        top = [e.name for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS
+        top = [e for e in prof.events() if e.name.startswith("aten::")
                and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
-        steps.append(dict(collections.Counter(top)))
+        steps.append(dict(collections.Counter(e.name for e in top if works(e))))
 
     backend.run_step_into = counted
     pipe.generate(conditioning=conditioning, seed=0)

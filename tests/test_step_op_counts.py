@@ -1,7 +1,7 @@
 """benchmarks/step_op_counts.py on the tiny DiT: the counts it reports, and a budget on how many
 small ops a partial layer adds over a full one (the fixed cost of a partial step is mostly such
 ops). On 2026-12-04 dit-tiny's partial layer went from 29.75 to 22.75 ONNX Runtime nodes and from
-17.25 to 10.25 torch ops over a full one; the budget is set between the two."""
+22.25 to 13.25 torch ops over a full one; the budget is set between the two."""
 
 import importlib.util
 import json
@@ -28,4 +28,4 @@ def test_partial_layers_stay_within_their_small_op_budget(tmp_path):
     for step in range(1, len(full)):
         # per partial layer, over the refresh step (which runs every layer on all tokens)
         assert (nodes[step] - nodes[0]) / partial[step] <= 26, nodes
-        assert (ops[step] - ops[0]) / partial[step] <= 14, ops
+        assert (ops[step] - ops[0]) / partial[step] <= 16, ops
