@@ -153,8 +153,8 @@ def host_speed(repeats: int = 3) -> dict[str, float]:
     *now*: an fp32 matrix product (numpy, 1024³, all cores) and a 64 MiB memory copy. Machines
     of one class differ, and a shared one changes within the hour; the sparse/dense ratio depends
     on the balance of the two, since a partial step reads all of its weights for fewer rows (on
-    2026-12-04 the same DiT-XL/2 bundles read 0.93 of the MACs ratio on a host that ran the dense
-    step in 1.04 s and 0.98-0.99 on one that took 2.45 s). Recorded with every result so that
+    2026-12-04 bundles of one DiT-XL/2 schedule read 0.93 of the MACs ratio on a host that ran the
+    dense step in 1.04 s and 0.97-0.99 on one that took 2.45 s). Recorded with every result so that
     readings from different hosts can be told apart."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((1024, 1024), dtype=np.float32)
