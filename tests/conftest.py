@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from diffsparse.export.bundle import ExportConfig, export_bundle
@@ -12,6 +15,7 @@ from diffsparse.models.zoo import make_spec
 
 TINY = "dit-tiny"
 STEPS = 6
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,6 +25,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """A loader of the scripts in benchmarks/ (scripts, not a package): benchmark_script("fuzz_bundles")
+    executes benchmarks/fuzz_bundles.py as a fresh module and returns it."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -1,26 +1,14 @@
 """The GPU benchmark scripts, run on the CPU with a tiny model: every mode computes the same samples,
 the JSON has what the README table needs, and the table renders from it."""
 
-import importlib.util
 import json
 from dataclasses import replace
-from pathlib import Path
 
 from diffsparse.builtin_schedules import dense_schedule
 from diffsparse.models.zoo import make_spec
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str = "gpu_sparse_vs_dense"):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_benchmark_runs_every_mode_and_writes_the_table(tmp_path, capsys):
-    bench = _load()
+def test_benchmark_runs_every_mode_and_writes_the_table(tmp_path, capsys, benchmark_script):
+    bench = benchmark_script("gpu_sparse_vs_dense")
     assert bench.main(["--device", "cpu", "--dtype", "float32", "--models", "dit-tiny", "--steps", "3",
                        "--modes", "eager", "static", "graphed",
                        "--runs", "1", "--warmup", "0", "--step-runs", "1", "--out", str(tmp_path)]) == 0
@@ -42,8 +30,8 @@ def test_benchmark_runs_every_mode_and_writes_the_table(tmp_path, capsys):
     assert "| dit-tiny | 3 |" in table and "eager" in table and "static" in table
 
 
-def test_refresh_rule_compares_each_refresh_step_with_the_dense_step_at_its_index():
-    bench = _load()
+def test_refresh_rule_compares_each_refresh_step_with_the_dense_step_at_its_index(benchmark_script):
+    bench = benchmark_script("gpu_sparse_vs_dense")
     spec = make_spec("dit-tiny", batch_size=1)
     dense = dense_schedule(spec, 4)
     full, none = dense.keep[0], [0] * len(dense.keep[0])
@@ -56,10 +44,10 @@ def test_refresh_rule_compares_each_refresh_step_with_the_dense_step_at_its_inde
     assert rule["refresh_vs_dense_per_step"] == [3.0, 2.0] and rule["refresh_vs_dense"] == 2.5
 
 
-def test_mode_agreement_script_compares_every_step_with_eager(tmp_path):
+def test_mode_agreement_script_compares_every_step_with_eager(tmp_path, benchmark_script):
     """benchmarks/gpu_mode_agreement.py on the CPU: under bfloat16 autocast static and eager agree
     at every step (both keep the latent and cache in float32)."""
-    agreement = _load("gpu_mode_agreement")
+    agreement = benchmark_script("gpu_mode_agreement")
     assert agreement.main(["--model", "dit-tiny", "--device", "cpu", "--steps", "4", "--dtypes", "bfloat16",
                            "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())

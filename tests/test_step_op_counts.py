@@ -3,22 +3,11 @@ small ops a partial layer adds over a full one (the fixed cost of a partial step
 ops). On 2026-12-04 dit-tiny's partial layer went from 29.75 to 22.75 ONNX Runtime nodes and from
 22.25 to 13.25 torch ops over a full one; the budget is set between the two."""
 
-import importlib.util
 import json
-from pathlib import Path
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("step_op_counts", BENCHMARKS / "step_op_counts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_partial_layers_stay_within_their_small_op_budget(tmp_path):
-    result = _load().main(["--model", "dit-tiny", "--json", str(tmp_path / "counts.json")])
+def test_partial_layers_stay_within_their_small_op_budget(tmp_path, benchmark_script):
+    result = benchmark_script("step_op_counts").main(["--model", "dit-tiny", "--json", str(tmp_path / "counts.json")])
     assert json.loads((tmp_path / "counts.json").read_text()) == result
     full, partial = result["full_steps"], result["partial_layers_per_step"]
     assert full[0] and not any(full[1:]) and partial[0] == 0 and min(partial[1:]) > 0

@@ -5,7 +5,6 @@ trial and kills it with SIGKILL at a named point or after a random delay); this 
 figures and the recovery rules on their own."""
 
 import errno
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -20,15 +19,7 @@ from diffsparse.export.weights import WeightStore
 
 from diffsparse.manifest import Manifest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "export_faults.py"
 posix_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and SIGKILL")
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("export_faults", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _hidden(folder: Path) -> list[str]:
@@ -36,11 +27,11 @@ def _hidden(folder: Path) -> list[str]:
 
 
 @posix_only
-def test_sigkill_at_any_point_loses_nothing(tmp_path):
+def test_sigkill_at_any_point_loses_nothing(tmp_path, benchmark_script):
     """Kills while writing graphs, while pruning (the manifest names deleted graphs), before the swap,
     after the atomic swap, between the two renames of the fallback swap, and at random moments."""
     points = ["graph-1", "pruning", "synced", "swapped", "fallback:moved-aside", "fallback:renamed"]
-    result = _load().run(tmp_path, kill_points=points, seed=0, random_kills=2, disk_full=True)
+    result = benchmark_script("export_faults").run(tmp_path, kill_points=points, seed=0, random_kills=2, disk_full=True)
     trials = {t["point"]: t for t in result["trials"]}
     assert result["kill_points_tried"] == 8 and not result["unreached_points"], result
     assert all(t["killed"] for t in result["trials"][:6]), "a random kill may come after the export finished"

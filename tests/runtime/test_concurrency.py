@@ -2,9 +2,7 @@
 alone, on ONNX Runtime (pool of 1: serialised; pools of 2 and 3: concurrent) and on the torch
 backend, and two pipelines of two bundles used at the same time stay correct."""
 
-import importlib.util
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,18 +11,12 @@ from diffsparse.runtime.backends.torch_backend import TorchBackend
 
 from diffsparse.bundle_format import step_graph_indices
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "concurrency_check.py"
 THREADS, CALLS = 4, 3
 
 
-def _check():
-    spec = importlib.util.spec_from_file_location("concurrency_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-check = _check()
+@pytest.fixture(scope="module")
+def check(benchmark_script):
+    return benchmark_script("concurrency_check")
 
 
 def _threaded(jobs):
@@ -52,7 +44,7 @@ def _threaded(jobs):
 
 
 @pytest.mark.parametrize("concurrency", [1, 2, 3])
-def test_onnxruntime_threads_match_sequential_calls(tiny_bundles, concurrency):
+def test_onnxruntime_threads_match_sequential_calls(tiny_bundles, concurrency, check):
     result = check.run(tiny_bundles["toca"], threads=THREADS, calls=CALLS, concurrency=(concurrency,))
     assert result["calls_checked"] == THREADS * CALLS
     assert result["mismatches"] == 0 and result["max_abs_diff"] == 0.0, result
@@ -60,13 +52,13 @@ def test_onnxruntime_threads_match_sequential_calls(tiny_bundles, concurrency):
     assert 1 <= run["contexts_made"] <= concurrency and run["wall_seconds"] > 0
 
 
-def test_torch_backend_threads_match_sequential_calls(tiny_bundles):
+def test_torch_backend_threads_match_sequential_calls(tiny_bundles, check):
     result = check.run(tiny_bundles["toca"], threads=3, calls=2, concurrency=(1, 2), backend="torch")
     assert result["backend"] == "torch" and result["calls_checked"] == 12
     assert result["mismatches"] == 0 and result["max_abs_diff"] == 0.0, result
 
 
-def test_two_pipelines_on_two_bundles_from_threads_at_once(tiny_bundles):
+def test_two_pipelines_on_two_bundles_from_threads_at_once(tiny_bundles, check):
     pipes = {name: Pipeline.from_bundle(tiny_bundles[name], concurrency=2, verify=False) for name in ("toca", "dense")}
     args = [check.call_args(k) for k in range(CALLS)]
     expected = {name: [p.generate(**a).samples for a in args] for name, p in pipes.items()}

@@ -3,23 +3,15 @@ manifest.json and of a schedule file, each loaded and run in-process. No mutant 
 exception other than the project's own, and none may be accepted with a different output unless
 the field it changed is informational (or a setting, meant to change it)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from diffsparse.manifest import INFORMATIONAL_FIELDS, BundleError
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fuzz_bundles.py"
-
-
 @pytest.fixture(scope="module")
-def fuzz():
-    spec = importlib.util.spec_from_file_location("fuzz_bundles", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def fuzz(benchmark_script):
+    return benchmark_script("fuzz_bundles")
 
 
 @pytest.mark.parametrize("name, n, seed", [("dense", 150, 0), ("toca", 150, 1)])
