@@ -26,7 +26,7 @@ import onnx
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from diffsparse.builtin_schedules import toca_schedule
+from diffsparse.builtin_schedules import dense_schedule, toca_schedule
 from diffsparse.bundle_format import step_graph_indices
 from diffsparse.export.bundle import ExportConfig, export_bundle
 from diffsparse.models.zoo import make_spec
@@ -104,15 +104,21 @@ def main(argv: list[str] | None = None) -> dict:
         export_bundle(spec, schedule, Path(tmp) / "bundle", config=ExportConfig(verify=False))
         bundle = Bundle(Path(tmp) / "bundle")
         nodes = ort_nodes(bundle)
-    ops = torch_ops(spec, schedule, spec.example_conditioning(np.random.default_rng(0)))
+    conditioning = spec.example_conditioning(np.random.default_rng(0))
+    ops = torch_ops(spec, schedule, conditioning)
+    # a plain dense step, for the refresh-step rule (a full step of the sparse schedule costs about a
+    # dense one): every step of the dense schedule runs the same graph
+    dense_ops = torch_ops(spec, dense_schedule(spec, 1), conditioning)[0]
     partial = [sum(1 for k in keep if 0 < k < spec.num_tokens) for keep in schedule.keep]
     result = {"model": args.model, "steps": args.steps, "ratio": args.ratio, "full_steps": schedule.full_steps,
               "partial_layers_per_step": partial, "onnxruntime_nodes_per_graph": nodes,
               "graph_of_step": step_graph_indices(schedule),
-              "torch_aten_ops_per_step": [sum(s.values()) for s in ops], "torch_aten_ops_by_name": ops}
+              "torch_aten_ops_per_step": [sum(s.values()) for s in ops], "torch_aten_ops_by_name": ops,
+              "torch_aten_ops_dense_step": sum(dense_ops.values()), "torch_aten_ops_dense_step_by_name": dense_ops}
     print(f"{args.model}: partial layers per step {partial}")
     print(f"  onnxruntime nodes per step graph: {nodes}")
-    print(f"  torch aten ops per step:          {result['torch_aten_ops_per_step']}")
+    print(f"  torch aten ops per step:          {result['torch_aten_ops_per_step']} "
+          f"(a plain dense step: {result['torch_aten_ops_dense_step']})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -6,6 +6,7 @@ import torch
 
 from diffsparse import tokencache as tc
 from diffsparse.models.base import StepCall
+from diffsparse.models.cached import StepEntries
 from diffsparse.models.zoo import make_spec
 from diffsparse.schedule import SelectorConfig
 
@@ -29,7 +30,7 @@ def test_dense_step_reproduces_diffusers_forward(tiny_spec):
     t = torch.tensor([981.0, 500.0, 20.0, 1.0])
     labels = torch.tensor([0, 3, 9, 10])  # 10 = the null class
     with torch.no_grad():
-        ours = step.forward_rows(x, t, labels, dict(zip(step.cache_names, spec.cache_layout(sel).zeros())), {})
+        ours = step.forward_rows(x, t, labels, dict(zip(step.cache_names, spec.cache_layout(sel).zeros())), StepEntries())
         ref = spec.model(x, timestep=t, class_labels=labels).sample
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
 

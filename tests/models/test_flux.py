@@ -15,6 +15,7 @@ from diffsparse.runtime import Pipeline
 from diffsparse import tokencache as tc
 from diffsparse.builtin_schedules import dense_schedule, fewer_steps_schedule, toca_schedule
 from diffsparse.models.base import StepCall
+from diffsparse.models.cached import StepEntries
 from diffsparse.models.flux import FluxSpec
 from diffsparse.models.zoo import BUILTINS, make_spec
 from diffsparse.sampler import initial_noise
@@ -110,7 +111,8 @@ def test_dense_step_reproduces_diffusers_forward(spec):
     t = torch.tensor([937.5, 250.0])
     with torch.no_grad():
         packed = step.pack(latent)
-        ours = step.forward_rows(packed, text, pooled, t / 1000, dict(zip(step.cache_names, spec.cache_layout(sel).zeros())), {})
+        state = dict(zip(step.cache_names, spec.cache_layout(sel).zeros()))
+        ours = step.forward_rows(packed, text, pooled, t / 1000, state, StepEntries())
     assert torch.equal(packed, _pack(latent)) and torch.equal(step.unpack(packed), latent)
     ref = _diffusers(spec, packed, text, pooled, t)
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()

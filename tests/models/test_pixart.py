@@ -9,6 +9,7 @@ from diffsparse.runtime import Pipeline
 from diffsparse.builtin_schedules import dense_schedule, toca_schedule
 from diffsparse.manifest import Manifest
 from diffsparse.models.base import StepCall
+from diffsparse.models.cached import StepEntries
 from diffsparse.models.pixart import PixArtSpec
 from diffsparse.models.zoo import BUILTINS, make_spec
 from diffsparse.sampler import initial_noise
@@ -43,7 +44,7 @@ def _dense_rows(spec, x, t, text, mask):
     sel = spec.default_selector()
     step = spec.build_step(spec.dense_keep(), sel)
     with torch.no_grad():
-        return step.forward_rows(x, t, text, mask, dict(zip(step.cache_names, spec.cache_layout(sel).zeros())), {})
+        return step.forward_rows(x, t, text, mask, dict(zip(step.cache_names, spec.cache_layout(sel).zeros())), StepEntries())
 
 
 def test_dense_step_reproduces_diffusers_forward(spec):

@@ -15,6 +15,7 @@ from diffsparse import tokencache as tc
 from diffsparse.builtin_schedules import dense_schedule, toca_schedule
 from diffsparse.manifest import Manifest
 from diffsparse.models.base import StepCall
+from diffsparse.models.cached import StepEntries
 from diffsparse.models.wan import WanSpec
 from diffsparse.models.zoo import load_model, make_spec
 from diffsparse.sampler import initial_noise
@@ -84,7 +85,7 @@ def test_dense_step_reproduces_diffusers_forward(spec2):
     t = torch.tensor([999.0, 600.0, 25.0, 1.0])
     ctx = torch.randn(4, spec2.text_len, spec2.text_dim, generator=g)
     with torch.no_grad():
-        ours = step.forward_rows(x, t, ctx, dict(zip(step.cache_names, spec2.cache_layout(sel).zeros())), {})
+        ours = step.forward_rows(x, t, ctx, dict(zip(step.cache_names, spec2.cache_layout(sel).zeros())), StepEntries())
         ref = spec2.model(x, timestep=t, encoder_hidden_states=ctx).sample
     assert ours.shape == ref.shape
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()

@@ -10,7 +10,7 @@ from diffsparse.runtime.backends import ort_capi
 from diffsparse.runtime.backends.ort import (PREPACK_MEMORY_SHARE, physical_memory, prepack_summary, prepack_weights,
                                              shares_prepacked_weights, uniform_prepack)
 from diffsparse.runtime.backends.select import resolve
-from diffsparse.runtime.backends.torch_backend import compile_step, compiler_missing
+from diffsparse.runtime.backends.torch_backend import compile_step, compiler_missing, copy_all
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffsparse.builtin_schedules import toca_schedule
@@ -66,6 +66,26 @@ def test_static_buffers_equal_eager_steps(tiny_bundles, dtype):
 
 
 @pytest.mark.skipif(bool(compiler_missing("cpu")), reason="torch.compile on the CPU needs a C++ compiler")
+def test_copy_all_writes_each_output_into_its_buffer_in_few_calls():
+    """A step's outputs reach their buffers as pairwise copies would (casts, transposed views,
+    broadcasts included), grouped by dtype pair into one foreach call each."""
+    g = torch.Generator().manual_seed(0)
+    src = [torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g).half(), torch.randn(5, generator=g),
+           torch.randn(4, 3, 2, generator=g).transpose(0, 2), torch.randn(1, 4, generator=g), torch.randn(2, 3, 4, generator=g)]
+    dst = [torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.zeros(5), torch.zeros(2, 3, 4), torch.zeros(3, 4),
+           torch.zeros(2, 3, 4, dtype=torch.float16)]
+    expected = [d.clone().copy_(s) for d, s in zip(dst, src)]
+    with torch.profiler.profile() as prof:
+        copy_all(dst, src)
+    for d, e in zip(dst, expected):
+        assert torch.equal(d, e) and d.dtype == e.dtype
+    calls = [e.name for e in prof.events() if e.cpu_parent is None]
+    # (f32, f32): 2 outputs; (f16, f32); (f32, f16); the transposed view and the broadcast on their own
+    assert sorted(calls) == sorted(["aten::_foreach_copy_"] * 3 + ["aten::copy_"] * 2), calls
+    with pytest.raises(ValueError):
+        copy_all(dst, src[:-1])
+
+
 def test_compiled_steps_reproduce_the_uncompiled_ones(tiny_bundles):
     """compile=True: each step module through torch.compile (the CPU's C++ backend here, Triton
     on a GPU) gives the uncompiled samples up to float rounding, and is refused where it means nothing."""
