@@ -97,14 +97,19 @@ def bonus_applies(selector: SelectorConfig, grid: tuple[int, int] | None) -> boo
     return grid is not None and selector.window > 1 and selector.lambdas[3] != 0.0
 
 
-def finish_score(weighted: torch.Tensor, selector: SelectorConfig, grid: tuple[int, int] | None) -> torch.Tensor:
-    """S = B(weighted) less the tie-break ramp: the score TopK ranks (paper eq. 10)."""
+def tie_ramp(n: int, like: torch.Tensor) -> torch.Tensor:
+    """(N,): i · TIE_BREAK / N, subtracted from the scores of N tokens so that ties go to the lower index."""
+    return torch.arange(n, dtype=like.dtype, device=like.device) * (TIE_BREAK / n)
+
+
+def finish_score(weighted: torch.Tensor, selector: SelectorConfig, grid: tuple[int, int] | None,
+                 ramp: torch.Tensor | None = None) -> torch.Tensor:
+    """S = B(weighted) less the tie-break ramp: the score TopK ranks (paper eq. 10). ramp: the
+    `tie_ramp` of this token count, where the caller shares one between layers."""
     score = weighted
     if bonus_applies(selector, grid):
         score = spatial_bonus(score, grid, selector.window, selector.lambdas[3])
-    n = score.shape[1]
-    ramp = torch.arange(n, dtype=score.dtype, device=score.device) * (TIE_BREAK / n)
-    return score - ramp
+    return score - (tie_ramp(score.shape[1], score) if ramp is None else ramp)
 
 
 def composite_score(main: torch.Tensor | None, reuse: torch.Tensor, selector: SelectorConfig,
@@ -166,14 +171,27 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.index_select(x.reshape(r * n, d), 0, _flat_rows(idx, n)).reshape(r, idx.shape[1], d)
 
 
-def scatter_tokens(cache: torch.Tensor, idx: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-    """Write fresh (R, K, D) into a copy of cache (R, N, D) at idx (R, K): paper eq. 4.
+class ScatterIndex(NamedTuple):
+    """Where a layer's K fresh tokens go in its (R, N, ...) caches: the (row, token) pair of each,
+    both (R, K) int64 (ONNX defines ScatterND indices as int64). Built once per layer
+    (`scatter_index`) for all the layer's scatters: keys, values and outputs share it."""
+    rows: torch.Tensor
+    tokens: torch.Tensor
 
-    Exported as one ScatterND over (row, token) pairs on the 3-D cache: whole D-vectors are copied
-    (7x faster than ScatterElements on ONNX Runtime CPU) and the cache input is not reshaped (a
-    reshape of a graph input costs ORT a copy). ONNX defines ScatterND indices as int64."""
+
+def scatter_index(idx: torch.Tensor) -> ScatterIndex:
+    """(R, K) token indices of each row -> their `ScatterIndex`."""
     rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand(idx.shape)
-    return cache.index_put((rows, idx.to(torch.int64)), fresh.to(cache.dtype))
+    return ScatterIndex(rows, idx.to(torch.int64))
+
+
+def scatter_tokens(cache: torch.Tensor, index: ScatterIndex, fresh: torch.Tensor) -> torch.Tensor:
+    """Write fresh (R, K, ...) into a copy of cache (R, N, ...) at `index`: paper eq. 4.
+
+    Exported as one ScatterND over (row, token) pairs on the cache: whole D-vectors are copied (7x
+    faster than ScatterElements on ONNX Runtime CPU) and the cache input is not reshaped (a
+    reshape of a graph input costs ORT a copy)."""
+    return cache.index_put(tuple(index), fresh.to(cache.dtype))
 
 
 def next_reuse(reuse: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:

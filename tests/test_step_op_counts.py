@@ -2,9 +2,10 @@
 small ops a partial layer adds over a full one (the fixed cost of a partial step is mostly such
 ops), and on how many a refresh step adds over a plain dense step (on a GPU each is a kernel of a
 few µs). On 2026-12-04 dit-tiny's partial layer went from 29.75 to 22.75 ONNX Runtime nodes and
-from 22.25 to 13.25 torch ops over a full one; its refresh step from 35 torch ops over a dense step
-to 17 (the cache writes as grouped foreach copies, one zeros tensor for every layer's reuse
-counts). The budgets are set between the two."""
+from 22.25 to 13.25 torch ops over a full one, and later that night to 10.5 (one scatter index per
+layer, one tie-break ramp per step); its refresh step from 35 torch ops over a dense step to 17
+(the cache writes as grouped foreach copies, one zeros tensor for every layer's reuse counts).
+The budgets are set between the last two readings."""
 
 import json
 
@@ -21,4 +22,4 @@ def test_partial_layers_stay_within_their_small_op_budget(tmp_path, benchmark_sc
     for step in range(1, len(full)):
         # per partial layer, over the refresh step (which runs every layer on all tokens)
         assert (nodes[step] - nodes[0]) / partial[step] <= 26, nodes
-        assert (ops[step] - ops[0]) / partial[step] <= 16, ops
+        assert (ops[step] - ops[0]) / partial[step] <= 12, ops

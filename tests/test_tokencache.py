@@ -104,6 +104,32 @@ def test_one_index_row_gathers_the_same_tokens_from_every_row(tmp_path):
         np.testing.assert_array_equal(got, one_row.numpy())
 
 
+def test_one_scatter_index_serves_every_scatter_of_a_layer(tmp_path):
+    """The (row, token) index built once per layer writes each row's fresh tokens where they
+    belong, into caches of any trailing shape, in PyTorch and in ONNX Runtime (one ScatterND)."""
+    g = torch.Generator().manual_seed(0)
+    ridx = tc.rows_index(torch.tensor([[3, 0, 5]], dtype=torch.int32), 2)
+    index = tc.scatter_index(ridx)
+    keys, fresh = torch.randn(2, 6, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    expected = keys.clone()
+    for r in range(2):
+        expected[r, ridx[r].long()] = fresh[r]
+    assert torch.equal(tc.scatter_tokens(keys, index, fresh), expected)
+    counts, ones = torch.zeros(2, 6, 1), torch.ones(2, 3, 1)
+    assert tc.scatter_tokens(counts, index, ones).squeeze(-1).tolist() == [[1, 0, 0, 1, 0, 1]] * 2
+
+    class Scatter(torch.nn.Module):
+        def forward(self, cache, i, x):
+            return tc.scatter_tokens(cache, tc.scatter_index(i), x)
+
+    path = str(tmp_path / "scatter.onnx")
+    torch.onnx.export(Scatter(), (keys, ridx, fresh), path, input_names=["cache", "i", "x"], output_names=["y"],
+                      opset_version=18, dynamo=False)
+    feeds = {"cache": keys.numpy(), "i": ridx.numpy(), "x": fresh.numpy()}
+    (got,) = ort.InferenceSession(path, session_options()).run(None, feeds)
+    np.testing.assert_array_equal(got, expected.numpy())
+
+
 def test_reuse_counts_reset_where_recomputed_and_count_up_elsewhere():
     reuse = torch.tensor([[0.0, 2.0, 5.0, 1.0]])
     assert tc.next_reuse(reuse, torch.tensor([[2, 0]], dtype=torch.int32)).tolist() == [[0.0, 3.0, 0.0, 2.0]]

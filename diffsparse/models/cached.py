@@ -50,20 +50,25 @@ class Part(nn.Module):
 
 
 class StepEntries(dict):
-    """The cache entries one step writes, by name, and the tensors its layers may share: the reuse
-    counts that every fully computed layer resets to 0 are one zeros tensor per shape and dtype
-    (`zeros_like`), not one per layer (each a kernel on a GPU, and a copy into the next step's
-    buffer; a refresh step of DiT-XL/2 has 56 such layers)."""
+    """The cache entries one step writes, by name, and the constant tensors its layers share, made
+    once per step instead of once per layer (each a kernel or two on a GPU, whatever K is; a
+    DiT-XL/2 step has 56 layers): the reuse counts that every fully computed layer resets to 0
+    (`zeros_like`), and the tie-break ramp of each token count (`tie_ramp`)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._zeros: dict[tuple, torch.Tensor] = {}
+        self._shared: dict[tuple, torch.Tensor] = {}
+
+    def _once(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
 
     def zeros_like(self, like: torch.Tensor) -> torch.Tensor:
-        key = (tuple(like.shape), like.dtype, like.device)
-        if key not in self._zeros:
-            self._zeros[key] = torch.zeros_like(like)
-        return self._zeros[key]
+        return self._once(("zeros", tuple(like.shape), like.dtype, like.device), lambda: torch.zeros_like(like))
+
+    def tie_ramp(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        return self._once(("ramp", n, like.dtype, like.device), lambda: tc.tie_ramp(n, like))
 
 
 class CachedStep(nn.Module):
@@ -199,7 +204,7 @@ class CachedStep(nn.Module):
     def _select_tokens(self, index, layer, sa, h, state, new) -> torch.Tensor:
         weighted = self._weighted_score(layer, sa, h, state, new)
         grid = self.spec.score_grid(layer)
-        score = tc.finish_score(weighted, self.selector, grid)
+        score = tc.finish_score(weighted, self.selector, grid, new.tie_ramp(weighted.shape[1], weighted))
         if self.record_scores is not None:
             self.record_scores[index] = score
             if self.record_bonus_margins is not None and tc.bonus_applies(self.selector, grid):
@@ -264,7 +269,8 @@ class CachedStep(nn.Module):
         return LayerRef(layer.block, "CA")
 
     def _gather(self, h: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ridx, the selected tokens of h): ridx (R, K) the per-row indices (gather part)."""
+        """(ridx, the selected tokens of h): ridx (R, K) the per-row indices (gather part); the
+        layer's scatters take `tc.scatter_index(ridx)`, built once."""
         return self.part_gather(self._gather_rows, h, idx)
 
     def _gather_rows(self, h, idx):
@@ -272,9 +278,13 @@ class CachedStep(nn.Module):
         # batch 1: every row (both guidance halves) takes the same tokens, so one index row gathers
         return ridx, tc.gather_tokens(h, idx if idx.shape[0] == 1 else ridx)
 
-    def _scatter(self, cache: torch.Tensor, ridx: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    def _scatter_index(self, ridx: torch.Tensor) -> tc.ScatterIndex:
+        """`tc.scatter_index` in the scatter part."""
+        return self.part_scatter(tc.scatter_index, ridx)
+
+    def _scatter(self, cache: torch.Tensor, index: tc.ScatterIndex, fresh: torch.Tensor) -> torch.Tensor:
         """`tc.scatter_tokens` in the scatter part."""
-        return self.part_scatter(tc.scatter_tokens, cache, ridx, fresh)
+        return self.part_scatter(tc.scatter_tokens, cache, index, fresh)
 
     def _bookkeep(self, layer: LayerRef, h: torch.Tensor, idx: torch.Tensor | None, full: bool,
                   state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
@@ -294,7 +304,7 @@ class CachedStep(nn.Module):
                 new[key] = state[key]
             else:
                 ridx, x = self._gather_rows(h, idx)
-                new[key] = tc.scatter_tokens(state[key], ridx, x)
+                new[key] = tc.scatter_tokens(state[key], tc.scatter_index(ridx), x)
 
     def _reuse_all(self, layer: LayerRef, h, state, new, roles=CARRIED_ROLES) -> torch.Tensor:
         """K = 0: the layer's cached entries of `roles` carry over unchanged."""
@@ -313,7 +323,7 @@ class CachedStep(nn.Module):
         cache = self.cache
         if self._is(index, 0):
             return self._reuse_all(layer, h, state, new)
-        q, keys, values, idx, ridx = self._fresh_qkv(index, layer, attn, attn_in, h, state, new)
+        q, keys, values, idx, where = self._fresh_qkv(index, layer, attn, attn_in, h, state, new)
         # the attention map is materialised only when the selector reads it (attention received);
         # otherwise the attention runs fused
         need_recv = cache.has(Role.RECV, layer)
@@ -323,7 +333,7 @@ class CachedStep(nn.Module):
         if need_recv:
             recv_key = cache.name(Role.RECV, layer)
             new[recv_key] = self.part_score(self._attention_received, index, attention.probs, state[recv_key])
-        out = fresh if idx is None else self._scatter(state[cache.name(Role.OUT, layer)], ridx, fresh)
+        out = fresh if idx is None else self._scatter(state[cache.name(Role.OUT, layer)], where, fresh)
         self._store(new, Role.OUT, layer, out)
         self._bookkeep(layer, h, idx, idx is None, state, new)
         return out
@@ -338,7 +348,8 @@ class CachedStep(nn.Module):
     def _fresh_qkv(self, index, layer, attn, attn_in: Callable, h, state, new):
         """Queries of the K selected tokens (all N when K = N) and every token's keys/values: the
         selected tokens' fresh ones scattered into the layer's key/value cache. Returns
-        (q, keys, values, idx, ridx); idx/ridx None when all tokens were computed."""
+        (q, keys, values, idx, where): where the `tc.ScatterIndex` of the fresh tokens, for the
+        layer's other scatters; idx/where None when all tokens were computed."""
         if self._is(index, h.shape[1]):
             q, keys, values = self._qkv(attn, attn_in(h), None)
             self._store_value_norms(layer, values, None, state, new)
@@ -346,10 +357,11 @@ class CachedStep(nn.Module):
         idx = self._select(index, layer, layer, h, state, new)
         ridx, x = self._gather(h, idx)
         q, fresh_k, fresh_v = self._qkv(attn, attn_in(x), ridx)
-        keys = self._scatter(state[self.cache.name(Role.KEY, layer)], ridx, fresh_k)
-        values = self._scatter(state[self.cache.name(Role.VALUE, layer)], ridx, fresh_v)
+        where = self._scatter_index(ridx)
+        keys = self._scatter(state[self.cache.name(Role.KEY, layer)], where, fresh_k)
+        values = self._scatter(state[self.cache.name(Role.VALUE, layer)], where, fresh_v)
         self._store_value_norms(layer, fresh_v, idx, state, new)
-        return q, keys, values, idx, ridx
+        return q, keys, values, idx, where
 
     def _store_value_norms(self, layer: LayerRef, values: torch.Tensor, idx: torch.Tensor | None,
                            state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
@@ -404,7 +416,7 @@ class CachedStep(nn.Module):
         else:
             idx = self._select(index, layer, sa, h, state, new)
             ridx, x = self._gather(h, idx)
-            out = self._scatter(state[self.cache.name(Role.OUT, layer)], ridx, fn(fn_in(x), idx))
+            out = self._scatter(state[self.cache.name(Role.OUT, layer)], self._scatter_index(ridx), fn(fn_in(x), idx))
         self._store(new, Role.OUT, layer, out)
         self._bookkeep(layer, h, idx, idx is None, state, new)
         return out
@@ -449,7 +461,7 @@ class CachedStep(nn.Module):
             if need_probs:
                 ent = self.part_score(tc.attention_entropy, attention, self.halves)
                 entropy.append(ent if idx is None else self._scatter(
-                    state[ent_key].unsqueeze(-1), idx, ent.unsqueeze(-1)).squeeze(-1))
+                    state[ent_key].unsqueeze(-1), self._scatter_index(idx), ent.unsqueeze(-1)).squeeze(-1))
             return out
 
         out = self._token_layer(index, layer, sa, fn, ca_in, h, state, new)

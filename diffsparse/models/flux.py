@@ -269,7 +269,7 @@ class FluxCachedStep(CachedStep):
         cache = self.cache
         tq, tk, tv = self._rotary_qkv(txt_in(c), (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
                                       (attn.norm_added_q, attn.norm_added_k), self.rope_cos[:t], self.rope_sin[:t])
-        idx = ridx = None
+        idx = where = None
         # K = 0 (known here only in a per-step graph): text queries only, every image entry reused.
         # A universal step takes the general path, which with K = 0 at run time gives the same.
         reuse_all = self._is(index, 0)
@@ -278,7 +278,7 @@ class FluxCachedStep(CachedStep):
             img_out = self._reuse_all(layer, h, state, new, roles=(Role.OUT, Role.KEY, Role.VALUE, Role.ENT))
             q, keys, values = tq, state[cache.name(Role.KEY, layer)], state[cache.name(Role.VALUE, layer)]
         else:
-            iq, keys, values, idx, ridx = self._fresh_qkv(index, layer, attn, img_in, h, state, new)
+            iq, keys, values, idx, where = self._fresh_qkv(index, layer, attn, img_in, h, state, new)
             self._store(new, Role.KEY, layer, keys)
             self._store(new, Role.VALUE, layer, values)
             q = torch.cat([tq, iq], dim=1)
@@ -288,13 +288,13 @@ class FluxCachedStep(CachedStep):
         txt_out = attn.to_add_out(o[:, :t])
         if not reuse_all:
             fresh = attn.to_out[0](o[:, t:])
-            img_out = fresh if idx is None else self._scatter(state[cache.name(Role.OUT, layer)], ridx, fresh)
+            img_out = fresh if idx is None else self._scatter(state[cache.name(Role.OUT, layer)], where, fresh)
             self._store(new, Role.OUT, layer, img_out)
             if has_ent:
                 ent_key = cache.name(Role.ENT, layer)
                 ent = self.part_score(_text_entropy, attention, t, self.halves)
                 new[ent_key] = ent if idx is None else self._scatter(
-                    state[ent_key].unsqueeze(-1), idx, ent.unsqueeze(-1)).squeeze(-1)
+                    state[ent_key].unsqueeze(-1), self._scatter_index(idx), ent.unsqueeze(-1)).squeeze(-1)
             self._bookkeep(layer, h, idx, idx is None, state, new)
         if has_recv:
             # the query count as a tensor in a universal step (text queries + K read off the carrier)
