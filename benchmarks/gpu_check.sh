@@ -21,5 +21,8 @@ for spec in mnist-dit:80 dit-xl-2:250 pixart-alpha-256:130; do
     timeout "${spec##*:}" python3 benchmarks/gpu_sparse_vs_dense.py --models "$model" --modes graphed compiled \
         --out "$out/$model" 2>&1 | grep -v Warning | tail -6 | tee -a "$log"
 done
-# next, in a second call if time is left: where a step's GEMMs are less latency-bound
+# next, in a second call if time is left: the kernels each kind of step launches with its buffer
+# writes (refresh vs dense: what the grouped copies of 2026-12-04 night should have cut, ~1 min),
+# then where a step's GEMMs are less latency-bound
+#   python3 benchmarks/gpu_mode_agreement.py --model dit-xl-2 --dtypes float16 --kernels-only --out OUT
 #   python3 benchmarks/gpu_sparse_vs_dense.py --models dit-xl-2 --batch 8 --modes graphed compiled --out OUT

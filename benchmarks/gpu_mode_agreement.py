@@ -5,11 +5,15 @@ For one built-in model and a ToCa-style schedule at --ratio, per --dtypes: the e
 graphed sparse pipelines step through one generation side by side, and after every computed step
 the latents of static and graphed are compared with eager's (max |difference|, and the first step
 where it passes --tolerance). The dense schedule is compared the same way. Then torch.profiler
-counts the CUDA kernels one eager step of each kind launches (refresh, partial, dense) and sums
-their device time, next to that step's wall-clock time in graphed mode: a step whose wall-clock
-time is near its kernel count × a few µs is bound by kernel count, not by MACs.
+counts the CUDA kernels one static step of each kind launches (refresh, partial, dense: the step
+and the writes of its outputs into the buffers, what a CUDA graph of it replays) and sums their
+device time, next to that step's wall-clock time in graphed mode: a step whose wall-clock time is
+near its kernel count × a few µs is bound by kernel count, not by MACs. (Before 2026-12-04 night
+the count was of an eager step, which writes no buffers: `gpu_h200_mode_agreement.json`.)
+--kernels-only skips the comparison (a minute instead of several at DiT-XL/2).
 
     python benchmarks/gpu_mode_agreement.py --model dit-xl-2 --out out/gpu-agreement   # on a CUDA machine
+    python benchmarks/gpu_mode_agreement.py --model dit-xl-2 --dtypes float16 --kernels-only --out out/gpu-kernels
 """
 
 from __future__ import annotations
@@ -68,18 +72,19 @@ def agreement(pipes: dict[str, Pipeline], conditioning: dict, guidance: float, t
 
 def kernels(pipe: Pipeline, graph_pipe: Pipeline, conditioning: dict, guidance: float, steps: list[int],
             repeats: int = 5) -> dict:
-    """For computed steps `steps`: CUDA kernels one eager step launches and their summed device time,
-    and the median wall-clock time of the same step replayed as a CUDA graph (synchronised)."""
+    """For computed steps `steps`: CUDA kernels one step of `pipe` (static buffers, not captured)
+    launches and their summed device time, and the median wall-clock time of the same step replayed
+    as a CUDA graph (synchronised)."""
     feeds = step_feeds(pipe, conditioning, guidance)
     spec = pipe.spec
     result = {}
-    for which, p in (("eager", pipe), ("graphed", graph_pipe)):
+    for which, p in (("profiled", pipe), ("graphed", graph_pipe)):
         backend = p.backend
         for _ in range(2):  # the second pass: captured graphs, warm allocator
             backend.start(initial_noise(0, spec.batch_size, spec.latent_shape))
             wall = {k: [] for k in steps}
             for k, (graph, f) in enumerate(zip(p.step_graphs, feeds)):
-                if which == "eager" and k in steps:
+                if which == "profiled" and k in steps:
                     torch.cuda.synchronize()
                     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
                         backend.run_step(graph, f)
@@ -114,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="out/gpu-agreement")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: eager and static only, no kernel counts (how the script is tested)")
+    p.add_argument("--kernels-only", action="store_true", help="count kernels (last of --dtypes) without comparing modes")
     args = p.parse_args(argv)
+    if args.kernels_only and args.device != "cuda":
+        p.error("--kernels-only counts CUDA kernels: run it with --device cuda")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA GPU visible to torch: run on a GPU machine")
@@ -127,18 +135,20 @@ def main(argv: list[str] | None = None) -> int:
                "full_steps": schedules["sparse"].full_steps, "agreement": {}, "kernels": {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for dtype in args.dtypes:
+    for dtype in args.dtypes[-1:] if args.kernels_only else args.dtypes:
         for which, sched in schedules.items():
-            pipes = {mode: Pipeline.from_spec(spec, sched, args.device, dtype, **MODES[mode]) for mode in COMPARED
+            modes = ("static", "graphed") if args.kernels_only else COMPARED
+            pipes = {mode: Pipeline.from_spec(spec, sched, args.device, dtype, **MODES[mode]) for mode in modes
                      if args.device == "cuda" or mode != "graphed"}
-            results["agreement"][f"{which}/{dtype}"] = agreement(pipes, conditioning, guidance, args.tolerance)
-            log.info("%s %s: %s", which, dtype, {m: v["first_step_over_tolerance"]
-                                                 for m, v in results["agreement"][f"{which}/{dtype}"].items()
-                                                 if isinstance(v, dict)})
+            if not args.kernels_only:
+                results["agreement"][f"{which}/{dtype}"] = agreement(pipes, conditioning, guidance, args.tolerance)
+                log.info("%s %s: %s", which, dtype, {m: v["first_step_over_tolerance"]
+                                                     for m, v in results["agreement"][f"{which}/{dtype}"].items()
+                                                     if isinstance(v, dict)})
             if dtype == args.dtypes[-1] and args.device == "cuda":
                 steps = [0, 1, 2] if which == "sparse" else [0, 1]
                 (out / "results.json").write_text(json.dumps(results, indent=1))
-                results["kernels"][which] = kernels(pipes["eager"], pipes["graphed"], conditioning, guidance, steps)
+                results["kernels"][which] = kernels(pipes["static"], pipes["graphed"], conditioning, guidance, steps)
                 log.info("kernels %s: %s", which, results["kernels"][which])
             del pipes
             if args.device == "cuda":

@@ -4,6 +4,8 @@ the JSON has what the README table needs, and the table renders from it."""
 import json
 from dataclasses import replace
 
+import pytest
+
 from diffsparse.builtin_schedules import dense_schedule
 from diffsparse.models.zoo import make_spec
 
@@ -55,3 +57,8 @@ def test_mode_agreement_script_compares_every_step_with_eager(tmp_path, benchmar
         static = results["agreement"][f"{which}/bfloat16"]["static"]
         assert len(static["max_abs_diff_per_step"]) == 4
         assert static["first_step_over_tolerance"] is None and max(static["max_abs_diff_per_step"]) == 0.0
+
+
+def test_mode_agreement_kernel_count_needs_cuda(benchmark_script):
+    with pytest.raises(SystemExit):
+        benchmark_script("gpu_mode_agreement").main(["--model", "dit-tiny", "--device", "cpu", "--kernels-only"])
