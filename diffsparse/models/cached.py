@@ -163,7 +163,7 @@ class CachedStep(nn.Module):
         return next_latent, sampler_state, out
 
     def predict(self, inputs: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-                new: dict[str, torch.Tensor]) -> torch.Tensor:
+                new: StepEntries) -> torch.Tensor:
         """The transformer on the guidance rows -> model output (R, *latent_shape), conditional
         rows first; writes every layer's new cache entries into `new`."""
         raise NotImplementedError
@@ -174,7 +174,7 @@ class CachedStep(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not hoist its conditioning")
 
     def hoisted_conditioning(self, inputs: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-                             new: dict[str, torch.Tensor]) -> torch.Tensor | None:
+                             new: StepEntries) -> torch.Tensor | None:
         """This step's conditioning rows (R, M) under the plan, or None without one (the step
         computes its own inline). A refresh computes its group's rows (`conditioning_rows` over
         the group's timesteps) and writes them to the cache; a partial step carries them over.
@@ -197,7 +197,7 @@ class CachedStep(nn.Module):
 
     # -- token selection ---------------------------------------------------------------------
     def _select(self, index: int, layer: LayerRef, sa: LayerRef, h: torch.Tensor,
-                state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
+                state: dict[str, torch.Tensor], new: StepEntries) -> torch.Tensor:
         """Indices (B, K) of the tokens the layer recomputes (score part)."""
         return self.part_score(self._select_tokens, index, layer, sa, h, state, new)
 
@@ -226,7 +226,7 @@ class CachedStep(nn.Module):
         """Whether the layer's K is statically k (never in a universal step)."""
         return not self.dynamic_k and self.keep[index] == k
 
-    def _store(self, new: dict[str, torch.Tensor], role: Role, layer: LayerRef, value: torch.Tensor) -> None:
+    def _store(self, new: StepEntries, role: Role, layer: LayerRef, value: torch.Tensor) -> None:
         """Write the layer's new entry of `role`, if the cache keeps one (a dense step without the
         layer cache keeps none)."""
         if self.cache.has(role, layer):
@@ -236,14 +236,14 @@ class CachedStep(nn.Module):
         return new.get(key, state[key])
 
     def _score(self, layer: LayerRef, sa: LayerRef, h: torch.Tensor,
-               state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
+               state: dict[str, torch.Tensor], new: StepEntries) -> torch.Tensor:
         """The selector's score (B, N) of every token for this layer (higher = recompute first).
         `sa` is the self-attention layer whose signals (attention received, values) score it."""
         weighted = self._weighted_score(layer, sa, h, state, new)
         return tc.finish_score(weighted, self.selector, self.spec.score_grid(layer))
 
     def _weighted_score(self, layer: LayerRef, sa: LayerRef, h: torch.Tensor,
-                        state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
+                        state: dict[str, torch.Tensor], new: StepEntries) -> torch.Tensor:
         """λ1 s1 + λ2 s2 + λ3 s3 of every token for this layer: the score before the spatial bonus."""
         sel, cache = self.selector, self.cache
         reuse = state[cache.name(Role.REUSE, layer)]
@@ -287,7 +287,7 @@ class CachedStep(nn.Module):
         return self.part_scatter(tc.scatter_tokens, cache, index, fresh)
 
     def _bookkeep(self, layer: LayerRef, h: torch.Tensor, idx: torch.Tensor | None, full: bool,
-                  state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+                  state: dict[str, torch.Tensor], new: StepEntries) -> None:
         """Reuse counts and (for the cosine score) the cached layer input (scatter part)."""
         if not self.cache.has(Role.REUSE, layer):  # no layer cache: nothing to keep
             return
@@ -364,7 +364,7 @@ class CachedStep(nn.Module):
         return q, keys, values, idx, where
 
     def _store_value_norms(self, layer: LayerRef, values: torch.Tensor, idx: torch.Tensor | None,
-                           state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+                           state: dict[str, torch.Tensor], new: StepEntries) -> None:
         """The layer's `vnorm` entry, where the cache keeps one (score "value_norm"): the norms of
         all N values (idx None), or of the K fresh ones (R, K, D) written at idx (B, K) over the
         cached norms, so no step takes the norms of all N values again (score part)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffsparse.models.cached import CachedStep
+from diffsparse.models.cached import CachedStep, StepEntries
 from diffsparse.schedule import LayerRef
 
 
@@ -57,7 +57,7 @@ class DiTCachedStep(CachedStep):
         return torch.cat(parts, dim=1).reshape(timesteps.shape[0], rows, -1)
 
     def forward_rows(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                     state: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
+                     state: dict[str, torch.Tensor], new: StepEntries,
                      modulation: torch.Tensor | None = None) -> torch.Tensor:
         """The transformer on rows x (R, C, H, W), per-row timesteps t and labels -> raw output
         (R, C_out, H, W); the new cache goes into `new`. modulation: this step's conditioning rows

@@ -59,7 +59,7 @@ from diffsparse.cache_layout import Role
 from diffsparse.conditioning import ConditioningPlan
 from diffsparse.models.base import ModelSpec, SpecError, register
 from diffsparse.tensors import TensorSpec
-from diffsparse.models.cached import CachedStep
+from diffsparse.models.cached import CachedStep, StepEntries
 from diffsparse.schedule import LayerRef, SelectorConfig
 
 VAE_SCALE = 8   # pixels per latent pixel
@@ -371,7 +371,7 @@ class FluxCachedStep(CachedStep):
                                              timestep, state, new))
 
     def forward_rows(self, x: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
-                     state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
+                     state: dict[str, torch.Tensor], new: StepEntries) -> torch.Tensor:
         """The transformer on packed rows x (R, N, 4C), text (R, T, J), pooled (R, P) and diffusers'
         model timestep (R,) in [0, 1] -> packed output (R, N, 4C); the new cache goes into `new`."""
         model = self.model

@@ -39,7 +39,7 @@ from torch import nn
 from diffsparse.conditioning import ConditioningPlan
 from diffsparse.models.base import ModelSpec, register
 from diffsparse.tensors import TensorSpec
-from diffsparse.models.cached import CachedStep
+from diffsparse.models.cached import CachedStep, StepEntries
 from diffsparse.schedule import LayerRef, SelectorConfig
 
 KINDS = ("SA", "CA", "MLP")
@@ -194,7 +194,7 @@ class PixArtCachedStep(CachedStep):
         return out[:, : self.spec.in_channels]
 
     def forward_rows(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
-                     state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
+                     state: dict[str, torch.Tensor], new: StepEntries) -> torch.Tensor:
         """The transformer on rows x (R, C, H, W), per-row timesteps t (R,), text (R, M, C_cap) and
         its mask (R, M) -> raw output (R, C_out, H, W); the new cache goes into `new`."""
         model = self.model
@@ -225,7 +225,7 @@ class PixArtCachedStep(CachedStep):
         return {"resolution": resolution, "aspect_ratio": aspect}
 
     def _block(self, b: int, block: nn.Module, h: torch.Tensor, t6: torch.Tensor, context: torch.Tensor,
-               bias: torch.Tensor, state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
+               bias: torch.Tensor, state: dict[str, torch.Tensor], new: StepEntries) -> torch.Tensor:
         """One BasicTransformerBlock (ada_norm_single); the three layers go through the token cache."""
         mod = block.scale_shift_table[None] + t6.reshape(t6.shape[0], 6, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)

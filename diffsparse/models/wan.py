@@ -42,7 +42,7 @@ from torch import nn
 from diffsparse.conditioning import ConditioningPlan
 from diffsparse.models.base import ModelSpec, SpecError, register
 from diffsparse.tensors import TensorSpec
-from diffsparse.models.cached import CachedStep
+from diffsparse.models.cached import CachedStep, StepEntries
 from diffsparse.schedule import LayerRef, SelectorConfig
 
 VAE_TIME, VAE_SPACE = 4, 8
@@ -209,7 +209,7 @@ class WanCachedStep(CachedStep):
         return self.forward_rows(x, inputs["timestep"].expand(x.shape[0]), context, state, new)
 
     def forward_rows(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                     state: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
+                     state: dict[str, torch.Tensor], new: StepEntries) -> torch.Tensor:
         """The transformer on rows x (R, C, F', H', W'), per-row timesteps t (R,) and text
         context (R, M, D_text) -> raw output (R, C_out, F', H', W'); the new cache goes into `new`."""
         model = self.model
