@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                "full_steps": schedules["sparse"].full_steps, "agreement": {}, "kernels": {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    modes = ("static", "graphed") if args.kernels_only else COMPARED
     for dtype in args.dtypes[-1:] if args.kernels_only else args.dtypes:
         for which, sched in schedules.items():
-            modes = ("static", "graphed") if args.kernels_only else COMPARED
             pipes = {mode: Pipeline.from_spec(spec, sched, args.device, dtype, **MODES[mode]) for mode in modes
                      if args.device == "cuda" or mode != "graphed"}
             if not args.kernels_only:
